@@ -1,0 +1,93 @@
+//! Requests and responses of the agent's local API (HTTP+JSON on a unix
+//! socket). The CLI, and later the CNI and Docker plugins, are its clients.
+
+use crate::sandbox::{Attachment, ProcessRef};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+
+pub const API_PREFIX: &str = "/v1";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateSandbox {
+    pub name: Option<String>,
+    /// `--net` values as typed; empty means the default network.
+    #[serde(default)]
+    pub net: Vec<String>,
+    pub ip: Option<Ipv4Addr>,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub auto_remove: bool,
+}
+
+/// Sent once the sandbox's process runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StartedProcess {
+    pub pid: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Network ready, process not yet reported.
+    Created,
+    Running,
+    Exited,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            State::Created => "created",
+            State::Running => "running",
+            State::Exited => "exited",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxView {
+    pub id: String,
+    pub name: String,
+    pub state: State,
+    pub pid: Option<i32>,
+    pub attachment: Attachment,
+    /// Path of the namespace to enter (own, or the shared sandbox's); none for host mode.
+    pub netns: Option<String>,
+    pub command: Vec<String>,
+    pub created_unix: u64,
+    pub network_setup_us: u64,
+    #[serde(skip)]
+    pub process: Option<ProcessRef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Removed {
+    pub id: String,
+    pub name: String,
+    pub network_teardown_us: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointView {
+    pub sandbox: String,
+    pub sandbox_id: String,
+    pub ip: Ipv4Addr,
+    pub host_ifname: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkView {
+    pub name: String,
+    pub id: String,
+    pub driver: String,
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub bridge: String,
+    pub endpoints: Vec<EndpointView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    pub message: String,
+}

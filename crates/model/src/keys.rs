@@ -1,0 +1,24 @@
+//! The key schema of the store. Networks are persistent configuration (the
+//! data dir); sandboxes and address allocations are runtime state (the state
+//! dir), because after a reboot no sandbox exists and no address is held.
+
+pub const NETWORKS: &str = "networks/";
+pub const SANDBOXES: &str = "sandboxes/";
+pub const ADDRESSES: &str = "addresses/";
+
+pub fn network(name: &str) -> String {
+    format!("{NETWORKS}{name}")
+}
+
+pub fn sandbox(id: &str) -> String {
+    format!("{SANDBOXES}{id}")
+}
+
+/// One allocated address of a network; the value is the sandbox id holding it.
+pub fn address(network: &str, ip: std::net::Ipv4Addr) -> String {
+    format!("{ADDRESSES}{network}/{ip}")
+}
+
+pub fn addresses_of(network: &str) -> String {
+    format!("{ADDRESSES}{network}/")
+}

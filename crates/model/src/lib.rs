@@ -1,0 +1,15 @@
+//! Pure types and rules of weft. Nothing here touches the kernel, the disk or
+//! the network, so everything can be unit-tested in isolation.
+
+pub mod api;
+pub mod ipam;
+pub mod keys;
+pub mod names;
+pub mod network;
+pub mod nft;
+pub mod sandbox;
+pub mod subnet;
+
+pub use ipam::{AddressPool, IpamError};
+pub use network::{Driver, Network};
+pub use sandbox::{Attachment, Endpoint, NetMode, ProcessRef, Sandbox};

@@ -1,0 +1,202 @@
+//! Sandboxes (a container's network namespace) and their attachments.
+
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+
+/// What the user asked for with `--net`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetMode {
+    /// A network by name (`bridge` is the default network).
+    Network(String),
+    Host,
+    None,
+    /// Share the namespace of another sandbox (by name or id).
+    Container(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetModeError {
+    #[error("--net container: needs a sandbox name, as in --net container:web")]
+    EmptyContainer,
+    #[error("--net {0} cannot be combined with other --net values")]
+    ModeNotAlone(String),
+    #[error("--net {0} is given twice")]
+    Duplicate(String),
+}
+
+impl std::str::FromStr for NetMode {
+    type Err = NetModeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "host" => NetMode::Host,
+            "none" => NetMode::None,
+            _ => match s.strip_prefix("container:") {
+                Some("") => return Err(NetModeError::EmptyContainer),
+                Some(name) => NetMode::Container(name.to_string()),
+                None => NetMode::Network(s.to_string()),
+            },
+        })
+    }
+}
+
+impl std::fmt::Display for NetMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NetMode::Network(n) => f.write_str(n),
+            NetMode::Host => f.write_str("host"),
+            NetMode::None => f.write_str("none"),
+            NetMode::Container(c) => write!(f, "container:{c}"),
+        }
+    }
+}
+
+/// Parses every `--net` value; `host`, `none` and `container:` stand alone.
+pub fn parse_net_modes(values: &[String]) -> Result<Vec<NetMode>, NetModeError> {
+    let modes = values
+        .iter()
+        .map(|v| v.parse())
+        .collect::<Result<Vec<NetMode>, _>>()?;
+    if modes.len() > 1 {
+        if let Some(m) = modes.iter().find(|m| !matches!(m, NetMode::Network(_))) {
+            return Err(NetModeError::ModeNotAlone(m.to_string()));
+        }
+    }
+    for (i, m) in modes.iter().enumerate() {
+        if modes[..i].contains(m) {
+            return Err(NetModeError::Duplicate(m.to_string()));
+        }
+    }
+    Ok(modes)
+}
+
+/// One sandbox's attachment to one network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub network: String,
+    /// Interface name inside the sandbox (eth0, eth1, …).
+    pub ifname: String,
+    /// Host end of the veth pair; owned by weft through its name.
+    pub host_ifname: String,
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+}
+
+/// How a sandbox is connected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "mode")]
+pub enum Attachment {
+    Networks { endpoints: Vec<Endpoint> },
+    Host,
+    None,
+    /// Shares the namespace of sandbox `id`.
+    Container { id: String, name: String },
+}
+
+impl Attachment {
+    pub fn endpoints(&self) -> &[Endpoint] {
+        match self {
+            Attachment::Networks { endpoints } => endpoints,
+            _ => &[],
+        }
+    }
+
+    /// Whether the sandbox has a network namespace of its own.
+    pub fn owns_netns(&self) -> bool {
+        matches!(self, Attachment::Networks { .. } | Attachment::None)
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Attachment::Networks { endpoints } => endpoints
+                .iter()
+                .map(|e| e.network.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            Attachment::Host => "host".into(),
+            Attachment::None => "none".into(),
+            Attachment::Container { name, .. } => format!("container:{name}"),
+        }
+    }
+}
+
+/// A process identified beyond its pid: the start time (clock ticks since
+/// boot, /proc/PID/stat field 22) tells a reused pid from the original.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRef {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sandbox {
+    pub id: String,
+    pub name: String,
+    pub attachment: Attachment,
+    /// Bind-mounted namespace file, for sandboxes with a namespace of their own.
+    pub netns: Option<String>,
+    pub process: Option<ProcessRef>,
+    /// Removed by the agent as soon as its process exits (`weft run` without -d).
+    pub auto_remove: bool,
+    pub command: Vec<String>,
+    pub created_unix: u64,
+    /// Time the agent spent setting up the network, in microseconds.
+    pub network_setup_us: u64,
+}
+
+impl Sandbox {
+    pub fn short_id(&self) -> &str {
+        &self.id[..12.min(self.id.len())]
+    }
+}
+
+/// Host-side veth name, derived from the sandbox id and the interface index
+/// so that it is unique, fits IFNAMSIZ and marks the link as weft's.
+pub fn host_veth_name(sandbox_id: &str, index: usize) -> String {
+    format!("{}{}{}", HOST_VETH_PREFIX, &sandbox_id[..10.min(sandbox_id.len())], index)
+}
+
+pub const HOST_VETH_PREFIX: &str = "wv";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn parses_modes() {
+        assert_eq!(parse_net_modes(&s(&["host"])).unwrap(), vec![NetMode::Host]);
+        assert_eq!(parse_net_modes(&s(&["none"])).unwrap(), vec![NetMode::None]);
+        assert_eq!(
+            parse_net_modes(&s(&["container:web"])).unwrap(),
+            vec![NetMode::Container("web".into())]
+        );
+        assert_eq!(
+            parse_net_modes(&s(&["a", "b"])).unwrap(),
+            vec![NetMode::Network("a".into()), NetMode::Network("b".into())]
+        );
+    }
+
+    #[test]
+    fn rejects_bad_combinations() {
+        assert_eq!(parse_net_modes(&s(&["container:"])), Err(NetModeError::EmptyContainer));
+        assert_eq!(
+            parse_net_modes(&s(&["host", "bridge"])),
+            Err(NetModeError::ModeNotAlone("host".into()))
+        );
+        assert_eq!(
+            parse_net_modes(&s(&["bridge", "bridge"])),
+            Err(NetModeError::Duplicate("bridge".into()))
+        );
+    }
+
+    #[test]
+    fn veth_names_fit_ifnamsiz() {
+        let n = host_veth_name("0123456789abcdef0123", 0);
+        assert_eq!(n, "wv01234567890");
+        assert!(n.len() <= 15);
+    }
+}
