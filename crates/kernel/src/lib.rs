@@ -1,0 +1,14 @@
+//! Every change weft makes to the kernel goes through this crate: network
+//! namespaces, links, addresses and routes (netlink, never `ip`), sysctls,
+//! nftables (atomic `nft -f` batches of weft's own table) and processes.
+
+pub mod error;
+pub mod netlink;
+pub mod netns;
+pub mod nft;
+pub mod process;
+pub mod sysctl;
+
+pub use error::KernelError;
+pub use netlink::{Link, Netlink};
+pub use netns::Netns;

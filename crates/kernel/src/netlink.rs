@@ -1,0 +1,291 @@
+//! A small synchronous rtnetlink client. A `Netlink` talks to the namespace
+//! it was opened in, for as long as it lives, whatever thread uses it later:
+//! that is how weft configures a sandbox without moving any thread into it.
+
+use crate::error::{KernelError, Result};
+use ipnet::Ipv4Net;
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::RawFd;
+
+/// Routing protocol number that marks routes weft installed, so that weft
+/// can find and remove its own routes and never anyone else's.
+pub const WEFT_ROUTE_PROTOCOL: u8 = 0x77;
+
+const RT_TABLE_MAIN: u8 = 254;
+
+/// A link as seen in a dump.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub master: Option<u32>,
+    pub up: bool,
+}
+
+pub struct Netlink {
+    sock: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+fn nl_err(op: impl Into<String>, source: io::Error) -> KernelError {
+    KernelError::Netlink { op: op.into(), source }
+}
+
+impl Netlink {
+    /// Opens a socket in the calling thread's network namespace.
+    pub fn open() -> Result<Self> {
+        let mut sock = Socket::new(NETLINK_ROUTE).map_err(|e| nl_err("open socket", e))?;
+        sock.bind_auto().map_err(|e| nl_err("bind socket", e))?;
+        sock.connect(&SocketAddr::new(0, 0)).map_err(|e| nl_err("connect socket", e))?;
+        // Ask for extended acks off: plain errno is all we report.
+        Ok(Netlink {
+            sock,
+            seq: 0,
+            buf: vec![0u8; 64 * 1024],
+        })
+    }
+
+    /// Sends one request and collects the replies until the ack or the end of a dump.
+    fn request(&mut self, op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        packet.finalize();
+        let mut out = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut out);
+        self.sock.send(&out, 0).map_err(|e| nl_err(op, e))?;
+
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let mut replies = Vec::new();
+        loop {
+            let n = {
+                let mut slice = &mut self.buf[..];
+                self.sock.recv(&mut slice, 0).map_err(|e| nl_err(op, e))?
+            };
+            let mut offset = 0;
+            while offset < n {
+                let bytes = &self.buf[offset..n];
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes)
+                    .map_err(|e| nl_err(op, io::Error::new(io::ErrorKind::InvalidData, e.to_string())))?;
+                let len = msg.header.length as usize;
+                if len == 0 {
+                    break;
+                }
+                offset += (len + 3) & !3;
+                if msg.header.sequence_number != self.seq {
+                    continue;
+                }
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(replies),
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(replies),
+                            Some(_) => Err(nl_err(op, e.to_io())),
+                        }
+                    }
+                    NetlinkPayload::InnerMessage(m) => {
+                        replies.push(m);
+                        if !dump && flags & NLM_F_ACK == 0 {
+                            return Ok(replies);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn ack(&mut self, op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<()> {
+        self.request(op, msg, NLM_F_ACK | flags).map(|_| ())
+    }
+
+    pub fn links(&mut self) -> Result<Vec<Link>> {
+        let replies = self.request("list links", RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP)?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(to_link(&l)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    pub fn link_by_name(&mut self, name: &str) -> Result<Option<Link>> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        match self.request(&format!("get link {name}"), RouteNetlinkMessage::GetLink(msg), 0) {
+            Ok(r) => Ok(r.iter().find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(to_link(l)),
+                _ => None,
+            })),
+            Err(e) if e.errno() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates a bridge (up) unless a link of that name exists; returns its index.
+    pub fn ensure_bridge(&mut self, name: &str) -> Result<u32> {
+        if let Some(l) = self.link_by_name(name)? {
+            if !l.up {
+                self.set_up(l.index)?;
+            }
+            return Ok(l.index);
+        }
+        let mut msg = LinkMessage::default();
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
+        self.ack(&format!("create bridge {name}"), RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)?;
+        self.link_by_name(name)?
+            .map(|l| l.index)
+            .ok_or_else(|| nl_err(format!("create bridge {name}"), io::Error::from_raw_os_error(libc::ENODEV)))
+    }
+
+    /// Creates a veth pair in one request: `host_name` here, up and enslaved to
+    /// `master`; `peer_name` up inside the namespace `peer_netns`.
+    pub fn add_veth(&mut self, host_name: &str, master: u32, peer_name: &str, peer_netns: RawFd) -> Result<()> {
+        let mut peer = LinkMessage::default();
+        peer.header.flags = LinkFlags::Up;
+        peer.header.change_mask = LinkFlags::Up;
+        peer.attributes.push(LinkAttribute::IfName(peer_name.to_string()));
+        peer.attributes.push(LinkAttribute::NetNsFd(peer_netns));
+        let mut msg = LinkMessage::default();
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        msg.attributes.push(LinkAttribute::IfName(host_name.to_string()));
+        msg.attributes.push(LinkAttribute::Controller(master));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
+        ]));
+        self.ack(&format!("create veth {host_name}"), RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
+    }
+
+    pub fn set_up(&mut self, index: u32) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        self.ack(&format!("set link {index} up"), RouteNetlinkMessage::SetLink(msg), 0)
+    }
+
+    /// Deletes a link by name; returns false if there was none.
+    pub fn delete_link(&mut self, name: &str) -> Result<bool> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        match self.ack(&format!("delete link {name}"), RouteNetlinkMessage::DelLink(msg), 0) {
+            Ok(()) => Ok(true),
+            Err(e) if e.errno() == Some(libc::ENODEV) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Adds an IPv4 address; an address already there is fine.
+    pub fn add_address(&mut self, index: u32, net: Ipv4Net) -> Result<()> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.prefix_len = net.prefix_len();
+        msg.header.index = index;
+        msg.attributes.push(AddressAttribute::Local(IpAddr::V4(net.addr())));
+        msg.attributes.push(AddressAttribute::Address(IpAddr::V4(net.addr())));
+        if net.prefix_len() < 31 {
+            msg.attributes.push(AddressAttribute::Broadcast(net.broadcast()));
+        }
+        match self.ack(&format!("add address {net}"), RouteNetlinkMessage::NewAddress(msg), NLM_F_CREATE | NLM_F_EXCL) {
+            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// IPv4 addresses of one link (or all links with `None`).
+    pub fn addresses(&mut self, index: Option<u32>) -> Result<Vec<(u32, Ipv4Net)>> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        let replies = self.request("list addresses", RouteNetlinkMessage::GetAddress(msg), NLM_F_DUMP)?;
+        let mut out = Vec::new();
+        for m in replies {
+            if let RouteNetlinkMessage::NewAddress(a) = m {
+                if index.is_some_and(|i| i != a.header.index) {
+                    continue;
+                }
+                for attr in &a.attributes {
+                    if let AddressAttribute::Local(IpAddr::V4(ip)) = attr {
+                        if let Ok(net) = Ipv4Net::new(*ip, a.header.prefix_len) {
+                            out.push((a.header.index, net));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds the default route via `gateway` out of `oif`, marked as weft's.
+    pub fn add_default_route(&mut self, gateway: Ipv4Addr, oif: u32) -> Result<()> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        msg.header.table = RT_TABLE_MAIN;
+        msg.header.protocol = RouteProtocol::Other(WEFT_ROUTE_PROTOCOL);
+        msg.header.scope = RouteScope::Universe;
+        msg.header.kind = RouteType::Unicast;
+        msg.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
+        msg.attributes.push(RouteAttribute::Oif(oif));
+        self.ack(&format!("add default route via {gateway}"), RouteNetlinkMessage::NewRoute(msg), NLM_F_CREATE | NLM_F_EXCL)
+    }
+
+    /// Destinations of every IPv4 route in every table, to keep new subnets clear of them.
+    pub fn route_destinations(&mut self) -> Result<Vec<Ipv4Net>> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        let replies = self.request("list routes", RouteNetlinkMessage::GetRoute(msg), NLM_F_DUMP)?;
+        let mut out = Vec::new();
+        for m in replies {
+            if let RouteNetlinkMessage::NewRoute(r) = m {
+                if r.header.kind != RouteType::Unicast {
+                    continue;
+                }
+                let dst = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+                    _ => None,
+                });
+                let dst = dst.unwrap_or(Ipv4Addr::UNSPECIFIED);
+                if let Ok(net) = Ipv4Net::new(dst, r.header.destination_prefix_length) {
+                    out.push(net);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn to_link(l: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: l.header.index,
+        name: String::new(),
+        master: None,
+        up: l.header.flags.contains(LinkFlags::Up),
+    };
+    for a in &l.attributes {
+        match a {
+            LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Controller(m) => link.master = Some(*m),
+            _ => {}
+        }
+    }
+    link
+}

@@ -1,0 +1,75 @@
+//! Processes that sandboxes run: identity that survives pid reuse, signals
+//! through pidfds, and waiting for a process that is not our child.
+
+use crate::error::{KernelError, Result};
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use weft_model::ProcessRef;
+
+/// Start time of `pid` in clock ticks since boot, and whether it is a zombie.
+fn stat(pid: i32) -> Option<(u64, bool)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: split after the last ')'.
+    let rest = &s[s.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let state = fields.first()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((start, *state == "Z" || *state == "X"))
+}
+
+/// Identifies a running process by pid and start time.
+pub fn identify(pid: i32) -> Option<ProcessRef> {
+    stat(pid).map(|(start_time, _)| ProcessRef { pid, start_time })
+}
+
+/// Whether the very process `p` still runs (not exited, not a reused pid).
+pub fn is_alive(p: &ProcessRef) -> bool {
+    matches!(stat(p.pid), Some((start, zombie)) if start == p.start_time && !zombie)
+}
+
+/// A pidfd for `p`, if that process still runs.
+pub fn pidfd(p: &ProcessRef) -> Result<Option<OwnedFd>> {
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, p.pid, 0) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ESRCH) {
+            Ok(None)
+        } else {
+            Err(KernelError::io(format!("pidfd_open {}", p.pid), e))
+        };
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // Checked after opening: the fd now pins this pid, so a match is the same process.
+    Ok(is_alive(p).then_some(fd))
+}
+
+/// Sends `signal` through a pidfd (no risk of hitting a reused pid).
+pub fn signal(fd: &OwnedFd, signal: i32) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), signal, 0usize, 0u32) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(());
+        }
+        return Err(KernelError::io("pidfd_send_signal", e));
+    }
+    Ok(())
+}
+
+/// Waits until the process behind `fd` exits or `timeout_ms` passes; true if it exited.
+pub fn wait_exit(fd: &OwnedFd, timeout_ms: i32) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return rc > 0;
+    }
+}
