@@ -1,0 +1,18 @@
+//! The per-host daemon. The store holds desired state; the agent makes the
+//! kernel match it on start and on every change, and serves the local API on
+//! a root-only unix socket.
+
+mod api;
+mod bridge;
+pub mod config;
+mod error;
+mod firewall;
+mod host;
+mod reconcile;
+mod sandboxes;
+mod server;
+
+pub use config::AgentConfig;
+pub use error::AgentError;
+pub use host::Host;
+pub use server::serve;

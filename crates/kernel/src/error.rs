@@ -36,9 +36,9 @@ impl KernelError {
     /// The errno behind a netlink failure, if that is what this is.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            KernelError::Netlink { source, .. } | KernelError::Netns { source, .. } | KernelError::Io { source, .. } => {
-                source.raw_os_error()
-            }
+            KernelError::Netlink { source, .. }
+            | KernelError::Netns { source, .. }
+            | KernelError::Io { source, .. } => source.raw_os_error(),
             KernelError::Nft(_) => None,
         }
     }

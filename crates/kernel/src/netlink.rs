@@ -5,10 +5,13 @@
 use crate::error::{KernelError, Result};
 use ipnet::Ipv4Net;
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -40,7 +43,10 @@ pub struct Netlink {
 }
 
 fn nl_err(op: impl Into<String>, source: io::Error) -> KernelError {
-    KernelError::Netlink { op: op.into(), source }
+    KernelError::Netlink {
+        op: op.into(),
+        source,
+    }
 }
 
 impl Netlink {
@@ -48,7 +54,8 @@ impl Netlink {
     pub fn open() -> Result<Self> {
         let mut sock = Socket::new(NETLINK_ROUTE).map_err(|e| nl_err("open socket", e))?;
         sock.bind_auto().map_err(|e| nl_err("bind socket", e))?;
-        sock.connect(&SocketAddr::new(0, 0)).map_err(|e| nl_err("connect socket", e))?;
+        sock.connect(&SocketAddr::new(0, 0))
+            .map_err(|e| nl_err("connect socket", e))?;
         // Ask for extended acks off: plain errno is all we report.
         Ok(Netlink {
             sock,
@@ -58,7 +65,12 @@ impl Netlink {
     }
 
     /// Sends one request and collects the replies until the ack or the end of a dump.
-    fn request(&mut self, op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>> {
+    fn request(
+        &mut self,
+        op: &str,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Vec<RouteNetlinkMessage>> {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | flags;
@@ -79,8 +91,13 @@ impl Netlink {
             let mut offset = 0;
             while offset < n {
                 let bytes = &self.buf[offset..n];
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes)
-                    .map_err(|e| nl_err(op, io::Error::new(io::ErrorKind::InvalidData, e.to_string())))?;
+                let msg =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(|e| {
+                        nl_err(
+                            op,
+                            io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+                        )
+                    })?;
                 let len = msg.header.length as usize;
                 if len == 0 {
                     break;
@@ -114,7 +131,11 @@ impl Netlink {
     }
 
     pub fn links(&mut self) -> Result<Vec<Link>> {
-        let replies = self.request("list links", RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP)?;
+        let replies = self.request(
+            "list links",
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_DUMP,
+        )?;
         Ok(replies
             .into_iter()
             .filter_map(|m| match m {
@@ -127,7 +148,11 @@ impl Netlink {
     pub fn link_by_name(&mut self, name: &str) -> Result<Option<Link>> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
-        match self.request(&format!("get link {name}"), RouteNetlinkMessage::GetLink(msg), 0) {
+        match self.request(
+            &format!("get link {name}"),
+            RouteNetlinkMessage::GetLink(msg),
+            0,
+        ) {
             Ok(r) => Ok(r.iter().find_map(|m| match m {
                 RouteNetlinkMessage::NewLink(l) => Some(to_link(l)),
                 _ => None,
@@ -149,31 +174,51 @@ impl Netlink {
         msg.header.flags = LinkFlags::Up;
         msg.header.change_mask = LinkFlags::Up;
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
-        msg.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
-        self.ack(&format!("create bridge {name}"), RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)?;
-        self.link_by_name(name)?
-            .map(|l| l.index)
-            .ok_or_else(|| nl_err(format!("create bridge {name}"), io::Error::from_raw_os_error(libc::ENODEV)))
+        msg.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::Bridge,
+            )]));
+        self.ack(
+            &format!("create bridge {name}"),
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        self.link_by_name(name)?.map(|l| l.index).ok_or_else(|| {
+            nl_err(
+                format!("create bridge {name}"),
+                io::Error::from_raw_os_error(libc::ENODEV),
+            )
+        })
     }
 
     /// Creates a veth pair in one request: `host_name` here, up and enslaved to
     /// `master`; `peer_name` up inside the namespace `peer_netns`.
-    pub fn add_veth(&mut self, host_name: &str, master: u32, peer_name: &str, peer_netns: RawFd) -> Result<()> {
+    pub fn add_veth(
+        &mut self,
+        host_name: &str,
+        master: u32,
+        peer_name: &str,
+        peer_netns: RawFd,
+    ) -> Result<()> {
         let mut peer = LinkMessage::default();
-        peer.header.flags = LinkFlags::Up;
-        peer.header.change_mask = LinkFlags::Up;
-        peer.attributes.push(LinkAttribute::IfName(peer_name.to_string()));
+        peer.attributes
+            .push(LinkAttribute::IfName(peer_name.to_string()));
         peer.attributes.push(LinkAttribute::NetNsFd(peer_netns));
         let mut msg = LinkMessage::default();
         msg.header.flags = LinkFlags::Up;
         msg.header.change_mask = LinkFlags::Up;
-        msg.attributes.push(LinkAttribute::IfName(host_name.to_string()));
+        msg.attributes
+            .push(LinkAttribute::IfName(host_name.to_string()));
         msg.attributes.push(LinkAttribute::Controller(master));
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
         ]));
-        self.ack(&format!("create veth {host_name}"), RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL)
+        self.ack(
+            &format!("create veth {host_name}"),
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
     }
 
     pub fn set_up(&mut self, index: u32) -> Result<()> {
@@ -181,14 +226,22 @@ impl Netlink {
         msg.header.index = index;
         msg.header.flags = LinkFlags::Up;
         msg.header.change_mask = LinkFlags::Up;
-        self.ack(&format!("set link {index} up"), RouteNetlinkMessage::SetLink(msg), 0)
+        self.ack(
+            &format!("set link {index} up"),
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+        )
     }
 
     /// Deletes a link by name; returns false if there was none.
     pub fn delete_link(&mut self, name: &str) -> Result<bool> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
-        match self.ack(&format!("delete link {name}"), RouteNetlinkMessage::DelLink(msg), 0) {
+        match self.ack(
+            &format!("delete link {name}"),
+            RouteNetlinkMessage::DelLink(msg),
+            0,
+        ) {
             Ok(()) => Ok(true),
             Err(e) if e.errno() == Some(libc::ENODEV) => Ok(false),
             Err(e) => Err(e),
@@ -201,12 +254,19 @@ impl Netlink {
         msg.header.family = AddressFamily::Inet;
         msg.header.prefix_len = net.prefix_len();
         msg.header.index = index;
-        msg.attributes.push(AddressAttribute::Local(IpAddr::V4(net.addr())));
-        msg.attributes.push(AddressAttribute::Address(IpAddr::V4(net.addr())));
+        msg.attributes
+            .push(AddressAttribute::Local(IpAddr::V4(net.addr())));
+        msg.attributes
+            .push(AddressAttribute::Address(IpAddr::V4(net.addr())));
         if net.prefix_len() < 31 {
-            msg.attributes.push(AddressAttribute::Broadcast(net.broadcast()));
+            msg.attributes
+                .push(AddressAttribute::Broadcast(net.broadcast()));
         }
-        match self.ack(&format!("add address {net}"), RouteNetlinkMessage::NewAddress(msg), NLM_F_CREATE | NLM_F_EXCL) {
+        match self.ack(
+            &format!("add address {net}"),
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ) {
             Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
             r => r,
         }
@@ -216,7 +276,11 @@ impl Netlink {
     pub fn addresses(&mut self, index: Option<u32>) -> Result<Vec<(u32, Ipv4Net)>> {
         let mut msg = AddressMessage::default();
         msg.header.family = AddressFamily::Inet;
-        let replies = self.request("list addresses", RouteNetlinkMessage::GetAddress(msg), NLM_F_DUMP)?;
+        let replies = self.request(
+            "list addresses",
+            RouteNetlinkMessage::GetAddress(msg),
+            NLM_F_DUMP,
+        )?;
         let mut out = Vec::new();
         for m in replies {
             if let RouteNetlinkMessage::NewAddress(a) = m {
@@ -243,16 +307,25 @@ impl Netlink {
         msg.header.protocol = RouteProtocol::Other(WEFT_ROUTE_PROTOCOL);
         msg.header.scope = RouteScope::Universe;
         msg.header.kind = RouteType::Unicast;
-        msg.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
+        msg.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
         msg.attributes.push(RouteAttribute::Oif(oif));
-        self.ack(&format!("add default route via {gateway}"), RouteNetlinkMessage::NewRoute(msg), NLM_F_CREATE | NLM_F_EXCL)
+        self.ack(
+            &format!("add default route via {gateway}"),
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
     }
 
     /// Destinations of every IPv4 route in every table, to keep new subnets clear of them.
     pub fn route_destinations(&mut self) -> Result<Vec<Ipv4Net>> {
         let mut msg = RouteMessage::default();
         msg.header.address_family = AddressFamily::Inet;
-        let replies = self.request("list routes", RouteNetlinkMessage::GetRoute(msg), NLM_F_DUMP)?;
+        let replies = self.request(
+            "list routes",
+            RouteNetlinkMessage::GetRoute(msg),
+            NLM_F_DUMP,
+        )?;
         let mut out = Vec::new();
         for m in replies {
             if let RouteNetlinkMessage::NewRoute(r) = m {

@@ -47,13 +47,25 @@ pub fn prepare_dir(dir: &Path) -> Result<()> {
     let c = cstr(dir);
     let none = CString::new("none").unwrap();
     let shared = |_: ()| unsafe {
-        libc::mount(none.as_ptr(), c.as_ptr(), none.as_ptr(), libc::MS_SHARED | libc::MS_REC, std::ptr::null())
+        libc::mount(
+            none.as_ptr(),
+            c.as_ptr(),
+            none.as_ptr(),
+            libc::MS_SHARED | libc::MS_REC,
+            std::ptr::null(),
+        )
     };
     if check(shared(())).is_ok() && is_mount_point(dir) {
         return Ok(());
     }
     check(unsafe {
-        libc::mount(c.as_ptr(), c.as_ptr(), none.as_ptr(), libc::MS_BIND | libc::MS_REC, std::ptr::null())
+        libc::mount(
+            c.as_ptr(),
+            c.as_ptr(),
+            none.as_ptr(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        )
     })
     .map_err(|e| ns_err(dir, "bind-mount directory onto itself", e))?;
     check(shared(())).map_err(|e| ns_err(dir, "make directory a shared mount", e))
@@ -63,14 +75,19 @@ pub fn prepare_dir(dir: &Path) -> Result<()> {
 pub fn release_dir(dir: &Path) -> Result<()> {
     if is_mount_point(dir) {
         let c = cstr(dir);
-        check(unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) }).map_err(|e| ns_err(dir, "unmount", e))?;
+        check(unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) })
+            .map_err(|e| ns_err(dir, "unmount", e))?;
     }
     Ok(())
 }
 
 fn is_mount_point(dir: &Path) -> bool {
-    let Ok(canon) = dir.canonicalize() else { return false };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let Ok(canon) = dir.canonicalize() else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
     let want = canon.to_string_lossy();
     info.lines().any(|l| l.split(' ').nth(4) == Some(&want))
 }
@@ -92,13 +109,20 @@ impl Netns {
                     .map_err(|e| ns_err(p, "create mount point file", e))?;
                 let made = (|| {
                     // This thread alone moves into the new namespace and ends soon after.
-                    check(unsafe { libc::unshare(libc::CLONE_NEWNET) }).map_err(|e| ns_err(p, "unshare", e))?;
+                    check(unsafe { libc::unshare(libc::CLONE_NEWNET) })
+                        .map_err(|e| ns_err(p, "unshare", e))?;
                     let mut nl = Netlink::open()?;
                     nl.set_up(1)?; // lo is always index 1 in a new namespace
                     let src = CString::new("/proc/thread-self/ns/net").unwrap();
                     let c = cstr(p);
                     check(unsafe {
-                        libc::mount(src.as_ptr(), c.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null())
+                        libc::mount(
+                            src.as_ptr(),
+                            c.as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_BIND,
+                            std::ptr::null(),
+                        )
                     })
                     .map_err(|e| ns_err(p, "bind-mount namespace", e))?;
                     Ok(nl)
@@ -138,8 +162,14 @@ impl Netns {
     }
 
     /// Runs `f` on a thread inside this namespace; the thread ends afterwards.
-    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-        let file = self.file.try_clone().map_err(|e| ns_err(&self.path, "dup", e))?;
+    pub fn run_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|e| ns_err(&self.path, "dup", e))?;
         let path = self.path.clone();
         std::thread::Builder::new()
             .name("weft-netns".into())

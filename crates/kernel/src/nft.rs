@@ -14,7 +14,9 @@ pub fn apply(batch: &str) -> Result<()> {
         .spawn()
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                KernelError::Nft("the nft command is missing; install it (apt-get install nftables)".into())
+                KernelError::Nft(
+                    "the nft command is missing; install it (apt-get install nftables)".into(),
+                )
             } else {
                 KernelError::io("run nft", e)
             }
@@ -25,11 +27,15 @@ pub fn apply(batch: &str) -> Result<()> {
         .expect("piped stdin")
         .write_all(batch.as_bytes())
         .map_err(|e| KernelError::io("write to nft", e))?;
-    let out = child.wait_with_output().map_err(|e| KernelError::io("wait for nft", e))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| KernelError::io("wait for nft", e))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(KernelError::Nft(String::from_utf8_lossy(&out.stderr).trim().to_string()))
+        Err(KernelError::Nft(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
     }
 }
 
@@ -39,5 +45,8 @@ pub fn list_table(family: &str, name: &str) -> Result<Option<String>> {
         .args(["list", "table", family, name])
         .output()
         .map_err(|e| KernelError::io("run nft", e))?;
-    Ok(out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+    Ok(out
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
 }

@@ -46,7 +46,15 @@ pub fn pidfd(p: &ProcessRef) -> Result<Option<OwnedFd>> {
 /// Sends `signal` through a pidfd (no risk of hitting a reused pid).
 pub fn signal(fd: &OwnedFd, signal: i32) -> Result<()> {
     use std::os::fd::AsRawFd;
-    let rc = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), signal, 0usize, 0u32) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            signal,
+            0usize,
+            0u32,
+        )
+    };
     if rc < 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::ESRCH) {

@@ -51,7 +51,10 @@ impl AddressPool {
             used: BTreeSet::new(),
             next: 1,
         };
-        if gateway == subnet.network() || gateway == subnet.broadcast() || !subnet.contains(&gateway) {
+        if gateway == subnet.network()
+            || gateway == subnet.broadcast()
+            || !subnet.contains(&gateway)
+        {
             return Err(IpamError::BadGateway { gateway, subnet });
         }
         Ok(pool)
@@ -189,7 +192,10 @@ mod tests {
         let all: Vec<_> = (0..5).map(|_| p.allocate(None).unwrap()).collect();
         assert!(!all.contains(&"10.1.0.6".parse().unwrap()));
         p.release("10.1.0.3".parse().unwrap());
-        assert_eq!(p.allocate(None).unwrap(), "10.1.0.3".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            p.allocate(None).unwrap(),
+            "10.1.0.3".parse::<Ipv4Addr>().unwrap()
+        );
     }
 
     #[test]
@@ -197,11 +203,26 @@ mod tests {
         let mut p = pool("10.1.0.0/24", "10.1.0.1");
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
         assert_eq!(p.allocate(Some(ip("10.1.0.9"))).unwrap(), ip("10.1.0.9"));
-        assert!(matches!(p.allocate(Some(ip("10.1.0.9"))), Err(IpamError::InUse { .. })));
-        assert!(matches!(p.allocate(Some(ip("10.2.0.9"))), Err(IpamError::OutsideSubnet { .. })));
-        assert!(matches!(p.allocate(Some(ip("10.1.0.1"))), Err(IpamError::Reserved { why: "gateway", .. })));
-        assert!(matches!(p.allocate(Some(ip("10.1.0.0"))), Err(IpamError::Reserved { .. })));
-        assert!(matches!(p.allocate(Some(ip("10.1.0.255"))), Err(IpamError::Reserved { .. })));
+        assert!(matches!(
+            p.allocate(Some(ip("10.1.0.9"))),
+            Err(IpamError::InUse { .. })
+        ));
+        assert!(matches!(
+            p.allocate(Some(ip("10.2.0.9"))),
+            Err(IpamError::OutsideSubnet { .. })
+        ));
+        assert!(matches!(
+            p.allocate(Some(ip("10.1.0.1"))),
+            Err(IpamError::Reserved { why: "gateway", .. })
+        ));
+        assert!(matches!(
+            p.allocate(Some(ip("10.1.0.0"))),
+            Err(IpamError::Reserved { .. })
+        ));
+        assert!(matches!(
+            p.allocate(Some(ip("10.1.0.255"))),
+            Err(IpamError::Reserved { .. })
+        ));
         let msg = p.allocate(Some(ip("10.2.0.9"))).unwrap_err().to_string();
         assert!(msg.contains("outside subnet 10.1.0.0/24"), "{msg}");
     }
@@ -210,15 +231,24 @@ mod tests {
     fn restore_marks_taken() {
         let mut p = pool("10.1.0.0/24", "10.1.0.1");
         p.restore("10.1.0.2".parse().unwrap()).unwrap();
-        assert_eq!(p.allocate(None).unwrap(), "10.1.0.3".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            p.allocate(None).unwrap(),
+            "10.1.0.3".parse::<Ipv4Addr>().unwrap()
+        );
         assert_eq!(p.in_use(), 2);
     }
 
     #[test]
     fn rejects_bad_gateway_and_tiny_subnets() {
-        assert!(AddressPool::new("10.1.0.0/24".parse().unwrap(), "10.2.0.1".parse().unwrap()).is_err());
-        assert!(AddressPool::new("10.1.0.0/24".parse().unwrap(), "10.1.0.0".parse().unwrap()).is_err());
-        assert!(AddressPool::new("10.1.0.0/31".parse().unwrap(), "10.1.0.1".parse().unwrap()).is_err());
+        assert!(
+            AddressPool::new("10.1.0.0/24".parse().unwrap(), "10.2.0.1".parse().unwrap()).is_err()
+        );
+        assert!(
+            AddressPool::new("10.1.0.0/24".parse().unwrap(), "10.1.0.0".parse().unwrap()).is_err()
+        );
+        assert!(
+            AddressPool::new("10.1.0.0/31".parse().unwrap(), "10.1.0.1".parse().unwrap()).is_err()
+        );
     }
 
     #[test]

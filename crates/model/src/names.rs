@@ -21,7 +21,9 @@ pub fn validate(what: &'static str, name: &str) -> Result<(), NameError> {
     let mut chars = name.chars();
     match chars.next() {
         None => return err("it is empty"),
-        Some(c) if !c.is_ascii_alphanumeric() => return err("it must start with a letter or digit"),
+        Some(c) if !c.is_ascii_alphanumeric() => {
+            return err("it must start with a letter or digit")
+        }
         _ => {}
     }
     if name.len() > 63 {
@@ -46,10 +48,22 @@ mod tests {
 
     #[test]
     fn rejects_bad_names_with_reason() {
-        assert!(validate("sandbox", "").unwrap_err().to_string().contains("empty"));
-        assert!(validate("sandbox", "-x").unwrap_err().to_string().contains("start with"));
-        assert!(validate("sandbox", "a b").unwrap_err().to_string().contains("only letters"));
+        assert!(validate("sandbox", "")
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+        assert!(validate("sandbox", "-x")
+            .unwrap_err()
+            .to_string()
+            .contains("start with"));
+        assert!(validate("sandbox", "a b")
+            .unwrap_err()
+            .to_string()
+            .contains("only letters"));
         assert!(validate("sandbox", "a/b").is_err());
-        assert!(validate("sandbox", &"a".repeat(64)).unwrap_err().to_string().contains("63"));
+        assert!(validate("sandbox", &"a".repeat(64))
+            .unwrap_err()
+            .to_string()
+            .contains("63"));
     }
 }

@@ -24,7 +24,13 @@ fn elements<T: std::fmt::Display>(items: &[T], quote: bool) -> String {
     }
     let list: Vec<String> = items
         .iter()
-        .map(|i| if quote { format!("\"{i}\"") } else { i.to_string() })
+        .map(|i| {
+            if quote {
+                format!("\"{i}\"")
+            } else {
+                i.to_string()
+            }
+        })
         .collect();
     format!(" elements = {{ {} }};", list.join(", "))
 }
@@ -68,10 +74,17 @@ mod tests {
         assert!(one.contains("elements = { 10.88.0.0/16 }"), "{one}");
         assert!(one.contains("elements = { \"weft0\" }"), "{one}");
         let two = render(&FirewallSpec {
-            masquerade: vec!["10.88.0.0/16".parse().unwrap(), "10.89.0.0/16".parse().unwrap()],
+            masquerade: vec![
+                "10.88.0.0/16".parse().unwrap(),
+                "10.89.0.0/16".parse().unwrap(),
+            ],
             bridges: vec!["weft0".into(), "weft1".into()],
         });
-        assert_eq!(one.lines().count(), two.lines().count(), "rule count does not grow");
+        assert_eq!(
+            one.lines().count(),
+            two.lines().count(),
+            "rule count does not grow"
+        );
     }
 
     #[test]

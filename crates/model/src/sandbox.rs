@@ -86,11 +86,16 @@ pub struct Endpoint {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "mode")]
 pub enum Attachment {
-    Networks { endpoints: Vec<Endpoint> },
+    Networks {
+        endpoints: Vec<Endpoint>,
+    },
     Host,
     None,
     /// Shares the namespace of sandbox `id`.
-    Container { id: String, name: String },
+    Container {
+        id: String,
+        name: String,
+    },
 }
 
 impl Attachment {
@@ -153,7 +158,12 @@ impl Sandbox {
 /// Host-side veth name, derived from the sandbox id and the interface index
 /// so that it is unique, fits IFNAMSIZ and marks the link as weft's.
 pub fn host_veth_name(sandbox_id: &str, index: usize) -> String {
-    format!("{}{}{}", HOST_VETH_PREFIX, &sandbox_id[..10.min(sandbox_id.len())], index)
+    format!(
+        "{}{}{}",
+        HOST_VETH_PREFIX,
+        &sandbox_id[..10.min(sandbox_id.len())],
+        index
+    )
 }
 
 pub const HOST_VETH_PREFIX: &str = "wv";
@@ -182,7 +192,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_combinations() {
-        assert_eq!(parse_net_modes(&s(&["container:"])), Err(NetModeError::EmptyContainer));
+        assert_eq!(
+            parse_net_modes(&s(&["container:"])),
+            Err(NetModeError::EmptyContainer)
+        );
         assert_eq!(
             parse_net_modes(&s(&["host", "bridge"])),
             Err(NetModeError::ModeNotAlone("host".into()))

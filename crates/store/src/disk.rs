@@ -51,7 +51,10 @@ impl Store for DiskStore {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(TABLE).map_err(|e| self.err(e))?;
-        Ok(table.get(key).map_err(|e| self.err(e))?.map(|v| v.value().to_vec()))
+        Ok(table
+            .get(key)
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value().to_vec()))
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
@@ -103,7 +106,11 @@ mod tests {
         }
         let s = super::DiskStore::open(&path).unwrap();
         use crate::Store;
-        assert_eq!(s.get("a/1").unwrap().as_deref(), Some(&b"uno"[..]), "survives reopen");
+        assert_eq!(
+            s.get("a/1").unwrap().as_deref(),
+            Some(&b"uno"[..]),
+            "survives reopen"
+        );
         drop(s);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -57,14 +57,21 @@ pub trait StoreJson {
 impl<S: Store + ?Sized> StoreJson for S {
     fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         self.get(key)?
-            .map(|v| serde_json::from_slice(&v).map_err(|source| StoreError::Decode { key: key.into(), source }))
+            .map(|v| {
+                serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
+                    key: key.into(),
+                    source,
+                })
+            })
             .transpose()
     }
 
     fn list_json<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>> {
         self.list(prefix)?
             .into_iter()
-            .map(|(k, v)| serde_json::from_slice(&v).map_err(|source| StoreError::Decode { key: k, source }))
+            .map(|(k, v)| {
+                serde_json::from_slice(&v).map_err(|source| StoreError::Decode { key: k, source })
+            })
             .collect()
     }
 
@@ -90,7 +97,12 @@ pub(crate) mod contract {
         assert_eq!(store.get("a/1").unwrap().as_deref(), Some(&b"one"[..]));
         store.put("a/1", b"uno").unwrap();
         assert_eq!(store.get("a/1").unwrap().as_deref(), Some(&b"uno"[..]));
-        let listed: Vec<String> = store.list("a/").unwrap().into_iter().map(|(k, _)| k).collect();
+        let listed: Vec<String> = store
+            .list("a/")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         assert_eq!(listed, vec!["a/1".to_string(), "a/2".to_string()]);
         assert!(matches!(store.create("a/2", b"x"), Err(StoreError::Exists(k)) if k == "a/2"));
         store.create("a/3", b"three").unwrap();

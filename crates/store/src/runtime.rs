@@ -74,7 +74,11 @@ impl Store for RuntimeStore {
     }
 
     fn put(&self, key: &str, value: &[u8]) -> Result<()> {
-        let tmp = self.dir.join(format!(".tmp-{}-{:?}", encode(key), std::thread::current().id()));
+        let tmp = self.dir.join(format!(
+            ".tmp-{}-{:?}",
+            encode(key),
+            std::thread::current().id()
+        ));
         let mut f = std::fs::File::create(&tmp).map_err(|e| self.err(e))?;
         f.write_all(value).map_err(|e| self.err(e))?;
         drop(f);

@@ -1,0 +1,128 @@
+//! The local API: HTTP+JSON routes over the agent's unix socket.
+
+use crate::error::AgentError;
+use crate::host::Host;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use std::time::Duration;
+use weft_model::api::{ApiError, CreateSandbox, StartedProcess};
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        (
+            status,
+            Json(ApiError {
+                message: self.to_string(),
+            }),
+        )
+            .into_response()
+    }
+}
+
+type Reply<T> = Result<Json<T>, AgentError>;
+
+/// Runs blocking agent work (netlink, files) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Reply<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::Internal(format!("task failed: {e}")))?
+        .map(Json)
+}
+
+pub(crate) fn router(host: Host) -> Router {
+    Router::new()
+        .route(
+            "/v1/ping",
+            get(|| async { Json(serde_json::json!({ "version": env!("CARGO_PKG_VERSION") })) }),
+        )
+        .route("/v1/networks", get(list_networks))
+        .route("/v1/networks/{name}", get(get_network))
+        .route("/v1/sandboxes", get(list_sandboxes).post(create_sandbox))
+        .route(
+            "/v1/sandboxes/{key}",
+            get(get_sandbox).delete(remove_sandbox),
+        )
+        .route("/v1/sandboxes/{key}/started", post(started))
+        .route("/v1/sandboxes/{key}/stop", post(stop))
+        .with_state(host)
+}
+
+async fn list_networks(State(h): State<Host>) -> Reply<Vec<weft_model::api::NetworkView>> {
+    blocking(move || Ok(h.networks())).await
+}
+
+async fn get_network(
+    State(h): State<Host>,
+    Path(name): Path<String>,
+) -> Reply<weft_model::api::NetworkView> {
+    blocking(move || h.network(&name)).await
+}
+
+async fn list_sandboxes(State(h): State<Host>) -> Reply<Vec<weft_model::api::SandboxView>> {
+    blocking(move || Ok(h.list())).await
+}
+
+async fn create_sandbox(
+    State(h): State<Host>,
+    Json(req): Json<CreateSandbox>,
+) -> Reply<weft_model::api::SandboxView> {
+    blocking(move || h.create_sandbox(req)).await
+}
+
+async fn get_sandbox(
+    State(h): State<Host>,
+    Path(key): Path<String>,
+) -> Reply<weft_model::api::SandboxView> {
+    blocking(move || h.get(&key)).await
+}
+
+async fn started(
+    State(h): State<Host>,
+    Path(key): Path<String>,
+    Json(req): Json<StartedProcess>,
+) -> Reply<weft_model::api::SandboxView> {
+    blocking(move || h.started(&key, req.pid)).await
+}
+
+#[derive(Deserialize)]
+struct StopQuery {
+    #[serde(default = "default_timeout")]
+    timeout: u64,
+}
+
+fn default_timeout() -> u64 {
+    10
+}
+
+async fn stop(
+    State(h): State<Host>,
+    Path(key): Path<String>,
+    Query(q): Query<StopQuery>,
+) -> Reply<weft_model::api::SandboxView> {
+    blocking(move || h.stop(&key, Duration::from_secs(q.timeout))).await
+}
+
+#[derive(Deserialize)]
+struct RemoveQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn remove_sandbox(
+    State(h): State<Host>,
+    Path(key): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> Reply<weft_model::api::Removed> {
+    blocking(move || h.remove(&key, q.force)).await
+}

@@ -1,0 +1,267 @@
+//! Startup: load desired state from the stores, make the kernel match it,
+//! and remove what weft owns (by name) but no longer wants. Safe to run
+//! against any kernel state: a fresh host, a host whose agent was killed, or
+//! one whose sandboxes vanished.
+
+use crate::bridge;
+use crate::config::AgentConfig;
+use crate::error::{AgentError, Result};
+use crate::firewall;
+use crate::host::{Inner, NetworkState};
+use crate::sandboxes::{random_id, teardown_network};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use tracing::{info, warn};
+use weft_kernel::{netns, sysctl, Netlink, Netns};
+use weft_model::network::{DEFAULT_BRIDGE, DEFAULT_NETWORK};
+use weft_model::sandbox::HOST_VETH_PREFIX;
+use weft_model::{keys, subnet, AddressPool, Attachment, Driver, Network, Sandbox};
+use weft_store::{DiskStore, RuntimeStore, Store, StoreJson};
+
+fn private_dir(p: &Path) -> Result<()> {
+    std::fs::create_dir_all(p)
+        .map_err(|e| AgentError::Internal(format!("create {}: {e}", p.display())))?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| AgentError::Internal(format!("chmod {}: {e}", p.display())))
+}
+
+/// The default `bridge` network: kept if stored, else created on a subnet
+/// that overlaps no route of this host.
+fn default_network(
+    stored: Option<Network>,
+    wanted: Option<ipnet::Ipv4Net>,
+    in_use: bool,
+    nl: &mut Netlink,
+) -> Result<(Network, bool)> {
+    if let Some(net) = stored {
+        match wanted {
+            Some(w) if w.trunc() != net.subnet => {
+                if in_use {
+                    return Err(AgentError::BadRequest(format!(
+                        "--bridge-subnet {w}: the default network already uses {} and has sandboxes; \
+                         remove them (weft rm -f) or start the agent without --bridge-subnet",
+                        net.subnet
+                    )));
+                }
+                // Nothing attached: move the network to the new subnet.
+                nl.delete_link(&net.bridge)?;
+            }
+            _ => return Ok((net, false)),
+        }
+    }
+    let subnet = match wanted {
+        Some(w) => w.trunc(),
+        None => {
+            let routes = nl.route_destinations()?;
+            subnet::pick_free(subnet::default_bridge_pool(), &routes).ok_or_else(|| {
+                AgentError::BadRequest(
+                    "every subnet of the default pool overlaps a route of this host; give one with --bridge-subnet".into(),
+                )
+            })?
+        }
+    };
+    if subnet.prefix_len() > 30 {
+        return Err(AgentError::BadRequest(format!(
+            "--bridge-subnet {subnet} is too small; use a prefix of /30 or shorter, e.g. /16"
+        )));
+    }
+    let net = Network {
+        name: DEFAULT_NETWORK.into(),
+        id: random_id(),
+        driver: Driver::Bridge,
+        subnet,
+        gateway: subnet::first_host(&subnet),
+        bridge: DEFAULT_BRIDGE.into(),
+        masquerade: true,
+    };
+    Ok((net, true))
+}
+
+pub(crate) fn start(cfg: AgentConfig) -> Result<Inner> {
+    private_dir(&cfg.state_dir)?;
+    private_dir(&cfg.data_dir)?;
+    private_dir(&cfg.logs_dir())?;
+    netns::prepare_dir(&cfg.netns_dir())?;
+    let networks_db = DiskStore::open(&cfg.network_db())?;
+    let runtime = RuntimeStore::open(&cfg.runtime_store_dir())?;
+    let mut nl = Netlink::open()?;
+    sysctl::set("net.ipv4.ip_forward", "1")?;
+
+    let sandboxes: Vec<Sandbox> = runtime.list_json(keys::SANDBOXES)?;
+    let stored_default = networks_db.get_json::<Network>(&keys::network(DEFAULT_NETWORK))?;
+    let default_in_use = sandboxes.iter().any(|s| {
+        s.attachment
+            .endpoints()
+            .iter()
+            .any(|e| e.network == DEFAULT_NETWORK)
+    });
+    let (default, changed) =
+        default_network(stored_default, cfg.bridge_subnet, default_in_use, &mut nl)?;
+    if changed {
+        networks_db.put_json(&keys::network(DEFAULT_NETWORK), &default)?;
+        info!(subnet = %default.subnet, bridge = %default.bridge, "default network ready");
+    }
+
+    let mut networks = BTreeMap::new();
+    for net in networks_db.list_json::<Network>(keys::NETWORKS)? {
+        let bridge_index = bridge::ensure_network(&mut nl, &net)?;
+        let pool = AddressPool::new(net.subnet, net.gateway)
+            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        networks.insert(
+            net.name.clone(),
+            NetworkState {
+                net,
+                pool,
+                bridge_index,
+            },
+        );
+    }
+    firewall::apply(&networks)?;
+
+    let mut inner = Inner {
+        cfg,
+        runtime,
+        nl,
+        networks,
+        sandboxes: BTreeMap::new(),
+        names: HashMap::new(),
+    };
+    for sb in sandboxes {
+        adopt(&mut inner, sb);
+    }
+    collect_garbage(&mut inner)?;
+    info!(
+        sandboxes = inner.sandboxes.len(),
+        networks = inner.networks.len(),
+        "reconciled"
+    );
+    Ok(inner)
+}
+
+/// Takes a stored sandbox back, or clears it away if its namespace is gone.
+fn adopt(inner: &mut Inner, sb: Sandbox) {
+    let key = keys::sandbox(&sb.id);
+    let ns_gone = sb
+        .netns
+        .as_deref()
+        .is_some_and(|p| !netns::is_netns(Path::new(p)));
+    if ns_gone {
+        warn!(sandbox = %sb.name, "namespace is gone; removing what is left of the sandbox");
+        let _ = teardown_network(
+            &mut inner.nl,
+            &mut inner.networks,
+            &sb.attachment,
+            sb.netns.as_deref(),
+        );
+        let _ = inner.runtime.delete(&key);
+        return;
+    }
+    for ep in sb.attachment.endpoints() {
+        let Some(net) = inner.networks.get_mut(&ep.network) else {
+            warn!(sandbox = %sb.name, network = %ep.network, "endpoint on an unknown network");
+            continue;
+        };
+        if let Err(e) = net.pool.restore(ep.ip) {
+            warn!(sandbox = %sb.name, error = %e, "address conflict on adoption");
+        }
+    }
+    if let Err(e) = repair_endpoints(inner, &sb) {
+        warn!(sandbox = %sb.name, error = %e, "could not restore endpoints");
+    }
+    inner.names.insert(sb.name.clone(), sb.id.clone());
+    inner.sandboxes.insert(sb.id.clone(), sb);
+}
+
+/// Recreates endpoints whose veth was deleted behind weft's back.
+fn repair_endpoints(inner: &mut Inner, sb: &Sandbox) -> Result<()> {
+    let (Some(path), Attachment::Networks { endpoints }) = (&sb.netns, &sb.attachment) else {
+        return Ok(());
+    };
+    let mut missing = Vec::new();
+    for (i, ep) in endpoints.iter().enumerate() {
+        if inner.nl.link_by_name(&ep.host_ifname)?.is_none() {
+            missing.push((i, ep));
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let ns = Netns::open(Path::new(path))?;
+    let mut ns_nl = ns.netlink()?;
+    for (i, ep) in missing {
+        let Some(net) = inner.networks.get(&ep.network) else {
+            continue;
+        };
+        // A half-left sandbox end would block the new pair.
+        ns_nl.delete_link(&ep.ifname)?;
+        bridge::attach(&mut inner.nl, &ns, &mut ns_nl, net.bridge_index, ep, i == 0)?;
+        info!(sandbox = %sb.name, ifname = %ep.ifname, "endpoint restored");
+    }
+    Ok(())
+}
+
+/// Removes weft-owned kernel objects and files that no sandbox claims.
+fn collect_garbage(inner: &mut Inner) -> Result<()> {
+    let wanted: HashSet<&str> = inner
+        .sandboxes
+        .values()
+        .flat_map(|s| s.attachment.endpoints())
+        .map(|e| e.host_ifname.as_str())
+        .collect();
+    let stale: Vec<String> = inner
+        .nl
+        .links()?
+        .into_iter()
+        .filter(|l| l.name.starts_with(HOST_VETH_PREFIX) && !wanted.contains(l.name.as_str()))
+        .map(|l| l.name)
+        .collect();
+    for name in stale {
+        info!(link = %name, "removing stale veth");
+        inner.nl.delete_link(&name)?;
+    }
+    let claimed: HashSet<String> = inner
+        .sandboxes
+        .values()
+        .filter_map(|s| s.netns.clone())
+        .collect();
+    if let Ok(dir) = std::fs::read_dir(inner.cfg.netns_dir()) {
+        for entry in dir.flatten() {
+            let p = entry.path();
+            if !claimed.contains(&p.display().to_string()) {
+                info!(path = %p.display(), "removing stale namespace");
+                Netns::remove(&p)?;
+            }
+        }
+    }
+    let ids: HashSet<&String> = inner.sandboxes.keys().collect();
+    if let Ok(dir) = std::fs::read_dir(inner.cfg.logs_dir()) {
+        for entry in dir.flatten() {
+            let name = entry
+                .file_name()
+                .to_string_lossy()
+                .trim_end_matches(".log")
+                .to_string();
+            if !ids.contains(&name) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Auto-removed sandboxes after a restart: those with a process to watch,
+/// and those whose process never started.
+pub(crate) fn auto_remove_watches(
+    inner: &Inner,
+) -> (Vec<(String, weft_model::ProcessRef)>, Vec<String>) {
+    let mut watch = Vec::new();
+    let mut orphans = Vec::new();
+    for s in inner.sandboxes.values().filter(|s| s.auto_remove) {
+        match s.process {
+            Some(p) => watch.push((s.id.clone(), p)),
+            None => orphans.push(s.id.clone()),
+        }
+    }
+    (watch, orphans)
+}

@@ -1,0 +1,54 @@
+//! Runs the agent: one agent per state dir (an flock), then the API on a
+//! unix socket that only root can open, until SIGTERM or SIGINT.
+
+use crate::config::AgentConfig;
+use crate::error::{AgentError, Result};
+use crate::host::Host;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use tracing::info;
+
+pub async fn serve(cfg: AgentConfig) -> Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .map_err(|e| AgentError::Internal(format!("create {}: {e}", cfg.state_dir.display())))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(cfg.lock_path())
+        .map_err(|e| AgentError::Internal(format!("open {}: {e}", cfg.lock_path().display())))?;
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(AgentError::Conflict(format!(
+            "another weft agent is already running with state dir {}; stop it, or give this one its own --state-dir",
+            cfg.state_dir.display()
+        )));
+    }
+
+    let start_cfg = cfg.clone();
+    let host = tokio::task::spawn_blocking(move || Host::start(start_cfg))
+        .await
+        .map_err(|e| AgentError::Internal(e.to_string()))??;
+
+    let sock = cfg.socket_path();
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock)
+        .map_err(|e| AgentError::Internal(format!("listen on {}: {e}", sock.display())))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| AgentError::Internal(format!("chmod {}: {e}", sock.display())))?;
+    info!(socket = %sock.display(), "agent ready");
+
+    let shutdown = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("signal handler");
+        let mut int = signal(SignalKind::interrupt()).expect("signal handler");
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        info!("shutting down; sandboxes keep running");
+    };
+    axum::serve(listener, crate::api::router(host))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| AgentError::Internal(format!("serve: {e}")))?;
+    let _ = std::fs::remove_file(&sock);
+    drop(lock);
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! `weft`: container networking for Linux. One binary: the agent
+//! (`weft agent`) and the client commands that talk to it.
+
+mod client;
+mod network_cmds;
+mod output;
+mod sandbox_cmds;
+mod spawn;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "weft",
+    version,
+    about = "Container networking for Linux: sandboxes with their own network stack, bridged, routed and masqueraded",
+    long_about = "Container networking for Linux.\n\n\
+        Start the agent once per host (`weft agent`), then run commands in sandboxes that have \
+        their own network namespace: `weft run --name web -d -- CMD`. Every command needs root."
+)]
+struct Cli {
+    /// State directory of the agent to use; its API socket is STATE_DIR/weft.sock
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_STATE_DIR",
+        default_value = "/run/weft"
+    )]
+    state_dir: PathBuf,
+    /// Output format: a readable table, or JSON for scripts
+    #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the per-host agent (daemon) in the foreground
+    Agent(AgentArgs),
+    /// Run a command in a new sandbox
+    Run(sandbox_cmds::RunArgs),
+    /// List sandboxes
+    Ps,
+    /// Run another command inside a running sandbox
+    Exec(sandbox_cmds::ExecArgs),
+    /// Stop sandboxes' processes (SIGTERM, then SIGKILL); the sandbox stays until rm
+    Stop(sandbox_cmds::StopArgs),
+    /// Remove sandboxes and their network endpoints
+    Rm(sandbox_cmds::RmArgs),
+    /// Inspect networks
+    #[command(subcommand)]
+    Network(network_cmds::NetworkCommand),
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Persistent data (the network store)
+    #[arg(long, env = "WEFT_DATA_DIR", default_value = "/var/lib/weft")]
+    data_dir: PathBuf,
+    /// Subnet of the default `bridge` network (default: a free /16 from 172.17.0.0-172.31.0.0, then 192.168.0.0/16 in /20s)
+    #[arg(long)]
+    bridge_subnet: Option<ipnet::Ipv4Net>,
+}
+
+/// An error of weft itself, with the exit code to leave with.
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            code: 1,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match dispatch(cli) {
+        Ok(code) => code,
+        Err(f) => {
+            eprintln!("weft: {}", f.message);
+            f.code
+        }
+    };
+    std::process::exit(code);
+}
+
+fn dispatch(cli: Cli) -> Result<i32, Failure> {
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Failure {
+            code: 1,
+            message: "weft needs root: the agent's socket is root-only and sandboxes are network namespaces; run it with sudo".into(),
+        });
+    }
+    let client = client::Client::new(cli.state_dir.join("weft.sock"));
+    let ctx = sandbox_cmds::Context {
+        client,
+        format: cli.format,
+        state_dir: cli.state_dir.clone(),
+    };
+    match cli.command {
+        Command::Agent(a) => run_agent(cli.state_dir, a),
+        Command::Run(a) => sandbox_cmds::run(&ctx, a),
+        Command::Ps => sandbox_cmds::ps(&ctx),
+        Command::Exec(a) => sandbox_cmds::exec(&ctx, a),
+        Command::Stop(a) => sandbox_cmds::stop(&ctx, a),
+        Command::Rm(a) => sandbox_cmds::rm(&ctx, a),
+        Command::Network(n) => network_cmds::dispatch(&ctx, n),
+    }
+}
+
+fn run_agent(state_dir: PathBuf, a: AgentArgs) -> Result<i32, Failure> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = weft_agent::AgentConfig {
+        state_dir,
+        data_dir: a.data_dir,
+        bridge_subnet: a.bridge_subnet,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(weft_agent::serve(cfg))?;
+    Ok(0)
+}

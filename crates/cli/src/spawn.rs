@@ -1,0 +1,81 @@
+//! Starting a process inside a sandbox's network namespace. The namespace is
+//! entered between fork and exec, in the child only: the CLI itself never
+//! changes namespace.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// Finds `program` as the shell would: a path as given, else in PATH.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return executable(&p).then_some(p);
+    }
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| executable(p))
+}
+
+pub struct Spec<'a> {
+    pub argv: &'a [String],
+    pub netns: Option<&'a File>,
+    /// Start a new session, detached from the terminal, output to this file.
+    pub detach_log: Option<File>,
+}
+
+pub fn spawn(spec: Spec) -> std::io::Result<Child> {
+    let mut cmd = Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..]);
+    let ns_fd = spec.netns.map(|f| f.as_raw_fd());
+    let detach = spec.detach_log.is_some();
+    if let Some(log) = spec.detach_log {
+        cmd.stdin(Stdio::null());
+        cmd.stdout(log.try_clone()?);
+        cmd.stderr(log);
+    }
+    // SAFETY: only async-signal-safe calls (setns, setsid, signal) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(fd) = ns_fd {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if detach && libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGQUIT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Exit code as a shell reports it: the code, or 128 + the signal.
+pub fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// While the CLI waits for a foreground command, Ctrl-C and Ctrl-\ go to the
+/// command (same process group); the CLI stays to clean up after it.
+pub fn ignore_terminal_signals() {
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+    }
+}
