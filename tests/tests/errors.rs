@@ -1,0 +1,99 @@
+//! Bad input: a one-line error that says what is wrong and how to fix it, a
+//! non-zero exit, and nothing half-made.
+
+use std::os::unix::process::CommandExt;
+use weft_e2e::{text, TestHost};
+
+/// What a failed command could have left behind.
+fn footprint(h: &TestHost) -> (Vec<String>, Vec<String>, Vec<String>, usize) {
+    (
+        h.links(),
+        h.state_files("netns"),
+        h.state_files("store"),
+        h.ps().as_array().unwrap().len(),
+    )
+}
+
+fn expect_error(h: &TestHost, args: &[&str], needle: &str) {
+    let before = footprint(h);
+    let out = h.weft(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "weft {args:?} should fail: {}", text(&out));
+    assert!(err.contains(needle), "weft {args:?}: expected {needle:?} in {err:?}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err:?}");
+    assert_eq!(footprint(h), before, "weft {args:?} left something behind");
+}
+
+#[test]
+fn bad_inputs_fail_cleanly() {
+    let h = TestHost::new(Some("10.91.0.0/16"));
+    h.run_detached("taken", &["--ip", "10.91.0.50"], &["sleep", "infinity"]);
+    expect_error(&h, &["run", "--net", "nosuchnet", "--", "true"], "no network named \"nosuchnet\"");
+    expect_error(&h, &["run", "--net", "container:nobody", "--", "true"], "no sandbox named \"nobody\"");
+    expect_error(&h, &["run", "--net", "container:", "--", "true"], "needs a sandbox name");
+    expect_error(&h, &["run", "--net", "host", "--net", "bridge", "--", "true"], "cannot be combined");
+    expect_error(&h, &["run", "--ip", "10.92.0.5", "--", "true"], "outside subnet 10.91.0.0/16");
+    expect_error(&h, &["run", "--ip", "10.91.0.50", "--", "true"], "already in use");
+    expect_error(&h, &["run", "--ip", "10.91.0.1", "--", "true"], "reserved");
+    expect_error(&h, &["run", "--name", "taken", "--", "true"], "already taken");
+    expect_error(&h, &["run", "--name", "bad name", "--", "true"], "invalid sandbox name");
+    expect_error(&h, &["run", "--", "/no/such/program"], "command not found");
+    expect_error(&h, &["run", "-d", "--", "no-such-program-wft"], "command not found");
+    expect_error(&h, &["rm", "nobody"], "no sandbox named");
+    expect_error(&h, &["rm", "taken"], "is running");
+    expect_error(&h, &["exec", "nobody", "--", "true"], "no sandbox named");
+    expect_error(&h, &["network", "inspect", "nosuchnet"], "no network named");
+    let out = h.weft(&["run", "--", "no-such-program-wft"]);
+    assert_eq!(out.status.code(), Some(127));
+}
+
+#[test]
+fn no_agent_running_says_how_to_start_one() {
+    let h = TestHost::new(Some("10.93.0.0/16"));
+    let out = h
+        .weft_cmd(&["ps"])
+        .env("WEFT_STATE_DIR", h.dir.join("elsewhere"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("no weft agent is running") && err.contains("weft agent"), "{err}");
+}
+
+#[test]
+fn not_root_is_refused() {
+    let h = TestHost::new(Some("10.94.0.0/16"));
+    let mut cmd = h.weft_cmd(&["ps"]);
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs root"), "{}", text(&out));
+    // The socket itself is root-only.
+    let meta = std::fs::metadata(h.state_dir().join("weft.sock")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+}
+
+#[test]
+fn a_second_agent_on_the_same_state_dir_is_refused() {
+    let h = TestHost::new(Some("10.95.0.0/16"));
+    let out = h
+        .ns
+        .command(weft_e2e::weft_bin())
+        .arg("agent")
+        .arg("--state-dir")
+        .arg(h.state_dir())
+        .arg("--data-dir")
+        .arg(h.data_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already running"), "{}", text(&out));
+}
