@@ -25,8 +25,16 @@ pub fn weft_bin() -> PathBuf {
     }
     // target/<profile>/deps/<test-binary> -> target/<profile>/weft
     let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("weft");
-    assert!(bin.exists(), "{} is missing: build it with `cargo build -p weft`", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("weft");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p weft`",
+        bin.display()
+    );
     bin
 }
 
@@ -38,7 +46,9 @@ pub struct TestNs {
 impl TestNs {
     pub fn new(prefix: &str) -> TestNs {
         let name = unique(prefix);
-        sh(&format!("ip netns add {name} && ip -n {name} link set lo up"));
+        sh(&format!(
+            "ip netns add {name} && ip -n {name} link set lo up"
+        ));
         TestNs { name }
     }
 
@@ -63,7 +73,11 @@ impl TestNs {
 
     /// Runs a shell command inside this namespace; panics with its output on failure.
     pub fn sh(&self, script: &str) -> String {
-        let out = self.command("sh").args(["-c", script]).output().expect("run sh");
+        let out = self
+            .command("sh")
+            .args(["-c", script])
+            .output()
+            .expect("run sh");
         assert!(
             out.status.success(),
             "in {}: `{script}` failed: {}{}",
@@ -76,19 +90,27 @@ impl TestNs {
 
     /// Runs a shell command inside this namespace and returns its output, whatever its status.
     pub fn try_sh(&self, script: &str) -> Output {
-        self.command("sh").args(["-c", script]).output().expect("run sh")
+        self.command("sh")
+            .args(["-c", script])
+            .output()
+            .expect("run sh")
     }
 }
 
 impl Drop for TestNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
 /// Runs a shell command in the test's own namespace (only `ip netns`/`ip link … netns` plumbing).
 pub fn sh(script: &str) -> String {
-    let out = Command::new("sh").args(["-c", script]).output().expect("run sh");
+    let out = Command::new("sh")
+        .args(["-c", script])
+        .output()
+        .expect("run sh");
     assert!(
         out.status.success(),
         "`{script}` failed: {}",
@@ -102,12 +124,18 @@ pub struct TestHost {
     pub ns: TestNs,
     pub dir: PathBuf,
     pub subnet: Option<String>,
+    /// More `weft agent` arguments.
+    pub agent_args: Vec<String>,
     agent: Option<Child>,
 }
 
 impl TestHost {
     /// A host whose default network uses `subnet` (None: let the agent pick).
     pub fn new(subnet: Option<&str>) -> TestHost {
+        TestHost::with_agent_args(subnet, &[])
+    }
+
+    pub fn with_agent_args(subnet: Option<&str>, args: &[&str]) -> TestHost {
         let ns = TestNs::new("wfth");
         let dir = PathBuf::from(format!("/dev/shm/{}", ns.name));
         std::fs::create_dir_all(&dir).expect("test dir");
@@ -115,6 +143,7 @@ impl TestHost {
             ns,
             dir,
             subnet: subnet.map(String::from),
+            agent_args: args.iter().map(|a| a.to_string()).collect(),
             agent: None,
         };
         host.start_agent();
@@ -149,6 +178,7 @@ impl TestHost {
         if let Some(s) = &self.subnet {
             cmd.args(["--bridge-subnet", s]);
         }
+        cmd.args(&self.agent_args);
         self.agent = Some(cmd.spawn().expect("start agent"));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -158,7 +188,11 @@ impl TestHost {
             if let Some(status) = self.agent.as_mut().unwrap().try_wait().unwrap() {
                 panic!("agent exited with {status}:\n{}", self.agent_log());
             }
-            assert!(Instant::now() < deadline, "agent did not come up:\n{}", self.agent_log());
+            assert!(
+                Instant::now() < deadline,
+                "agent did not come up:\n{}",
+                self.agent_log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -189,7 +223,10 @@ impl TestHost {
     }
 
     pub fn weft(&self, args: &[&str]) -> Output {
-        self.weft_cmd(args).stdin(Stdio::null()).output().expect("run weft")
+        self.weft_cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run weft")
     }
 
     /// Runs weft and returns stdout; panics with stderr if it fails.
@@ -223,7 +260,10 @@ impl TestHost {
             .iter()
             .find(|s| s["name"] == name)
             .unwrap_or_else(|| panic!("no sandbox {name}"));
-        sb["attachment"]["endpoints"][0]["ip"].as_str().expect("an address").to_string()
+        sb["attachment"]["endpoints"][0]["ip"]
+            .as_str()
+            .expect("an address")
+            .to_string()
     }
 
     pub fn ps(&self) -> serde_json::Value {
@@ -244,10 +284,39 @@ impl TestHost {
             .collect()
     }
 
+    /// Host ends of sandbox veths (`wv…`), leaving out the ready pool's (`wvp…`).
+    pub fn sandbox_veths(&self) -> Vec<String> {
+        self.links()
+            .into_iter()
+            .filter(|l| l.starts_with("wv") && !l.starts_with("wvp"))
+            .collect()
+    }
+
+    /// Waits up to 5 s for the sandbox veths to be exactly `want` (the kernel
+    /// deletes a removed sandbox's pair when it destroys its namespace).
+    pub fn wait_sandbox_veths(&self, want: &[String]) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = self.sandbox_veths();
+            if now == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sandbox veths {now:?}, want {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Files in a directory of the state dir.
     pub fn state_files(&self, sub: &str) -> Vec<String> {
         std::fs::read_dir(self.state_dir().join(sub))
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -258,7 +327,9 @@ impl Drop for TestHost {
             // Restart to clean up through weft itself when a test left it stopped.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.start_agent()));
         }
-        if let Ok(ps) = serde_json::from_slice::<serde_json::Value>(&self.weft(&["--format", "json", "ps"]).stdout) {
+        if let Ok(ps) = serde_json::from_slice::<serde_json::Value>(
+            &self.weft(&["--format", "json", "ps"]).stdout,
+        ) {
             for s in ps.as_array().into_iter().flatten() {
                 if let Some(id) = s["id"].as_str() {
                     let _ = self.weft(&["rm", "-f", id]);
@@ -268,7 +339,11 @@ impl Drop for TestHost {
         self.kill_agent(libc::SIGTERM);
         // Whatever is still mounted under the state dir (a test that failed half-way).
         let netns_dir = self.state_dir().join("netns");
-        for f in std::fs::read_dir(&netns_dir).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(&netns_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let _ = Command::new("umount").arg("-l").arg(f.path()).status();
         }
         let _ = Command::new("umount").arg("-l").arg(&netns_dir).status();

@@ -14,7 +14,10 @@ fn two_sandboxes_ping_each_other_and_the_gateway() {
         assert!(out.status.success(), "{from} -> {to}: {}", text(&out));
     }
     // eth0 with the address, lo up, default route via the bridge.
-    let out = h.exec("a", "ip -o -4 addr show dev eth0; ip route show default; ip -o link show lo");
+    let out = h.exec(
+        "a",
+        "ip -o -4 addr show dev eth0; ip route show default; ip -o link show lo",
+    );
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains(&format!("{a}/16")), "{s}");
     assert!(s.contains("default via 10.71.0.1 dev eth0"), "{s}");
@@ -24,13 +27,22 @@ fn two_sandboxes_ping_each_other_and_the_gateway() {
 #[test]
 fn host_pings_a_sandbox_and_connects_to_its_tcp_server() {
     let h = TestHost::new(Some("10.72.0.0/16"));
-    h.run_detached("srv", &[], &["socat", "TCP-LISTEN:8080,fork,reuseaddr", "SYSTEM:echo hello-from-sandbox"]);
+    h.run_detached(
+        "srv",
+        &[],
+        &[
+            "socat",
+            "TCP-LISTEN:8080,fork,reuseaddr",
+            "SYSTEM:echo hello-from-sandbox",
+        ],
+    );
     let ip = h.ip_of("srv");
     h.ns.sh(&format!("ping -c 2 -W 2 {ip}"));
     // The listener may need a moment after `run -d` returns.
     let mut last = String::new();
     for _ in 0..50 {
-        let out = h.ns.try_sh(&format!("socat -T 2 - TCP:{ip}:8080 </dev/null"));
+        let out =
+            h.ns.try_sh(&format!("socat -T 2 - TCP:{ip}:8080 </dev/null"));
         last = String::from_utf8_lossy(&out.stdout).into_owned();
         if last.contains("hello-from-sandbox") {
             return;
@@ -51,11 +63,18 @@ fn sandbox_reaches_the_outside_through_masquerade() {
         h = h.ns.name,
         o = out.name
     ));
-    h.ns.sh(&format!("ip addr add 203.0.113.1/24 dev {hv} && ip link set {hv} up"));
-    out.sh(&format!("ip addr add 203.0.113.2/24 dev {ov} && ip link set {ov} up"));
+    h.ns.sh(&format!(
+        "ip addr add 203.0.113.1/24 dev {hv} && ip link set {hv} up"
+    ));
+    out.sh(&format!(
+        "ip addr add 203.0.113.2/24 dev {ov} && ip link set {ov} up"
+    ));
     let mut server = out
         .command("socat")
-        .args(["TCP-LISTEN:9000,fork,reuseaddr", "SYSTEM:echo $SOCAT_PEERADDR"])
+        .args([
+            "TCP-LISTEN:9000,fork,reuseaddr",
+            "SYSTEM:echo $SOCAT_PEERADDR",
+        ])
         .spawn()
         .expect("socat");
     h.run_detached("c", &[], &["sleep", "infinity"]);
@@ -72,14 +91,19 @@ fn sandbox_reaches_the_outside_through_masquerade() {
     let _ = server.kill();
     let _ = server.wait();
     assert!(ping.status.success(), "ping outside: {}", text(&ping));
-    assert_eq!(seen, "203.0.113.1", "the outside must see the host's address");
+    assert_eq!(
+        seen, "203.0.113.1",
+        "the outside must see the host's address"
+    );
 }
 
 #[test]
 fn host_none_and_container_modes() {
     let h = TestHost::new(Some("10.74.0.0/16"));
     // host: the agent's namespace, with the bridge in it.
-    let out = h.weft(&["run", "--net", "host", "--", "ip", "-o", "link", "show", "weft0"]);
+    let out = h.weft(&[
+        "run", "--net", "host", "--", "ip", "-o", "link", "show", "weft0",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     // none: only lo, up.
     let out = h.weft(&["run", "--net", "none", "--", "ip", "-o", "link"]);
@@ -87,20 +111,57 @@ fn host_none_and_container_modes() {
     assert_eq!(s.lines().count(), 1, "{s}");
     assert!(s.contains("lo:") && s.contains("LOOPBACK,UP"), "{s}");
     // container: same address, same ports.
-    h.run_detached("base", &[], &["socat", "TCP-LISTEN:7000,bind=127.0.0.1,fork,reuseaddr", "SYSTEM:echo shared"]);
+    h.run_detached(
+        "base",
+        &[],
+        &[
+            "socat",
+            "TCP-LISTEN:7000,bind=127.0.0.1,fork,reuseaddr",
+            "SYSTEM:echo shared",
+        ],
+    );
     let ip = h.ip_of("base");
-    let out = h.weft(&["run", "--net", "container:base", "--", "ip", "-o", "-4", "addr", "show", "dev", "eth0"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&ip), "{}", text(&out));
+    let out = h.weft(&[
+        "run",
+        "--net",
+        "container:base",
+        "--",
+        "ip",
+        "-o",
+        "-4",
+        "addr",
+        "show",
+        "dev",
+        "eth0",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&ip),
+        "{}",
+        text(&out)
+    );
     let mut got = String::new();
     for _ in 0..50 {
-        let out = h.weft(&["run", "--net", "container:base", "--", "socat", "-T", "2", "-", "TCP:127.0.0.1:7000"]);
+        let out = h.weft(&[
+            "run",
+            "--net",
+            "container:base",
+            "--",
+            "socat",
+            "-T",
+            "2",
+            "-",
+            "TCP:127.0.0.1:7000",
+        ]);
         got = String::from_utf8_lossy(&out.stdout).into_owned();
         if got.contains("shared") {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    assert!(got.contains("shared"), "port of base not reachable from container:base: {got:?}");
+    assert!(
+        got.contains("shared"),
+        "port of base not reachable from container:base: {got:?}"
+    );
     // Only base is left: the foreground runs removed themselves.
     let ps = h.ps();
     assert_eq!(ps.as_array().unwrap().len(), 1, "{ps}");
@@ -112,8 +173,7 @@ fn foreground_run_returns_the_exit_code_and_removes_the_sandbox() {
     let out = h.weft(&["run", "--", "sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
     assert_eq!(h.ps().as_array().unwrap().len(), 0);
-    assert!(h.state_files("netns").is_empty());
-    assert!(!h.links().iter().any(|l| l.starts_with("wv")), "{:?}", h.links());
+    h.wait_sandbox_veths(&[]);
 }
 
 #[test]
@@ -122,7 +182,10 @@ fn default_subnet_avoids_the_hosts_routes() {
     let h = TestHost::new(None);
     let nets = h.weft_ok(&["--format", "json", "network", "ls"]);
     let first: serde_json::Value = serde_json::from_str(&nets).unwrap();
-    assert_eq!(first[0]["subnet"], "172.17.0.0/16", "empty host takes the first of the pool");
+    assert_eq!(
+        first[0]["subnet"], "172.17.0.0/16",
+        "empty host takes the first of the pool"
+    );
     drop(h);
 
     let mut h = TestHost::new(Some("10.76.0.0/16"));
@@ -131,6 +194,7 @@ fn default_subnet_avoids_the_hosts_routes() {
     h.ns.sh("ip link del weft0; ip link add wftdum0 type bridge && ip addr add 172.17.5.1/16 dev wftdum0 && ip link set wftdum0 up && ip route add unreachable 172.18.0.0/16");
     h.subnet = None;
     h.start_agent();
-    let nets: serde_json::Value = serde_json::from_str(&h.weft_ok(&["--format", "json", "network", "ls"])).unwrap();
+    let nets: serde_json::Value =
+        serde_json::from_str(&h.weft_ok(&["--format", "json", "network", "ls"])).unwrap();
     assert_eq!(nets[0]["subnet"], "172.19.0.0/16", "{nets}");
 }

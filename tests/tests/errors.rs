@@ -18,27 +18,71 @@ fn expect_error(h: &TestHost, args: &[&str], needle: &str) {
     let before = footprint(h);
     let out = h.weft(args);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "weft {args:?} should fail: {}", text(&out));
-    assert!(err.contains(needle), "weft {args:?}: expected {needle:?} in {err:?}");
+    assert!(
+        !out.status.success(),
+        "weft {args:?} should fail: {}",
+        text(&out)
+    );
+    assert!(
+        err.contains(needle),
+        "weft {args:?}: expected {needle:?} in {err:?}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err:?}");
     assert_eq!(footprint(h), before, "weft {args:?} left something behind");
 }
 
 #[test]
 fn bad_inputs_fail_cleanly() {
-    let h = TestHost::new(Some("10.91.0.0/16"));
+    // Without the namespace pool, every link and namespace file is a sandbox's.
+    let h = TestHost::with_agent_args(Some("10.91.0.0/16"), &["--netns-pool", "0"]);
     h.run_detached("taken", &["--ip", "10.91.0.50"], &["sleep", "infinity"]);
-    expect_error(&h, &["run", "--net", "nosuchnet", "--", "true"], "no network named \"nosuchnet\"");
-    expect_error(&h, &["run", "--net", "container:nobody", "--", "true"], "no sandbox named \"nobody\"");
-    expect_error(&h, &["run", "--net", "container:", "--", "true"], "needs a sandbox name");
-    expect_error(&h, &["run", "--net", "host", "--net", "bridge", "--", "true"], "cannot be combined");
-    expect_error(&h, &["run", "--ip", "10.92.0.5", "--", "true"], "outside subnet 10.91.0.0/16");
-    expect_error(&h, &["run", "--ip", "10.91.0.50", "--", "true"], "already in use");
+    expect_error(
+        &h,
+        &["run", "--net", "nosuchnet", "--", "true"],
+        "no network named \"nosuchnet\"",
+    );
+    expect_error(
+        &h,
+        &["run", "--net", "container:nobody", "--", "true"],
+        "no sandbox named \"nobody\"",
+    );
+    expect_error(
+        &h,
+        &["run", "--net", "container:", "--", "true"],
+        "needs a sandbox name",
+    );
+    expect_error(
+        &h,
+        &["run", "--net", "host", "--net", "bridge", "--", "true"],
+        "cannot be combined",
+    );
+    expect_error(
+        &h,
+        &["run", "--ip", "10.92.0.5", "--", "true"],
+        "outside subnet 10.91.0.0/16",
+    );
+    expect_error(
+        &h,
+        &["run", "--ip", "10.91.0.50", "--", "true"],
+        "already in use",
+    );
     expect_error(&h, &["run", "--ip", "10.91.0.1", "--", "true"], "reserved");
-    expect_error(&h, &["run", "--name", "taken", "--", "true"], "already taken");
-    expect_error(&h, &["run", "--name", "bad name", "--", "true"], "invalid sandbox name");
+    expect_error(
+        &h,
+        &["run", "--name", "taken", "--", "true"],
+        "already taken",
+    );
+    expect_error(
+        &h,
+        &["run", "--name", "bad name", "--", "true"],
+        "invalid sandbox name",
+    );
     expect_error(&h, &["run", "--", "/no/such/program"], "command not found");
-    expect_error(&h, &["run", "-d", "--", "no-such-program-wft"], "command not found");
+    expect_error(
+        &h,
+        &["run", "-d", "--", "no-such-program-wft"],
+        "command not found",
+    );
     expect_error(&h, &["rm", "nobody"], "no sandbox named");
     expect_error(&h, &["rm", "taken"], "is running");
     expect_error(&h, &["exec", "nobody", "--", "true"], "no sandbox named");
@@ -57,7 +101,10 @@ fn no_agent_running_says_how_to_start_one() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("no weft agent is running") && err.contains("weft agent"), "{err}");
+    assert!(
+        err.contains("no weft agent is running") && err.contains("weft agent"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -74,7 +121,11 @@ fn not_root_is_refused() {
     }
     let out = cmd.output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("needs root"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs root"),
+        "{}",
+        text(&out)
+    );
     // The socket itself is root-only.
     let meta = std::fs::metadata(h.state_dir().join("weft.sock")).unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -84,16 +135,19 @@ fn not_root_is_refused() {
 #[test]
 fn a_second_agent_on_the_same_state_dir_is_refused() {
     let h = TestHost::new(Some("10.95.0.0/16"));
-    let out = h
-        .ns
-        .command(weft_e2e::weft_bin())
-        .arg("agent")
-        .arg("--state-dir")
-        .arg(h.state_dir())
-        .arg("--data-dir")
-        .arg(h.data_dir())
-        .output()
-        .unwrap();
+    let out =
+        h.ns.command(weft_e2e::weft_bin())
+            .arg("agent")
+            .arg("--state-dir")
+            .arg(h.state_dir())
+            .arg("--data-dir")
+            .arg(h.data_dir())
+            .output()
+            .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("already running"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already running"),
+        "{}",
+        text(&out)
+    );
 }

@@ -1,9 +1,11 @@
 //! The bridge driver: a Linux bridge per network on this host, a veth pair
 //! per endpoint with the host end on the bridge.
 
-use crate::error::Result;
+use crate::error::{AgentError, Result};
+use crate::netns_pool::Prepared;
 use ipnet::Ipv4Net;
 use weft_kernel::{Netlink, Netns};
+use weft_model::sandbox::mac_for;
 use weft_model::{Endpoint, Network};
 
 /// Makes the network's bridge exist, be up and carry the gateway address.
@@ -13,6 +15,20 @@ pub(crate) fn ensure_network(nl: &mut Netlink, net: &Network) -> Result<u32> {
     let gw = Ipv4Net::new(net.gateway, net.subnet.prefix_len()).expect("valid prefix");
     nl.add_address(index, gw)?;
     Ok(index)
+}
+
+/// Attaches a prepared namespace's veth pair as the endpoint: 1 request on
+/// the host side, 3 inside. On error the caller deletes both possible names
+/// of the host end and the namespace.
+pub(crate) fn attach_prepared(
+    nl: &mut Netlink,
+    p: &mut Prepared,
+    bridge_index: u32,
+    ep: &Endpoint,
+    default_route: bool,
+) -> Result<()> {
+    nl.rename_enslave_up(p.host_index, &ep.host_ifname, bridge_index)?;
+    configure_inside(&mut p.ns_nl, p.peer_index, ep, default_route)
 }
 
 /// Creates the endpoint's veth pair and configures the sandbox end. On error
@@ -25,22 +41,30 @@ pub(crate) fn attach(
     ep: &Endpoint,
     default_route: bool,
 ) -> Result<()> {
-    nl.add_veth(&ep.host_ifname, bridge_index, &ep.ifname, ns.fd())?;
+    nl.add_veth(&ep.host_ifname, Some(bridge_index), &ep.ifname, ns.fd())?;
     let link = ns_nl.link_by_name(&ep.ifname)?.ok_or_else(|| {
-        crate::error::AgentError::Internal(format!(
+        AgentError::Internal(format!(
             "{} did not appear in {}",
             ep.ifname,
             ns.path().display()
         ))
     })?;
-    // Brought up here, not at creation: the kernel refuses a peer created up in another namespace.
-    ns_nl.set_up(link.index)?;
+    configure_inside(ns_nl, link.index, ep, default_route)
+}
+
+fn configure_inside(
+    ns_nl: &mut Netlink,
+    index: u32,
+    ep: &Endpoint,
+    default_route: bool,
+) -> Result<()> {
+    ns_nl.set_mac_up(index, mac_for(ep.ip))?;
     ns_nl.add_address(
-        link.index,
+        index,
         Ipv4Net::new(ep.ip, ep.prefix_len).expect("valid prefix"),
     )?;
     if default_route {
-        ns_nl.add_default_route(ep.gateway, link.index)?;
+        ns_nl.add_default_route(ep.gateway, index)?;
     }
     Ok(())
 }

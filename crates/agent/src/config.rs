@@ -9,6 +9,8 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// Subnet of the default `bridge` network; picked from a pool when absent.
     pub bridge_subnet: Option<Ipv4Net>,
+    /// Namespaces (with a veth pair each) kept ready for the next attaches.
+    pub netns_pool: usize,
 }
 
 impl AgentConfig {

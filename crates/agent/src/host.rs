@@ -19,6 +19,7 @@ pub(crate) struct NetworkState {
 
 pub(crate) struct Inner {
     pub cfg: AgentConfig,
+    pub pool: std::sync::Arc<crate::netns_pool::NetnsPool>,
     pub runtime: RuntimeStore,
     /// Netlink socket in the agent's own namespace.
     pub nl: Netlink,
@@ -38,6 +39,8 @@ impl Host {
     pub fn start(cfg: AgentConfig) -> Result<Host> {
         let inner = crate::reconcile::start(cfg)?;
         let (watch, orphans) = crate::reconcile::auto_remove_watches(&inner);
+        // Only now: garbage collection must not see the pool's fresh entries.
+        inner.pool.start();
         let host = Host {
             inner: Arc::new(Mutex::new(inner)),
         };

@@ -8,6 +8,7 @@ pub mod config;
 mod error;
 mod firewall;
 mod host;
+mod netns_pool;
 mod reconcile;
 mod sandboxes;
 mod server;

@@ -8,7 +8,8 @@ use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
 use crate::firewall;
 use crate::host::{Inner, NetworkState};
-use crate::sandboxes::{random_id, teardown_network};
+use crate::netns_pool::NetnsPool;
+use crate::sandboxes::{random_id, teardown_network, Links};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -119,7 +120,9 @@ pub(crate) fn start(cfg: AgentConfig) -> Result<Inner> {
     }
     firewall::apply(&networks)?;
 
+    let pool = NetnsPool::new(cfg.netns_dir(), cfg.netns_pool);
     let mut inner = Inner {
+        pool,
         cfg,
         runtime,
         nl,
@@ -153,6 +156,7 @@ fn adopt(inner: &mut Inner, sb: Sandbox) {
             &mut inner.networks,
             &sb.attachment,
             sb.netns.as_deref(),
+            Links::Delete,
         );
         let _ = inner.runtime.delete(&key);
         return;

@@ -44,10 +44,13 @@ pub async fn serve(cfg: AgentConfig) -> Result<()> {
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         info!("shutting down; sandboxes keep running");
     };
-    axum::serve(listener, crate::api::router(host))
+    axum::serve(listener, crate::api::router(host.clone()))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|e| AgentError::Internal(format!("serve: {e}")))?;
+    tokio::task::spawn_blocking(move || host.shutdown())
+        .await
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
     let _ = std::fs::remove_file(&sock);
     drop(lock);
     Ok(())

@@ -68,6 +68,10 @@ struct AgentArgs {
     /// Subnet of the default `bridge` network (default: a free /16 from 172.17.0.0-172.31.0.0, then 192.168.0.0/16 in /20s)
     #[arg(long)]
     bridge_subnet: Option<ipnet::Ipv4Net>,
+    /// Namespaces, each with a veth pair, kept ready so that an attach only
+    /// renames, addresses and routes (0 turns the pool off)
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(0..=1024))]
+    netns_pool: u16,
 }
 
 /// An error of weft itself, with the exit code to leave with.
@@ -132,6 +136,7 @@ fn run_agent(state_dir: PathBuf, a: AgentArgs) -> Result<i32, Failure> {
         state_dir,
         data_dir: a.data_dir,
         bridge_subnet: a.bridge_subnet,
+        netns_pool: a.netns_pool.into(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -191,25 +191,29 @@ impl Netlink {
         })
     }
 
-    /// Creates a veth pair in one request: `host_name` here, up and enslaved to
-    /// `master`; `peer_name` up inside the namespace `peer_netns`.
+    /// Creates a veth pair in one request: `host_name` here, enslaved to
+    /// `master` and up if given; `peer_name` (down) inside the namespace `peer_netns`.
     pub fn add_veth(
         &mut self,
         host_name: &str,
-        master: u32,
+        master: Option<u32>,
         peer_name: &str,
         peer_netns: RawFd,
     ) -> Result<()> {
+        // The peer is created down: the kernel refuses (ENOTCONN) a peer created
+        // up in another namespace. It is brought up from inside.
         let mut peer = LinkMessage::default();
         peer.attributes
             .push(LinkAttribute::IfName(peer_name.to_string()));
         peer.attributes.push(LinkAttribute::NetNsFd(peer_netns));
         let mut msg = LinkMessage::default();
-        msg.header.flags = LinkFlags::Up;
-        msg.header.change_mask = LinkFlags::Up;
         msg.attributes
             .push(LinkAttribute::IfName(host_name.to_string()));
-        msg.attributes.push(LinkAttribute::Controller(master));
+        if let Some(master) = master {
+            msg.header.flags = LinkFlags::Up;
+            msg.header.change_mask = LinkFlags::Up;
+            msg.attributes.push(LinkAttribute::Controller(master));
+        }
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
@@ -218,6 +222,36 @@ impl Netlink {
             &format!("create veth {host_name}"),
             RouteNetlinkMessage::NewLink(msg),
             NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+
+    /// In one request: renames a (down) link, enslaves it to `master` and brings it up.
+    pub fn rename_enslave_up(&mut self, index: u32, new_name: &str, master: u32) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        msg.attributes
+            .push(LinkAttribute::IfName(new_name.to_string()));
+        msg.attributes.push(LinkAttribute::Controller(master));
+        self.ack(
+            &format!("attach {new_name}"),
+            RouteNetlinkMessage::SetLink(msg),
+            0,
+        )
+    }
+
+    /// Sets a link's MAC address and brings it up, in one request.
+    pub fn set_mac_up(&mut self, index: u32, mac: [u8; 6]) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        self.ack(
+            &format!("set link {index} up"),
+            RouteNetlinkMessage::SetLink(msg),
+            0,
         )
     }
 
@@ -317,7 +351,7 @@ impl Netlink {
         )
     }
 
-    /// Destinations of every IPv4 route in every table, to keep new subnets clear of them.
+    /// Destinations of the IPv4 routes in every table, to keep new subnets clear of them.
     pub fn route_destinations(&mut self) -> Result<Vec<Ipv4Net>> {
         let mut msg = RouteMessage::default();
         msg.header.address_family = AddressFamily::Inet;
@@ -329,7 +363,11 @@ impl Netlink {
         let mut out = Vec::new();
         for m in replies {
             if let RouteNetlinkMessage::NewRoute(r) = m {
-                if r.header.kind != RouteType::Unicast {
+                // Every route claims its destination, unreachable and local ones too.
+                if matches!(
+                    r.header.kind,
+                    RouteType::Broadcast | RouteType::Multicast | RouteType::Anycast
+                ) {
                     continue;
                 }
                 let dst = r.attributes.iter().find_map(|a| match a {

@@ -168,6 +168,14 @@ pub fn host_veth_name(sandbox_id: &str, index: usize) -> String {
 
 pub const HOST_VETH_PREFIX: &str = "wv";
 
+/// The MAC of a sandbox interface, derived from its address as Docker does
+/// (locally administered, 02:77 then the four address bytes): a sandbox that
+/// gets a released address also gets its MAC, so no neighbour entry goes stale.
+pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x77, o[0], o[1], o[2], o[3]]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +211,19 @@ mod tests {
         assert_eq!(
             parse_net_modes(&s(&["bridge", "bridge"])),
             Err(NetModeError::Duplicate("bridge".into()))
+        );
+    }
+
+    #[test]
+    fn mac_follows_the_address() {
+        assert_eq!(
+            mac_for(Ipv4Addr::new(10, 1, 2, 3)),
+            [0x02, 0x77, 10, 1, 2, 3]
+        );
+        assert_eq!(
+            mac_for(Ipv4Addr::new(10, 1, 2, 3))[0] & 0x03,
+            0x02,
+            "unicast, locally administered"
         );
     }
 
