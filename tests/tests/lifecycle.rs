@@ -40,6 +40,7 @@ fn fifty_concurrent_runs_get_fifty_distinct_addresses() {
                 .to_string()
         })
         .collect();
+    assert_eq!(ips.len(), 50, "{ps}");
     // And every one of them is really configured in its namespace.
     for i in [0, 25, 49] {
         let name = format!("c{i}");
@@ -58,7 +59,6 @@ fn rm_leaves_no_veth_address_namespace_or_file() {
     let h = TestHost::new(Some("10.82.0.0/16"));
     let before_links = h.sandbox_veths();
     let v = h.run_detached("gone", &[], &["sleep", "infinity"]);
-    let id = v["id"].as_str().unwrap().to_string();
     let ip = h.ip_of("gone");
     let netns = v["netns"].as_str().unwrap().to_string();
     let veth = v["attachment"]["endpoints"][0]["host_ifname"]
