@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# weft's main job, end to end, on a simulated host so that nothing of this
+# machine's own network is touched: installs what is needed, builds weft,
+# starts an agent in a "host" namespace with an "outside" network behind it,
+# runs two sandboxes and shows them reaching each other, the host and the
+# outside world (through masquerade). Removes everything on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+cargo build --release -p weft
+weft=$PWD/target/release/weft
+
+host=wftdemo-host outside=wftdemo-out dir=/dev/shm/wftdemo
+export WEFT_STATE_DIR=$dir/state
+cleanup() {
+    set +e
+    "$weft" rm -f web client >/dev/null 2>&1
+    [ -n "${agent:-}" ] && kill "$agent" 2>/dev/null && wait "$agent" 2>/dev/null
+    umount -l "$dir/state/netns" 2>/dev/null
+    ip netns del "$host" 2>/dev/null
+    ip netns del "$outside" 2>/dev/null
+    rm -rf "$dir"
+}
+cleanup
+trap cleanup EXIT
+in_host() { nsenter --net="/run/netns/$host" "$@"; }
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "a simulated host, with an outside network (203.0.113.0/24) behind it"
+ip netns add "$host"; ip netns add "$outside"
+ip -n "$host" link set lo up; ip -n "$outside" link set lo up
+ip link add wftdemo0 netns "$host" type veth peer name wftdemo1 netns "$outside"
+ip -n "$host" addr add 203.0.113.1/24 dev wftdemo0; ip -n "$host" link set wftdemo0 up
+ip -n "$outside" addr add 203.0.113.2/24 dev wftdemo1; ip -n "$outside" link set wftdemo1 up
+
+step "weft agent"
+mkdir -p "$dir"
+in_host "$weft" agent --data-dir "$dir/data" --bridge-subnet 10.88.0.0/16 >"$dir/agent.log" 2>&1 &
+agent=$!
+for _ in $(seq 100); do "$weft" ps >/dev/null 2>&1 && break; sleep 0.05; done
+in_host "$weft" network ls
+
+step "two sandboxes"
+web=10.88.0.10
+"$weft" run -d --name web --ip "$web" -- socat TCP-LISTEN:80,fork,reuseaddr SYSTEM:'echo hello from web'
+"$weft" run -d --name client -- sleep infinity
+"$weft" ps
+
+step "client -> web (container to container)"
+"$weft" exec client -- ping -c 2 "$web"
+"$weft" exec client -- socat -T 2 - "TCP:$web:80"
+
+step "host -> web (host to container)"
+in_host ping -c 2 "$web"
+
+step "client -> outside world (masquerade: the outside sees the host's address)"
+"$weft" exec client -- ping -c 2 203.0.113.2
+ip netns exec "$outside" socat TCP-LISTEN:9000,reuseaddr SYSTEM:'echo you came from $SOCAT_PEERADDR' &
+sleep 0.3
+"$weft" exec client -- socat -T 2 - TCP:203.0.113.2:9000
+
+step "weft's nftables table"
+in_host nft list table inet weft
+
+step "done; cleaning up"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what weft and its tests need on Debian (run as root).
+# Pass --bench to also install what the benchmarks compare against.
+set -euo pipefail
+if [ "$(id -u)" != 0 ]; then
+    echo "install-deps.sh: run as root (sudo bash scripts/install-deps.sh)" >&2
+    exit 1
+fi
+pkgs=(iproute2 nftables iputils-ping socat procps util-linux ca-certificates)
+if [ "${1:-}" = "--bench" ]; then
+    pkgs+=(docker.io containernetworking-plugins busybox-static)
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+if ! command -v cargo >/dev/null; then
+    echo "install-deps.sh: cargo is missing; install a Rust toolchain (https://rustup.rs) and run again" >&2
+    exit 1
+fi
+echo "dependencies installed: ${pkgs[*]}"
