@@ -174,3 +174,105 @@ fn a_deleted_veth_is_restored_on_restart() {
     let out = h.exec("heal", "ping -c 1 -W 2 10.85.0.1");
     assert!(out.status.success(), "{}\n{}", text(&out), h.agent_log());
 }
+
+#[test]
+fn stop_ends_the_process_and_keeps_the_sandbox_until_rm() {
+    let h = TestHost::new(Some("10.86.0.0/16"));
+    let v = h.run_detached("s", &[], &["sleep", "infinity"]);
+    let pid = v["pid"].as_i64().unwrap();
+    assert_eq!(v["state"], "running");
+    h.weft_ok(&["stop", "-t", "5", "s"]);
+    let ps = h.ps();
+    assert_eq!(ps[0]["state"], "exited", "{ps}");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists() || {
+            // A zombie waiting for init to reap it has an empty cmdline.
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .is_empty()
+        }
+    );
+    let out = h.exec("s", "true");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not running"),
+        "{}",
+        text(&out)
+    );
+    // Not running any more, so rm needs no -f.
+    h.weft_ok(&["rm", "s"]);
+    assert_eq!(h.ps().as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn an_attach_that_fails_half_way_is_rolled_back() {
+    let mut h = TestHost::with_agent_args(Some("10.87.0.0/16"), &["--netns-pool", "0"]);
+    h.run_detached("before", &[], &["sleep", "infinity"]);
+    let files = h.state_files("netns");
+    let veths = h.sandbox_veths();
+    // The bridge disappears behind weft's back: the namespace and veth are
+    // made, enslaving fails, and everything made must go again.
+    h.ns.sh("ip link del weft0");
+    let out = h.weft(&["run", "-d", "--name", "half", "--", "sleep", "infinity"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(h.state_files("netns"), files, "namespace file left");
+    assert_eq!(h.sandbox_veths(), veths, "veth left");
+    assert_eq!(h.ps().as_array().unwrap().len(), 1);
+    // A restarted agent puts the bridge back, and attaching works again.
+    h.kill_agent(libc::SIGTERM);
+    h.start_agent();
+    h.run_detached("after", &[], &["sleep", "infinity"]);
+    let before = h.ip_of("before");
+    let out = h.exec("after", &format!("ping -c 1 -W 2 {before}"));
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn a_full_bridge_refuses_the_1024th_sandbox_cleanly() {
+    // One Linux bridge takes 1023 ports; attach 1023 sandboxes through the
+    // API's own client path (weft run) and check the next one's error.
+    let h = TestHost::new(Some("10.88.0.0/16"));
+    let chunks: Vec<Vec<usize>> = (0..1023)
+        .collect::<Vec<_>>()
+        .chunks(512)
+        .map(|c| c.to_vec())
+        .collect();
+    std::thread::scope(|s| {
+        for chunk in &chunks {
+            let h = &h;
+            s.spawn(move || {
+                for i in chunk {
+                    let out = h.weft(&[
+                        "run",
+                        "-d",
+                        "--name",
+                        &format!("f{i}"),
+                        "--",
+                        "sleep",
+                        "infinity",
+                    ]);
+                    assert!(out.status.success(), "sandbox {i}: {}", text(&out));
+                }
+            });
+        }
+    });
+    let veths = h.sandbox_veths().len();
+    assert_eq!(veths, 1023);
+    let out = h.weft(&[
+        "run",
+        "-d",
+        "--name",
+        "one-too-many",
+        "--",
+        "sleep",
+        "infinity",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("is full") && err.contains("1023"), "{err}");
+    assert_eq!(
+        h.sandbox_veths().len(),
+        1023,
+        "the refused attach left a veth"
+    );
+    assert_eq!(h.ps().as_array().unwrap().len(), 1023);
+}

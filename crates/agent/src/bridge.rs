@@ -27,7 +27,7 @@ pub(crate) fn attach_prepared(
     ep: &Endpoint,
     default_route: bool,
 ) -> Result<()> {
-    nl.rename_enslave_up(p.host_index, &ep.host_ifname, bridge_index)?;
+    nl.enslave_up(p.host_index, Some(&ep.host_ifname), bridge_index)?;
     configure_inside(&mut p.ns_nl, p.peer_index, ep, default_route)
 }
 

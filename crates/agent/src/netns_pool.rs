@@ -70,9 +70,9 @@ impl Prepared {
         }
     }
 
-    /// Removes the entry from the kernel (the peer goes with the namespace).
-    pub fn discard(self, nl: &mut Netlink) {
-        let _ = nl.delete_link(&self.host_ifname);
+    /// Removes the entry: unpinning the namespace is enough, the kernel
+    /// deletes the veth pair when it destroys it.
+    pub fn discard(self) {
         let _ = Netns::remove(self.ns.path());
     }
 }
@@ -127,7 +127,7 @@ impl NetnsPool {
                             let mut ready = pool.ready.lock().unwrap_or_else(|e| e.into_inner());
                             if pool.stopping.load(Ordering::Relaxed) {
                                 drop(ready);
-                                return p.discard(&mut nl);
+                                return p.discard();
                             }
                             ready.push(p);
                         }
@@ -144,13 +144,13 @@ impl NetnsPool {
     }
 
     /// Stops refilling and removes every ready entry from the kernel.
-    pub fn drain(&self, nl: &mut Netlink) {
+    pub fn drain(&self) {
         self.stopping.store(true, Ordering::Relaxed);
         self.wakeup.notify_all();
         let entries: Vec<Prepared> =
             std::mem::take(&mut *self.ready.lock().unwrap_or_else(|e| e.into_inner()));
         for p in entries {
-            p.discard(nl);
+            p.discard();
         }
     }
 }

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use tracing::{info, warn};
-use weft_kernel::{netns, sysctl, Netlink, Netns};
+use weft_kernel::{netns, sysctl, Link, Netlink, Netns};
 use weft_model::network::{DEFAULT_BRIDGE, DEFAULT_NETWORK};
 use weft_model::sandbox::HOST_VETH_PREFIX;
 use weft_model::{keys, subnet, AddressPool, Attachment, Driver, Network, Sandbox};
@@ -130,8 +130,14 @@ pub(crate) fn start(cfg: AgentConfig) -> Result<Inner> {
         sandboxes: BTreeMap::new(),
         names: HashMap::new(),
     };
+    let links: HashMap<String, Link> = inner
+        .nl
+        .links()?
+        .into_iter()
+        .map(|l| (l.name.clone(), l))
+        .collect();
     for sb in sandboxes {
-        adopt(&mut inner, sb);
+        adopt(&mut inner, sb, &links);
     }
     collect_garbage(&mut inner)?;
     info!(
@@ -143,7 +149,7 @@ pub(crate) fn start(cfg: AgentConfig) -> Result<Inner> {
 }
 
 /// Takes a stored sandbox back, or clears it away if its namespace is gone.
-fn adopt(inner: &mut Inner, sb: Sandbox) {
+fn adopt(inner: &mut Inner, sb: Sandbox, links: &HashMap<String, Link>) {
     let key = keys::sandbox(&sb.id);
     let ns_gone = sb
         .netns
@@ -170,22 +176,31 @@ fn adopt(inner: &mut Inner, sb: Sandbox) {
             warn!(sandbox = %sb.name, error = %e, "address conflict on adoption");
         }
     }
-    if let Err(e) = repair_endpoints(inner, &sb) {
+    if let Err(e) = repair_endpoints(inner, &sb, links) {
         warn!(sandbox = %sb.name, error = %e, "could not restore endpoints");
     }
     inner.names.insert(sb.name.clone(), sb.id.clone());
     inner.sandboxes.insert(sb.id.clone(), sb);
 }
 
-/// Recreates endpoints whose veth was deleted behind weft's back.
-fn repair_endpoints(inner: &mut Inner, sb: &Sandbox) -> Result<()> {
+/// Puts endpoints back as they should be: host ends on their bridge and up,
+/// and pairs deleted behind weft's back recreated.
+fn repair_endpoints(inner: &mut Inner, sb: &Sandbox, links: &HashMap<String, Link>) -> Result<()> {
     let (Some(path), Attachment::Networks { endpoints }) = (&sb.netns, &sb.attachment) else {
         return Ok(());
     };
     let mut missing = Vec::new();
     for (i, ep) in endpoints.iter().enumerate() {
-        if inner.nl.link_by_name(&ep.host_ifname)?.is_none() {
-            missing.push((i, ep));
+        let Some(net) = inner.networks.get(&ep.network) else {
+            continue;
+        };
+        match links.get(&ep.host_ifname) {
+            None => missing.push((i, ep)),
+            Some(l) if l.master != Some(net.bridge_index) || !l.up => {
+                inner.nl.enslave_up(l.index, None, net.bridge_index)?;
+                info!(sandbox = %sb.name, link = %l.name, "veth put back on its bridge");
+            }
+            Some(_) => {}
         }
     }
     if missing.is_empty() {

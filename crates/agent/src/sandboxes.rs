@@ -518,9 +518,7 @@ impl Host {
 
     /// Stops the namespace pool and removes its entries (graceful shutdown).
     pub fn shutdown(&self) {
-        let mut g = self.lock();
-        let inner = &mut *g;
-        inner.pool.drain(&mut inner.nl);
+        self.lock().pool.drain();
     }
 
     pub fn networks(&self) -> Vec<NetworkView> {

@@ -68,8 +68,9 @@ impl Client {
             "{method} {path} HTTP/1.1\r\nHost: weft\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
         );
-        stream.write_all(head.as_bytes()).map_err(|e| self.io(e))?;
-        stream.write_all(&body).map_err(|e| self.io(e))?;
+        let mut request = head.into_bytes();
+        request.extend_from_slice(&body);
+        stream.write_all(&request).map_err(|e| self.io(e))?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).map_err(|e| self.io(e))?;
         let (status, payload) = parse_response(&raw)?;
@@ -93,6 +94,12 @@ impl Client {
         body: &impl Serialize,
     ) -> Result<T, ClientError> {
         self.call("POST", path, Some(body))
+    }
+
+    /// A POST without a body (Content-Length: 0): the server never has unread
+    /// bytes to reset the connection over.
+    pub fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call("POST", path, None::<&()>)
     }
 
     pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {

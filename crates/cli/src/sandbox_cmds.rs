@@ -249,10 +249,11 @@ pub fn stop(ctx: &Context, a: StopArgs) -> Result<i32, Failure> {
     let mut done = Vec::new();
     let mut failed = None;
     for s in &a.sandboxes {
-        match ctx
-            .client
-            .post::<SandboxView>(&format!("{}/stop?timeout={}", sandbox_path(s), a.time), &())
-        {
+        match ctx.client.post_empty::<SandboxView>(&format!(
+            "{}/stop?timeout={}",
+            sandbox_path(s),
+            a.time
+        )) {
             Ok(v) => done.push(v),
             Err(e) => {
                 eprintln!("weft: stop {s}: {e}");

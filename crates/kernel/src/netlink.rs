@@ -225,17 +225,19 @@ impl Netlink {
         )
     }
 
-    /// In one request: renames a (down) link, enslaves it to `master` and brings it up.
-    pub fn rename_enslave_up(&mut self, index: u32, new_name: &str, master: u32) -> Result<()> {
+    /// In one request: renames a link if asked (it must be down for that),
+    /// enslaves it to `master` and brings it up.
+    pub fn enslave_up(&mut self, index: u32, rename: Option<&str>, master: u32) -> Result<()> {
         let mut msg = LinkMessage::default();
         msg.header.index = index;
         msg.header.flags = LinkFlags::Up;
         msg.header.change_mask = LinkFlags::Up;
-        msg.attributes
-            .push(LinkAttribute::IfName(new_name.to_string()));
+        if let Some(name) = rename {
+            msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        }
         msg.attributes.push(LinkAttribute::Controller(master));
         self.ack(
-            &format!("attach {new_name}"),
+            &format!("attach link {index} to bridge {master}"),
             RouteNetlinkMessage::SetLink(msg),
             0,
         )
