@@ -1,0 +1,276 @@
+//! bench/attach: time to attach and to remove N sandboxes, three ways —
+//! weft (`weft run -d` / `weft rm -f`), Docker's default bridge
+//! (`docker run -d` / `docker rm -f`) and the CNI reference plugins
+//! (`bridge` + `host-local`, ADD / DEL). See bench/README.md.
+//!
+//! Everything runs inside network namespaces the benchmark makes (names
+//! starting with `wftb`), with state under /dev/shm/wftbench-<pid>; all of it
+//! is undone on every exit path, Ctrl-C included.
+
+use clap::Parser;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+use weft_bench::cni::{self, CniHarness, CniOpts};
+use weft_bench::docker::{self, DockerHarness, DockerOpts};
+use weft_bench::harness::{measure, Harness};
+use weft_bench::hostcheck::{processes_mentioning, HostSnapshot};
+use weft_bench::netns;
+use weft_bench::report::{Report, RunReport, Way, WayReport};
+use weft_bench::sys::{self, bail, Result, TempTree};
+use weft_bench::weft::{self, WeftHarness, WeftOpts};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "attach",
+    about = "Time to attach and remove N sandboxes: weft vs Docker's default bridge vs the CNI bridge plugin"
+)]
+struct Args {
+    /// Numbers of sandboxes, comma-separated; each is a separate round.
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+    n: Vec<usize>,
+    /// Leave out weft.
+    #[arg(long)]
+    skip_weft: bool,
+    /// Leave out Docker.
+    #[arg(long)]
+    skip_docker: bool,
+    /// Leave out the CNI plugins.
+    #[arg(long)]
+    skip_cni: bool,
+    /// The weft binary [default: target/release/weft in the workspace].
+    #[arg(long)]
+    weft: Option<PathBuf>,
+    /// Subnet for weft's default network (inside the agent's namespace).
+    #[arg(long, default_value = "10.201.0.0/16")]
+    weft_bridge_subnet: String,
+    /// The Docker daemon, started privately for the run.
+    #[arg(long, default_value = "/usr/sbin/dockerd")]
+    dockerd: PathBuf,
+    /// The Docker client (Debian's, matching Debian's dockerd).
+    #[arg(long, default_value = "/usr/bin/docker")]
+    docker: PathBuf,
+    /// Storage driver for the private dockerd (vfs is tried if it fails).
+    #[arg(long, default_value = "overlay2")]
+    docker_storage_driver: String,
+    /// Static busybox for the Docker image.
+    #[arg(long, default_value = "/bin/busybox")]
+    busybox: PathBuf,
+    /// Directory of the CNI plugins.
+    #[arg(long, default_value = "/usr/lib/cni")]
+    cni_dir: PathBuf,
+    /// Subnet for the CNI bridge (inside its own host namespace).
+    #[arg(long, default_value = "10.202.0.0/16")]
+    cni_subnet: String,
+    /// Where the work directory wftbench-<pid> goes (tmpfs recommended).
+    #[arg(long, default_value = "/dev/shm")]
+    root: PathBuf,
+    /// Sandboxes attached and removed, unmeasured, before each measured round.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Print the results as JSON (with every sample) instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+/// BR_MAX_PORTS is 1024, port numbers start at 1.
+const MAX_BRIDGE_PORTS: usize = 1023;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = sys::install_signal_handlers() {
+        eprintln!("attach: error: {e}");
+        return ExitCode::FAILURE;
+    }
+    let before = HostSnapshot::take();
+    let pid = std::process::id();
+    let base = args.root.join(format!("wftbench-{pid}"));
+    let result = run(&args, &base, pid);
+    if let Err(e) = &result {
+        eprintln!("attach: error: {e}");
+    }
+    // Every guard has been dropped by now; check that nothing is left.
+    let clean = check_clean(&before, &base, pid);
+    match result {
+        Ok(()) if clean => ExitCode::SUCCESS,
+        Err(_) if sys::interrupted() => ExitCode::from(130),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn check_clean(before: &HostSnapshot, base: &Path, pid: u32) -> bool {
+    let mut ok = true;
+    let after = HostSnapshot::take();
+    let diff = after.diff(before);
+    if !diff.is_empty() {
+        ok = false;
+        eprintln!("warning: the machine's network state changed during the run (ours, or someone else's):");
+        for d in diff {
+            eprintln!("  {d}");
+        }
+    }
+    let ours = netns::list_with_prefix(netns::PREFIX)
+        .into_iter()
+        .filter(|n| n.contains(&pid.to_string()))
+        .collect::<Vec<_>>();
+    if !ours.is_empty() {
+        ok = false;
+        eprintln!("warning: namespaces left behind: {ours:?}");
+    }
+    if base.exists() {
+        ok = false;
+        eprintln!("warning: {} was not removed", base.display());
+    }
+    let procs = processes_mentioning(&base.to_string_lossy());
+    if !procs.is_empty() {
+        ok = false;
+        eprintln!("warning: processes still running:");
+        for p in procs {
+            eprintln!("  {p}");
+        }
+    }
+    if ok {
+        eprintln!("cleanup: ok (no namespaces, links, addresses, routes, rules, nft tables, processes or files left)");
+    }
+    ok
+}
+
+fn default_weft() -> PathBuf {
+    // bench/ is a member of the workspace; its parent is the workspace root.
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .unwrap_or(manifest)
+        .join("target/release/weft")
+}
+
+fn run(args: &Args, base: &Path, pid: u32) -> Result<()> {
+    if !sys::is_root() {
+        return bail("must run as root (it makes network namespaces and starts daemons)");
+    }
+    if args.n.is_empty() || args.n.contains(&0) {
+        return bail("--n needs positive numbers, e.g. --n 10,100");
+    }
+    if let Some(&n) = args.n.iter().find(|&&n| n + args.warmup > MAX_BRIDGE_PORTS) {
+        return bail(format!(
+            "--n {n} with --warmup {} is more than the {MAX_BRIDGE_PORTS} ports a Linux bridge takes",
+            args.warmup
+        ));
+    }
+    let mut ways = Vec::new();
+    if !args.skip_weft {
+        ways.push(Way::Weft);
+    }
+    if !args.skip_docker {
+        ways.push(Way::Docker);
+    }
+    if !args.skip_cni {
+        ways.push(Way::Cni);
+    }
+    if ways.is_empty() {
+        return bail("nothing to measure: all of weft, docker and cni are skipped");
+    }
+    let weft_opts = WeftOpts {
+        bin: args.weft.clone().unwrap_or_else(default_weft),
+        bridge_subnet: args.weft_bridge_subnet.clone(),
+    };
+    let docker_opts = DockerOpts {
+        dockerd: args.dockerd.clone(),
+        docker: args.docker.clone(),
+        busybox: args.busybox.clone(),
+        storage_driver: args.docker_storage_driver.clone(),
+    };
+    let cni_opts = CniOpts {
+        dir: args.cni_dir.clone(),
+        subnet: args.cni_subnet.clone(),
+    };
+    for way in &ways {
+        match way {
+            Way::Weft => weft::preflight(&weft_opts)?,
+            Way::Docker => docker::preflight(&docker_opts)?,
+            Way::Cni => cni::preflight(&cni_opts)?,
+        }
+    }
+    let stale = netns::list_with_prefix(netns::PREFIX);
+    if !stale.is_empty() {
+        eprintln!("note: namespaces from another run exist (not touched): {stale:?}");
+    }
+
+    let tree = TempTree::create(base)?;
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    for &n in &args.n {
+        let mut reports = Vec::new();
+        for &way in &ways {
+            eprintln!("{} N={n}: starting", way.name());
+            let r = match way {
+                Way::Weft => one_way(way, n, args.warmup, || {
+                    let h = WeftHarness::start(&weft_opts, tree.path(), pid)?;
+                    Ok((h, Vec::new()))
+                })?,
+                Way::Docker => one_way(way, n, args.warmup, || {
+                    let h = DockerHarness::start(&docker_opts, &tree.path().join("docker"), pid)?;
+                    let notes = h.notes.clone();
+                    Ok((h, notes))
+                })?,
+                Way::Cni => one_way(way, n, args.warmup, || {
+                    let h = CniHarness::start(&cni_opts, &tree.path().join("cni"), pid)?;
+                    Ok((h, Vec::new()))
+                })?,
+            };
+            eprintln!(
+                "{} N={n}: done in {:.1} s (attach median {:.3} ms, remove median {:.3} ms)",
+                way.name(),
+                r.total_s,
+                r.attach.median_ms,
+                r.remove.median_ms
+            );
+            reports.push(r);
+        }
+        let run = RunReport::new(n, reports);
+        if !args.json {
+            println!("{}", run.table());
+        }
+        runs.push(run);
+    }
+    drop(tree);
+    if args.json {
+        let report = Report {
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            warmup: args.warmup,
+            runs,
+            total_s: started.elapsed().as_secs_f64(),
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serialises")
+        );
+    } else {
+        println!("total {:.1} s", started.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+/// Starts a way's environment, measures N, tears the environment down.
+fn one_way<H: Harness>(
+    way: Way,
+    n: usize,
+    warmup: usize,
+    start: impl FnOnce() -> Result<(H, Vec<String>)>,
+) -> Result<WayReport> {
+    let t = Instant::now();
+    let (mut h, notes) = start()?;
+    let start_s = t.elapsed().as_secs_f64();
+    let m = measure(&mut h, way.name(), n, warmup)?;
+    let t = Instant::now();
+    drop(h);
+    let teardown_s = t.elapsed().as_secs_f64();
+    sys::check_interrupted()?;
+    Ok(WayReport::new(way, m, start_s, teardown_s, notes))
+}

@@ -1,0 +1,117 @@
+//! A snapshot of the machine's own network state (links, addresses, routes,
+//! rules, nftables tables, named namespaces) taken before and after the
+//! benchmark, to prove that everything happened inside our namespaces and
+//! that nothing was left behind.
+
+use crate::sys::run;
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HostSnapshot {
+    items: BTreeSet<String>,
+}
+
+fn lines(program: &str, args: &[&str]) -> Vec<String> {
+    match run(Command::new(program).args(args), Duration::from_secs(30)) {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Drops the changing lifetime fields of IPv6 routes ("expires 123sec").
+fn stable_route(line: &str) -> String {
+    let mut out = Vec::new();
+    let mut skip = false;
+    for tok in line.split_whitespace() {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if tok == "expires" {
+            skip = true;
+            continue;
+        }
+        out.push(tok);
+    }
+    out.join(" ")
+}
+
+impl HostSnapshot {
+    pub fn take() -> HostSnapshot {
+        let mut items = BTreeSet::new();
+        for l in lines("ip", &["-o", "link", "show"]) {
+            if let Some(name) = l.split_whitespace().nth(1) {
+                items.insert(format!("link {}", name.trim_end_matches(':')));
+            }
+        }
+        for l in lines("ip", &["-o", "addr", "show"]) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() >= 4 {
+                items.insert(format!("address {} {}", f[1], f[3]));
+            }
+        }
+        for fam in ["-4", "-6"] {
+            for l in lines("ip", &[fam, "route", "show", "table", "all"]) {
+                items.insert(format!("route {}", stable_route(&l)));
+            }
+            for l in lines("ip", &[fam, "rule", "show"]) {
+                items.insert(format!("rule {l}"));
+            }
+        }
+        for l in lines("nft", &["list", "tables"]) {
+            items.insert(format!("nft {l}"));
+        }
+        if let Ok(rd) = fs::read_dir("/run/netns") {
+            for e in rd.flatten() {
+                items.insert(format!("netns {}", e.file_name().to_string_lossy()));
+            }
+        }
+        HostSnapshot { items }
+    }
+
+    /// What appeared or disappeared since `before`.
+    pub fn diff(&self, before: &HostSnapshot) -> Vec<String> {
+        let mut d: Vec<String> = self
+            .items
+            .difference(&before.items)
+            .map(|i| format!("new: {i}"))
+            .collect();
+        d.extend(
+            before
+                .items
+                .difference(&self.items)
+                .map(|i| format!("gone: {i}")),
+        );
+        d
+    }
+}
+
+/// Processes whose command line mentions `needle` (e.g. our directory).
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) || name == me {
+            continue;
+        }
+        let Ok(raw) = fs::read(Path::new("/proc").join(&name).join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push(format!("{name}: {}", cmdline.trim()));
+        }
+    }
+    found
+}
