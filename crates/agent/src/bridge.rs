@@ -27,8 +27,12 @@ pub(crate) fn attach_prepared(
     ep: &Endpoint,
     default_route: bool,
 ) -> Result<()> {
+    let t = std::time::Instant::now();
     nl.enslave_up(p.host_index, Some(&ep.host_ifname), bridge_index)?;
-    configure_inside(&mut p.ns_nl, p.peer_index, ep, default_route)
+    let host_us = t.elapsed().as_micros();
+    configure_inside(&mut p.ns_nl, p.peer_index, ep, default_route)?;
+    tracing::debug!(host_us, inside_us = t.elapsed().as_micros() - host_us, "attached");
+    Ok(())
 }
 
 /// Creates the endpoint's veth pair and configures the sandbox end. On error
@@ -42,6 +46,7 @@ pub(crate) fn attach(
     default_route: bool,
 ) -> Result<()> {
     nl.add_veth(&ep.host_ifname, Some(bridge_index), &ep.ifname, ns.fd())?;
+    crate::netns_pool::quiet_host_end(&ep.host_ifname)?;
     let link = ns_nl.link_by_name(&ep.ifname)?.ok_or_else(|| {
         AgentError::Internal(format!(
             "{} did not appear in {}",

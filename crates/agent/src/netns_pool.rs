@@ -15,6 +15,19 @@ use std::sync::{Arc, Condvar, Mutex};
 use tracing::warn;
 use weft_kernel::{Netlink, Netns};
 
+/// Set in every sandbox namespace before its interfaces exist. Networks are
+/// IPv4 for now, so interfaces get no IPv6 either: otherwise each new
+/// interface sends router solicitations, MLD reports and DAD probes that the
+/// bridge floods to every other port, which makes attaching slower the more
+/// sandboxes a bridge has (measured: 0.9 ms at 100 ports, 4.5 ms at 1000).
+pub(crate) const SANDBOX_SYSCTLS: &[(&str, &str)] = &[("net.ipv6.conf.default.disable_ipv6", "1")];
+
+/// The host end of a sandbox veth: no IPv6 either (see SANDBOX_SYSCTLS).
+pub(crate) fn quiet_host_end(ifname: &str) -> Result<()> {
+    weft_kernel::sysctl::set(&format!("net.ipv6.conf.{ifname}.disable_ipv6"), "1")?;
+    Ok(())
+}
+
 /// A namespace with `eth0` inside and its peer parked in the host namespace.
 pub(crate) struct Prepared {
     pub ns: Netns,
@@ -41,10 +54,11 @@ impl Prepared {
     pub fn make(dir: &Path, nl: &mut Netlink) -> Result<Prepared> {
         let id = random_hex(32);
         let path = dir.join(&id);
-        let (ns, mut ns_nl) = Netns::create(&path)?;
+        let (ns, mut ns_nl) = Netns::create(&path, SANDBOX_SYSCTLS)?;
         let host_ifname = format!("wvp{}", &id[..12]);
         let made = (|| {
             nl.add_veth(&host_ifname, None, "eth0", ns.fd())?;
+            quiet_host_end(&host_ifname)?;
             let host = nl.link_by_name(&host_ifname)?;
             let peer = ns_nl.link_by_name("eth0")?;
             match (host, peer) {

@@ -8,7 +8,7 @@ use crate::netns_pool::Prepared;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use weft_kernel::{process, Netlink, Netns};
 use weft_model::api::{CreateSandbox, EndpointView, NetworkView, Removed, SandboxView, State};
 use weft_model::sandbox::{host_veth_name, parse_net_modes};
@@ -210,14 +210,16 @@ impl Inner {
                 None,
             )),
             Plan::None => {
-                Netns::create(&path)?;
+                Netns::create(&path, crate::netns_pool::SANDBOX_SYSCTLS)?;
                 Ok((Attachment::None, Some(path.display().to_string())))
             }
             Plan::Networks(nets) => {
+                let t = Instant::now();
                 let mut prepared = match self.pool.take() {
                     Some(p) => p,
                     None => Prepared::make(self.pool.dir(), &mut self.nl)?,
                 };
+                debug!(prepare_us = t.elapsed().as_micros(), "namespace ready");
                 let path = prepared.ns.path().display().to_string();
                 let parked = prepared.host_ifname.clone();
                 let mut endpoints = Vec::with_capacity(nets.len());

@@ -93,10 +93,12 @@ fn is_mount_point(dir: &Path) -> bool {
 }
 
 impl Netns {
-    /// Creates a namespace with `lo` up, pinned by a bind mount at `path`.
-    /// Returns it with a netlink socket inside it. Nothing is left behind on error.
-    pub fn create(path: &Path) -> Result<(Netns, Netlink)> {
+    /// Creates a namespace with `lo` up and `sysctls` (dotted keys) set,
+    /// pinned by a bind mount at `path`. Returns it with a netlink socket
+    /// inside it. Nothing is left behind on error.
+    pub fn create(path: &Path, sysctls: &[(&str, &str)]) -> Result<(Netns, Netlink)> {
         let path = path.to_path_buf();
+        let sysctls: Vec<(String, String)> = sysctls.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let worker_path = path.clone();
         let result = std::thread::Builder::new()
             .name("weft-netns-create".into())
@@ -111,6 +113,9 @@ impl Netns {
                     // This thread alone moves into the new namespace and ends soon after.
                     check(unsafe { libc::unshare(libc::CLONE_NEWNET) })
                         .map_err(|e| ns_err(p, "unshare", e))?;
+                    for (k, v) in &sysctls {
+                        crate::sysctl::set(k, v)?;
+                    }
                     let mut nl = Netlink::open()?;
                     nl.set_up(1)?; // lo is always index 1 in a new namespace
                     let src = CString::new("/proc/thread-self/ns/net").unwrap();
