@@ -22,6 +22,11 @@ pub trait Harness {
     fn attach(&mut self) -> Result<(Self::Handle, Sample)>;
     /// Removes a sandbox made by [`Harness::attach`].
     fn remove(&mut self, handle: Self::Handle) -> Result<Sample>;
+    /// Called right after the last remove: waits for work the tool left to
+    /// the kernel and says how long it took, as a note for the report.
+    fn settle(&mut self) -> Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 #[derive(Default)]
@@ -32,6 +37,7 @@ pub struct Measured {
     pub inner_remove: Series,
     pub attach_phase: Duration,
     pub remove_phase: Duration,
+    pub settle_note: Option<String>,
 }
 
 /// Attaches `n` sandboxes one after the other, then removes them in the same
@@ -79,6 +85,7 @@ pub fn measure<H: Harness>(h: &mut H, label: &str, n: usize, warmup: usize) -> R
         }
     }
     m.remove_phase = t.elapsed();
+    m.settle_note = h.settle()?;
     Ok(m)
 }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 pub struct WeftOpts {
     pub bin: PathBuf,
     pub bridge_subnet: String,
+    pub netns_pool: u16,
 }
 
 pub fn preflight(opts: &WeftOpts) -> Result<()> {
@@ -70,7 +71,9 @@ impl WeftHarness {
             .arg("--data-dir")
             .arg(&h.data_dir)
             .arg("--bridge-subnet")
-            .arg(&opts.bridge_subnet);
+            .arg(&opts.bridge_subnet)
+            .arg("--netns-pool")
+            .arg(opts.netns_pool.to_string());
         h.agent = Some(Daemon::spawn(
             "weft agent",
             cmd,
@@ -184,6 +187,40 @@ fn field_u64(v: &Value, key: &str, cmd: &Command) -> Result<u64> {
 
 impl Harness for WeftHarness {
     type Handle = WeftSandbox;
+
+    /// `weft rm` unpins a sandbox's namespace and leaves deleting its veth
+    /// pair to the kernel, which does it when it destroys the namespace.
+    /// This measures how long after the last `rm` the last pair is gone.
+    fn settle(&mut self) -> Result<Option<String>> {
+        let t = std::time::Instant::now();
+        let ns = self.ns().name().to_string();
+        let sandbox_veth = |name: &str| {
+            name.strip_prefix("wv")
+                .and_then(|r| r.chars().next())
+                .is_some_and(|c| c.is_ascii_hexdigit())
+        };
+        let gone = wait_until(Duration::from_secs(60), Duration::from_millis(5), || {
+            Command::new("ip")
+                .args(["-n", &ns, "-o", "link", "show"])
+                .output()
+                .map(|o| {
+                    !String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .filter_map(|l| l.split(": ").nth(1))
+                        .any(|n| sandbox_veth(n.split('@').next().unwrap_or("")))
+                })
+                .unwrap_or(false)
+        });
+        if !gone {
+            return bail(
+                "veth pairs of removed sandboxes still there 60 s after the last `weft rm`",
+            );
+        }
+        Ok(Some(format!(
+            "veth pairs gone {:.1} ms after the last rm returned (the kernel deletes them with the namespaces)",
+            t.elapsed().as_secs_f64() * 1000.0
+        )))
+    }
 
     fn attach(&mut self) -> Result<(WeftSandbox, Sample)> {
         let mut cmd = self.cli()?;

@@ -44,6 +44,10 @@ struct Args {
     /// Subnet for weft's default network (inside the agent's namespace).
     #[arg(long, default_value = "10.201.0.0/16")]
     weft_bridge_subnet: String,
+    /// Size of the agent's namespace pool (`weft agent --netns-pool`); 0
+    /// makes every attach create its namespace and veth pair inline.
+    #[arg(long, default_value_t = 16)]
+    weft_netns_pool: u16,
     /// The Docker daemon, started privately for the run.
     #[arg(long, default_value = "/usr/sbin/dockerd")]
     dockerd: PathBuf,
@@ -173,6 +177,7 @@ fn run(args: &Args, base: &Path, pid: u32) -> Result<()> {
     let weft_opts = WeftOpts {
         bin: args.weft.clone().unwrap_or_else(default_weft),
         bridge_subnet: args.weft_bridge_subnet.clone(),
+        netns_pool: args.weft_netns_pool,
     };
     let docker_opts = DockerOpts {
         dockerd: args.dockerd.clone(),
@@ -265,9 +270,10 @@ fn one_way<H: Harness>(
     start: impl FnOnce() -> Result<(H, Vec<String>)>,
 ) -> Result<WayReport> {
     let t = Instant::now();
-    let (mut h, notes) = start()?;
+    let (mut h, mut notes) = start()?;
     let start_s = t.elapsed().as_secs_f64();
-    let m = measure(&mut h, way.name(), n, warmup)?;
+    let mut m = measure(&mut h, way.name(), n, warmup)?;
+    notes.extend(m.settle_note.take());
     let t = Instant::now();
     drop(h);
     let teardown_s = t.elapsed().as_secs_f64();
