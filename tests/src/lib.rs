@@ -344,9 +344,17 @@ impl Drop for TestHost {
             .flatten()
             .flatten()
         {
-            let _ = Command::new("umount").arg("-l").arg(f.path()).status();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(f.path())
+                .stderr(Stdio::null())
+                .status();
         }
-        let _ = Command::new("umount").arg("-l").arg(&netns_dir).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&netns_dir)
+            .stderr(Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -9,7 +9,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use std::time::Duration;
-use weft_model::api::{ApiError, CreateSandbox, StartedProcess};
+use weft_model::api::{
+    ApiError, Connect, CreateSandbox, Disconnect, NetworkView, RemovedNetwork, SandboxView,
+    StartedProcess,
+};
+use weft_model::NetworkSpec;
 
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
@@ -46,8 +50,14 @@ pub(crate) fn router(host: Host) -> Router {
             "/v1/ping",
             get(|| async { Json(serde_json::json!({ "version": env!("CARGO_PKG_VERSION") })) }),
         )
-        .route("/v1/networks", get(list_networks))
-        .route("/v1/networks/{name}", get(get_network))
+        .route("/v1/networks", get(list_networks).post(create_network))
+        .route("/v1/networks/prune", post(prune_networks))
+        .route(
+            "/v1/networks/{name}",
+            get(get_network).delete(remove_network),
+        )
+        .route("/v1/networks/{name}/connect", post(connect))
+        .route("/v1/networks/{name}/disconnect", post(disconnect))
         .route("/v1/sandboxes", get(list_sandboxes).post(create_sandbox))
         .route(
             "/v1/sandboxes/{key}",
@@ -67,6 +77,41 @@ async fn get_network(
     Path(name): Path<String>,
 ) -> Reply<weft_model::api::NetworkView> {
     blocking(move || h.network(&name)).await
+}
+
+async fn create_network(
+    State(h): State<Host>,
+    Json(spec): Json<NetworkSpec>,
+) -> Reply<NetworkView> {
+    blocking(move || h.create_network(spec)).await
+}
+
+async fn remove_network(
+    State(h): State<Host>,
+    Path(name): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> Reply<RemovedNetwork> {
+    blocking(move || h.remove_network(&name, q.force)).await
+}
+
+async fn prune_networks(State(h): State<Host>) -> Reply<Vec<RemovedNetwork>> {
+    blocking(move || h.prune_networks()).await
+}
+
+async fn connect(
+    State(h): State<Host>,
+    Path(name): Path<String>,
+    Json(req): Json<Connect>,
+) -> Reply<SandboxView> {
+    blocking(move || h.connect(&name, req)).await
+}
+
+async fn disconnect(
+    State(h): State<Host>,
+    Path(name): Path<String>,
+    Json(req): Json<Disconnect>,
+) -> Reply<SandboxView> {
+    blocking(move || h.disconnect(&name, req)).await
 }
 
 async fn list_sandboxes(State(h): State<Host>) -> Reply<Vec<weft_model::api::SandboxView>> {

@@ -1,21 +1,57 @@
-//! weft's nftables table, derived from the networks and applied whole.
+//! weft's nftables table: derived whole from the networks and published
+//! ports at start and when networks change; port changes are element adds
+//! and deletes, one `nft` batch per sandbox.
 
-use crate::host::NetworkState;
-use std::collections::BTreeMap;
-use weft_model::nft::{render, FirewallSpec};
+use crate::error::Result;
+use crate::host::Inner;
+use weft_model::nft::{self, FirewallSpec, NetworkRule, PortRule};
+use weft_model::Published;
 
-pub(crate) fn spec(networks: &BTreeMap<String, NetworkState>) -> FirewallSpec {
+pub(crate) fn port_rules(published: &[Published]) -> Vec<PortRule> {
+    published
+        .iter()
+        .map(|p| PortRule {
+            mapping: p.mapping,
+            target: p.target,
+        })
+        .collect()
+}
+
+fn spec(inner: &Inner) -> FirewallSpec {
     FirewallSpec {
-        masquerade: networks
+        networks: inner
+            .networks
             .values()
-            .filter(|n| n.net.masquerade)
-            .map(|n| n.net.subnet)
+            .map(|n| NetworkRule {
+                bridge: n.net.bridge.clone(),
+                subnet: n.net.subnet,
+                internal: n.net.internal,
+            })
             .collect(),
-        bridges: networks.values().map(|n| n.net.bridge.clone()).collect(),
+        ports: inner
+            .sandboxes
+            .values()
+            .flat_map(|s| port_rules(&s.ports))
+            .collect(),
     }
 }
 
-pub(crate) fn apply(networks: &BTreeMap<String, NetworkState>) -> crate::error::Result<()> {
-    weft_kernel::nft::apply(&render(&spec(networks)))?;
+/// Replaces the whole table (one atomic batch).
+pub(crate) fn apply_all(inner: &Inner) -> Result<()> {
+    weft_kernel::nft::apply(&nft::render(&spec(inner)))?;
+    Ok(())
+}
+
+pub(crate) fn add_ports(published: &[Published]) -> Result<()> {
+    if !published.is_empty() {
+        weft_kernel::nft::apply(&nft::render_add_ports(&port_rules(published)))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn delete_ports(published: &[Published]) -> Result<()> {
+    if !published.is_empty() {
+        weft_kernel::nft::apply(&nft::render_delete_ports(&port_rules(published)))?;
+    }
     Ok(())
 }

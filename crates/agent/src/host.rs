@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use weft_kernel::Netlink;
 use weft_model::{AddressPool, Network, Sandbox};
-use weft_store::RuntimeStore;
+use weft_store::{DiskStore, RuntimeStore};
 
 /// A network with its address pool and its bridge on this host.
 pub(crate) struct NetworkState {
@@ -20,6 +20,7 @@ pub(crate) struct NetworkState {
 pub(crate) struct Inner {
     pub cfg: AgentConfig,
     pub pool: std::sync::Arc<crate::netns_pool::NetnsPool>,
+    pub networks_db: DiskStore,
     pub runtime: RuntimeStore,
     /// Netlink socket in the agent's own namespace.
     pub nl: Netlink,

@@ -9,6 +9,7 @@ mod error;
 mod firewall;
 mod host;
 mod netns_pool;
+mod networks;
 mod reconcile;
 mod sandboxes;
 mod server;

@@ -57,7 +57,7 @@ impl Prepared {
         let (ns, mut ns_nl) = Netns::create(&path, SANDBOX_SYSCTLS)?;
         let host_ifname = format!("wvp{}", &id[..12]);
         let made = (|| {
-            nl.add_veth(&host_ifname, None, "eth0", ns.fd())?;
+            nl.add_veth(&host_ifname, None, "eth0", ns.fd(), None)?;
             quiet_host_end(&host_ifname)?;
             let host = nl.link_by_name(&host_ifname)?;
             let peer = ns_nl.link_by_name("eth0")?;

@@ -15,9 +15,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use tracing::{info, warn};
 use weft_kernel::{netns, sysctl, Link, Netlink, Netns};
-use weft_model::network::{DEFAULT_BRIDGE, DEFAULT_NETWORK};
+use weft_model::network::{BRIDGE_PREFIX, DEFAULT_BRIDGE, DEFAULT_NETWORK};
 use weft_model::sandbox::HOST_VETH_PREFIX;
-use weft_model::{keys, subnet, AddressPool, Attachment, Driver, Network, Sandbox};
+use weft_model::{keys, subnet, Attachment, Driver, Network, Sandbox};
 use weft_store::{DiskStore, RuntimeStore, Store, StoreJson};
 
 fn private_dir(p: &Path) -> Result<()> {
@@ -74,7 +74,11 @@ fn default_network(
         subnet,
         gateway: subnet::first_host(&subnet),
         bridge: DEFAULT_BRIDGE.into(),
-        masquerade: true,
+        ip_range: None,
+        mtu: None,
+        internal: false,
+        labels: Default::default(),
+        options: Default::default(),
     };
     Ok((net, true))
 }
@@ -106,9 +110,8 @@ pub(crate) fn start(cfg: AgentConfig) -> Result<Inner> {
 
     let mut networks = BTreeMap::new();
     for net in networks_db.list_json::<Network>(keys::NETWORKS)? {
-        let bridge_index = bridge::ensure_network(&mut nl, &net)?;
-        let pool = AddressPool::new(net.subnet, net.gateway)
-            .map_err(|e| AgentError::Internal(e.to_string()))?;
+        let (bridge_index, _) = bridge::ensure_network(&mut nl, &net)?;
+        let pool = crate::networks::pool_for(&net)?;
         networks.insert(
             net.name.clone(),
             NetworkState {
@@ -118,12 +121,12 @@ pub(crate) fn start(cfg: AgentConfig) -> Result<Inner> {
             },
         );
     }
-    firewall::apply(&networks)?;
 
     let pool = NetnsPool::new(cfg.netns_dir(), cfg.netns_pool);
     let mut inner = Inner {
         pool,
         cfg,
+        networks_db,
         runtime,
         nl,
         networks,
@@ -140,6 +143,8 @@ pub(crate) fn start(cfg: AgentConfig) -> Result<Inner> {
         adopt(&mut inner, sb, &links);
     }
     collect_garbage(&mut inner)?;
+    // After adoption: the table holds every network and published port.
+    firewall::apply_all(&inner)?;
     info!(
         sandboxes = inner.sandboxes.len(),
         networks = inner.networks.len(),
@@ -197,7 +202,9 @@ fn repair_endpoints(inner: &mut Inner, sb: &Sandbox, links: &HashMap<String, Lin
         match links.get(&ep.host_ifname) {
             None => missing.push((i, ep)),
             Some(l) if l.master != Some(net.bridge_index) || !l.up => {
-                inner.nl.enslave_up(l.index, None, net.bridge_index)?;
+                inner
+                    .nl
+                    .enslave_up(l.index, None, net.bridge_index, net.net.mtu)?;
                 info!(sandbox = %sb.name, link = %l.name, "veth put back on its bridge");
             }
             Some(_) => {}
@@ -208,13 +215,27 @@ fn repair_endpoints(inner: &mut Inner, sb: &Sandbox, links: &HashMap<String, Lin
     }
     let ns = Netns::open(Path::new(path))?;
     let mut ns_nl = ns.netlink()?;
-    for (i, ep) in missing {
+    for (_, ep) in missing {
         let Some(net) = inner.networks.get(&ep.network) else {
             continue;
         };
         // A half-left sandbox end would block the new pair.
         ns_nl.delete_link(&ep.ifname)?;
-        bridge::attach(&mut inner.nl, &ns, &mut ns_nl, net.bridge_index, ep, i == 0)?;
+        let route = weft_model::network::default_route_network(
+            endpoints
+                .iter()
+                .filter_map(|e| inner.networks.get(&e.network))
+                .map(|n| &n.net),
+        ) == Some(ep.network.as_str());
+        bridge::attach(
+            &mut inner.nl,
+            &ns,
+            &mut ns_nl,
+            net.bridge_index,
+            ep,
+            net.net.mtu,
+            route,
+        )?;
         info!(sandbox = %sb.name, ifname = %ep.ifname, "endpoint restored");
     }
     Ok(())
@@ -227,16 +248,18 @@ fn collect_garbage(inner: &mut Inner) -> Result<()> {
         .values()
         .flat_map(|s| s.attachment.endpoints())
         .map(|e| e.host_ifname.as_str())
+        .chain(inner.networks.values().map(|n| n.net.bridge.as_str()))
         .collect();
+    let owned = |name: &str| name.starts_with(HOST_VETH_PREFIX) || name.starts_with(BRIDGE_PREFIX);
     let stale: Vec<String> = inner
         .nl
         .links()?
         .into_iter()
-        .filter(|l| l.name.starts_with(HOST_VETH_PREFIX) && !wanted.contains(l.name.as_str()))
+        .filter(|l| owned(&l.name) && !wanted.contains(l.name.as_str()))
         .map(|l| l.name)
         .collect();
     for name in stale {
-        info!(link = %name, "removing stale veth");
+        info!(link = %name, "removing a stale link of weft's");
         inner.nl.delete_link(&name)?;
     }
     let claimed: HashSet<String> = inner

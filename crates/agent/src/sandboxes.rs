@@ -10,9 +10,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use weft_kernel::{process, Netlink, Netns};
-use weft_model::api::{CreateSandbox, EndpointView, NetworkView, Removed, SandboxView, State};
+use weft_model::api::{CreateSandbox, Removed, SandboxView, State};
 use weft_model::sandbox::{host_veth_name, parse_net_modes};
-use weft_model::{keys, names, Attachment, Endpoint, NetMode, ProcessRef, Sandbox};
+use weft_model::{
+    keys, names, ports, Attachment, Endpoint, NetMode, NetRequest, PortMapping, ProcessRef,
+    Published, Sandbox,
+};
 use weft_store::{Store, StoreJson};
 
 /// 32 random bytes as 64 hex digits, like a Docker container id.
@@ -32,13 +35,20 @@ fn now_unix() -> u64 {
 
 /// What a validated request will do.
 enum Plan {
-    Networks(Vec<String>),
+    /// Networks in the order given, and which one carries the default route.
+    Networks {
+        requests: Vec<NetRequest>,
+        default_route: Option<String>,
+    },
     None,
     Host,
-    Container { id: String, name: String },
+    Container {
+        id: String,
+        name: String,
+    },
 }
 
-fn state_of(sb: &Sandbox) -> State {
+pub(crate) fn state_of(sb: &Sandbox) -> State {
     match &sb.process {
         None => State::Created,
         Some(p) if process::is_alive(p) => State::Running,
@@ -87,7 +97,7 @@ pub(crate) fn teardown_network(
 }
 
 impl Inner {
-    fn view(&self, sb: &Sandbox) -> SandboxView {
+    pub(crate) fn view(&self, sb: &Sandbox) -> SandboxView {
         let netns = match &sb.attachment {
             Attachment::Container { id, .. } => {
                 self.sandboxes.get(id).and_then(|t| t.netns.clone())
@@ -106,26 +116,28 @@ impl Inner {
             command: sb.command.clone(),
             created_unix: sb.created_unix,
             network_setup_us: sb.network_setup_us,
+            ports: sb.ports.clone(),
             process: sb.process,
         }
     }
 
-    fn validate(&self, req: &CreateSandbox) -> Result<(String, Plan)> {
+    fn validate(&self, req: &CreateSandbox) -> Result<(String, Plan, Vec<PortMapping>)> {
+        let bad = |e: String| AgentError::BadRequest(e);
         if req.command.is_empty() {
-            return Err(AgentError::BadRequest(
+            return Err(bad(
                 "no command given: use weft run [OPTIONS] -- CMD [ARGS...]".into(),
             ));
         }
-        let mut modes =
-            parse_net_modes(&req.net).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        let mut modes = parse_net_modes(&req.net).map_err(|e| bad(e.to_string()))?;
         if modes.is_empty() {
-            modes.push(NetMode::Network(
-                weft_model::network::DEFAULT_NETWORK.into(),
-            ));
+            modes.push(NetMode::Network(NetRequest {
+                network: weft_model::network::DEFAULT_NETWORK.into(),
+                ..Default::default()
+            }));
         }
         let name = match &req.name {
             Some(n) => {
-                names::validate("sandbox", n).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+                names::validate("sandbox", n).map_err(|e| bad(e.to_string()))?;
                 if let Some(id) = self.names.get(n) {
                     return Err(AgentError::Conflict(format!(
                         "the name {n:?} is already taken by sandbox {}; pick another name or remove it with `weft rm -f {n}`",
@@ -136,11 +148,30 @@ impl Inner {
             }
             None => String::new(),
         };
-        if req.ip.is_some() && !(modes.len() == 1 && matches!(modes[0], NetMode::Network(_))) {
-            return Err(AgentError::BadRequest(
-                "--ip needs exactly one network to take the address from (not host, none or container:)".into(),
-            ));
+        if let Some(ip) = req.ip {
+            // --ip is shorthand for NAME:ip=ADDR on the only network.
+            match modes.as_mut_slice() {
+                [NetMode::Network(r)] if r.ip.is_none() => r.ip = Some(ip),
+                [NetMode::Network(_)] => return Err(bad("--ip and --net NAME:ip= are both given; keep one".into())),
+                _ => {
+                    return Err(bad(
+                        "--ip needs exactly one network; with several, give each its own: --net NAME:ip=ADDR".into(),
+                    ))
+                }
+            }
         }
+        let mut mappings = Vec::with_capacity(req.ports.len());
+        for p in &req.ports {
+            mappings.push(p.parse::<PortMapping>().map_err(|e| bad(e.to_string()))?);
+        }
+        ports::check_own(&mappings).map_err(|e| bad(e.to_string()))?;
+        if !mappings.is_empty() && !matches!(modes[0], NetMode::Network(_)) {
+            return Err(bad(format!(
+                "-p publishes ports of a network; --net {} has none",
+                modes[0]
+            )));
+        }
+        self.check_ports_free(&mappings)?;
         let plan = match &modes[0] {
             NetMode::Host => Plan::Host,
             NetMode::None => Plan::None,
@@ -152,7 +183,7 @@ impl Inner {
                     e => e,
                 })?;
                 if !t.attachment.owns_netns() {
-                    return Err(AgentError::BadRequest(format!(
+                    return Err(bad(format!(
                         "--net container:{target}: sandbox {target} has no namespace of its own (it uses --net {}); join the sandbox it shares instead",
                         t.attachment.describe()
                     )));
@@ -168,37 +199,62 @@ impl Inner {
                 }
             }
             NetMode::Network(_) => {
-                let mut nets = Vec::new();
+                let mut requests = Vec::new();
                 for m in &modes {
-                    let NetMode::Network(n) = m else {
+                    let NetMode::Network(r) = m else {
                         unreachable!("checked by parse_net_modes")
                     };
-                    let Some(state) = self.networks.get(n) else {
+                    let Some(state) = self.networks.get(&r.network) else {
                         return Err(AgentError::NotFound(format!(
-                            "no network named {n:?}: `weft network ls` lists the networks; --net also takes host, none and container:NAME"
+                            "no network named {:?}: `weft network ls` lists the networks; --net also takes host, none and container:NAME",
+                            r.network
                         )));
                     };
-                    if let Some(ip) = req.ip {
+                    if let Some(ip) = r.ip {
                         state
                             .pool
                             .check_free(ip)
-                            .map_err(|e| AgentError::BadRequest(format!("--ip: {e}")))?;
+                            .map_err(|e| bad(format!("--net {}: {e}", r.network)))?;
                     }
-                    nets.push(n.clone());
+                    requests.push(r.clone());
                 }
-                Plan::Networks(nets)
+                let first = &self.networks[&requests[0].network].net;
+                if !mappings.is_empty() && first.internal {
+                    return Err(bad(format!(
+                        "-p: network {} is internal, so nothing outside may reach it",
+                        first.name
+                    )));
+                }
+                let default_route = weft_model::network::default_route_network(
+                    requests.iter().map(|r| &self.networks[&r.network].net),
+                )
+                .map(String::from);
+                Plan::Networks {
+                    requests,
+                    default_route,
+                }
             }
         };
-        Ok((name, plan))
+        Ok((name, plan, mappings))
+    }
+
+    /// Refuses host ports that another sandbox already publishes, naming it.
+    pub(crate) fn check_ports_free(&self, mappings: &[PortMapping]) -> Result<()> {
+        for m in mappings {
+            for sb in self.sandboxes.values() {
+                if let Some(p) = sb.ports.iter().find(|p| p.mapping.conflicts_with(m)) {
+                    return Err(AgentError::Conflict(format!(
+                        "-p {m}: host port {} is already published by sandbox {} (-p {}); pick another host port or remove {}",
+                        m.host, sb.name, p.mapping, sb.name
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Creates the sandbox's namespace and endpoints; rolls back on error.
-    fn build(
-        &mut self,
-        id: &str,
-        plan: &Plan,
-        ip: Option<std::net::Ipv4Addr>,
-    ) -> Result<(Attachment, Option<String>)> {
+    fn build(&mut self, id: &str, plan: &Plan) -> Result<(Attachment, Option<String>)> {
         let path = self.cfg.netns_dir().join(&random_id()[..32]);
         match plan {
             Plan::Host => Ok((Attachment::Host, None)),
@@ -213,7 +269,10 @@ impl Inner {
                 Netns::create(&path, crate::netns_pool::SANDBOX_SYSCTLS)?;
                 Ok((Attachment::None, Some(path.display().to_string())))
             }
-            Plan::Networks(nets) => {
+            Plan::Networks {
+                requests,
+                default_route,
+            } => {
                 let t = Instant::now();
                 let mut prepared = match self.pool.take() {
                     Some(p) => p,
@@ -222,23 +281,25 @@ impl Inner {
                 debug!(prepare_us = t.elapsed().as_micros(), "namespace ready");
                 let path = prepared.ns.path().display().to_string();
                 let parked = prepared.host_ifname.clone();
-                let mut endpoints = Vec::with_capacity(nets.len());
+                let mut endpoints = Vec::with_capacity(requests.len());
                 let made = (|| {
-                    for (i, n) in nets.iter().enumerate() {
-                        let state = self.networks.get_mut(n).expect("validated");
+                    for (i, r) in requests.iter().enumerate() {
+                        let state = self.networks.get_mut(&r.network).expect("validated");
                         let addr = state
                             .pool
-                            .allocate(if i == 0 { ip } else { None })
+                            .allocate(r.ip)
                             .map_err(|e| AgentError::BadRequest(e.to_string()))?;
                         let ep = Endpoint {
-                            network: n.clone(),
+                            network: r.network.clone(),
                             ifname: format!("eth{i}"),
                             host_ifname: host_veth_name(id, i),
                             ip: addr,
                             prefix_len: state.net.subnet.prefix_len(),
                             gateway: state.net.gateway,
+                            aliases: r.aliases.clone(),
                         };
-                        let bridge_index = state.bridge_index;
+                        let (bridge_index, mtu) = (state.bridge_index, state.net.mtu);
+                        let route = default_route.as_deref() == Some(r.network.as_str());
                         endpoints.push(ep.clone());
                         let attached = if i == 0 {
                             bridge::attach_prepared(
@@ -246,7 +307,8 @@ impl Inner {
                                 &mut prepared,
                                 bridge_index,
                                 &ep,
-                                true,
+                                mtu,
+                                route,
                             )
                         } else {
                             bridge::attach(
@@ -255,10 +317,12 @@ impl Inner {
                                 &mut prepared.ns_nl,
                                 bridge_index,
                                 &ep,
-                                false,
+                                mtu,
+                                route,
                             )
+                            .map(|_| ())
                         };
-                        attached.map_err(|e| bridge_full_hint(e, n))?;
+                        attached.map_err(|e| bridge_full_hint(e, &r.network))?;
                     }
                     Ok(())
                 })();
@@ -297,7 +361,7 @@ fn bridge_full_hint(e: AgentError, network: &str) -> AgentError {
 impl Host {
     pub fn create_sandbox(&self, req: CreateSandbox) -> Result<SandboxView> {
         let mut g = self.lock();
-        let (name, plan) = g.validate(&req)?;
+        let (name, plan, mappings) = g.validate(&req)?;
         let id = random_id();
         let name = if name.is_empty() {
             id[..12].to_string()
@@ -305,7 +369,20 @@ impl Host {
             name
         };
         let started = Instant::now();
-        let (attachment, netns) = g.build(&id, &plan, req.ip)?;
+        let (attachment, netns) = g.build(&id, &plan)?;
+        // Ports lead to the address on the first network.
+        let ports: Vec<Published> = match attachment.endpoints().first() {
+            Some(ep) => mappings
+                .iter()
+                .map(|m| Published {
+                    mapping: *m,
+                    network: ep.network.clone(),
+                    target: ep.ip,
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let published = crate::firewall::add_ports(&ports);
         let network_setup_us = started.elapsed().as_micros() as u64;
         let sb = Sandbox {
             id: id.clone(),
@@ -317,9 +394,13 @@ impl Host {
             command: req.command,
             created_unix: now_unix(),
             network_setup_us,
+            ports,
         };
-        if let Err(e) = g.runtime.create_json(&keys::sandbox(&id), &sb) {
+        let recorded =
+            published.and_then(|_| Ok(g.runtime.create_json(&keys::sandbox(&id), &sb)?));
+        if let Err(e) = recorded {
             let inner = &mut *g;
+            let _ = crate::firewall::delete_ports(&sb.ports);
             let _ = teardown_network(
                 &mut inner.nl,
                 &mut inner.networks,
@@ -327,7 +408,7 @@ impl Host {
                 sb.netns.as_deref(),
                 Links::Delete,
             );
-            return Err(e.into());
+            return Err(e);
         }
         info!(sandbox = %name, id = &id[..12], net = %sb.attachment.describe(), setup_us = network_setup_us, "created");
         let view = g.view(&sb);
@@ -463,6 +544,11 @@ impl Host {
         };
         inner.names.remove(&sb.name);
         let started = Instant::now();
+        if let Err(e) = crate::firewall::delete_ports(&sb.ports) {
+            // Rewrite the whole table from what is left instead.
+            warn!(sandbox = %sb.name, error = %e, "deleting published ports failed; rewriting the table");
+            crate::firewall::apply_all(inner)?;
+        }
         let torn = teardown_network(
             &mut inner.nl,
             &mut inner.networks,
@@ -521,44 +607,5 @@ impl Host {
     /// Stops the namespace pool and removes its entries (graceful shutdown).
     pub fn shutdown(&self) {
         self.lock().pool.drain();
-    }
-
-    pub fn networks(&self) -> Vec<NetworkView> {
-        let g = self.lock();
-        g.networks.values().map(|n| network_view(&g, n)).collect()
-    }
-
-    pub fn network(&self, name: &str) -> Result<NetworkView> {
-        let g = self.lock();
-        let n = g.networks.get(name).ok_or_else(|| {
-            AgentError::NotFound(format!(
-                "no network named {name:?}: `weft network ls` lists the networks"
-            ))
-        })?;
-        Ok(network_view(&g, n))
-    }
-}
-
-fn network_view(g: &Inner, n: &NetworkState) -> NetworkView {
-    let endpoints = g
-        .sandboxes
-        .values()
-        .flat_map(|s| s.attachment.endpoints().iter().map(move |e| (s, e)))
-        .filter(|(_, e)| e.network == n.net.name)
-        .map(|(s, e)| EndpointView {
-            sandbox: s.name.clone(),
-            sandbox_id: s.id.clone(),
-            ip: e.ip,
-            host_ifname: e.host_ifname.clone(),
-        })
-        .collect();
-    NetworkView {
-        name: n.net.name.clone(),
-        id: n.net.id.clone(),
-        driver: n.net.driver.to_string(),
-        subnet: n.net.subnet,
-        gateway: n.net.gateway,
-        bridge: n.net.bridge.clone(),
-        endpoints,
     }
 }

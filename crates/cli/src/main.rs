@@ -55,7 +55,12 @@ enum Command {
     Stop(sandbox_cmds::StopArgs),
     /// Remove sandboxes and their network endpoints
     Rm(sandbox_cmds::RmArgs),
-    /// Inspect networks
+    /// List a sandbox's published ports
+    Port {
+        /// Sandbox name or id
+        sandbox: String,
+    },
+    /// Create, list, inspect and remove networks; connect and disconnect sandboxes
     #[command(subcommand)]
     Network(network_cmds::NetworkCommand),
 }
@@ -121,6 +126,7 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Exec(a) => sandbox_cmds::exec(&ctx, a),
         Command::Stop(a) => sandbox_cmds::stop(&ctx, a),
         Command::Rm(a) => sandbox_cmds::rm(&ctx, a),
+        Command::Port { sandbox } => sandbox_cmds::port(&ctx, &sandbox),
         Command::Network(n) => network_cmds::dispatch(&ctx, n),
     }
 }

@@ -3,11 +3,17 @@
 use crate::output::{emit, table};
 use crate::sandbox_cmds::Context;
 use crate::Failure;
+use clap::Args;
 use clap::Subcommand;
-use weft_model::api::NetworkView;
+use ipnet::Ipv4Net;
+use std::net::Ipv4Addr;
+use weft_model::api::{Connect, Disconnect, NetworkView, RemovedNetwork, SandboxView};
+use weft_model::NetworkSpec;
 
 #[derive(Subcommand)]
 pub enum NetworkCommand {
+    /// Create a network: a Linux bridge with its own subnet, isolated from other networks
+    Create(CreateArgs),
     /// List networks
     #[command(alias = "list")]
     Ls,
@@ -16,10 +22,140 @@ pub enum NetworkCommand {
         #[arg(required = true)]
         networks: Vec<String>,
     },
+    /// Remove networks (refused while sandboxes are attached, unless -f)
+    Rm {
+        /// Disconnect attached sandboxes first
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        networks: Vec<String>,
+    },
+    /// Remove every user-defined network that has no sandbox attached
+    Prune,
+    /// Connect a sandbox to a network, without restarting it
+    Connect {
+        /// Address on the network (default: the next free one)
+        #[arg(long)]
+        ip: Option<Ipv4Addr>,
+        /// Another name for the sandbox on this network (repeatable)
+        #[arg(long = "alias")]
+        aliases: Vec<String>,
+        network: String,
+        sandbox: String,
+    },
+    /// Disconnect a sandbox from a network
+    Disconnect { network: String, sandbox: String },
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    /// Driver (only bridge for now)
+    #[arg(short = 'd', long, default_value = "bridge")]
+    driver: String,
+    /// Subnet in CIDR form (default: a free one from 172.17.0.0/16-172.31.0.0/16, then 192.168.0.0/16 in /20s)
+    #[arg(long)]
+    subnet: Option<Ipv4Net>,
+    /// Gateway address, the bridge's (default: the subnet's first address)
+    #[arg(long)]
+    gateway: Option<Ipv4Addr>,
+    /// Hand out dynamic addresses from this part of the subnet only
+    #[arg(long)]
+    ip_range: Option<Ipv4Net>,
+    /// MTU of the bridge and of every sandbox interface on it
+    #[arg(long)]
+    mtu: Option<u32>,
+    /// No way out: no masquerade, no forwarding to or from other interfaces
+    #[arg(long)]
+    internal: bool,
+    /// Driver option KEY=VALUE: bridge.name (com.docker.network.bridge.name), mtu (com.docker.network.driver.mtu)
+    #[arg(short = 'o', long = "opt", value_parser = key_value)]
+    opts: Vec<(String, String)>,
+    /// Label KEY=VALUE
+    #[arg(long = "label", value_parser = key_value)]
+    labels: Vec<(String, String)>,
+    name: String,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+fn names<T>(items: &[T], name: impl Fn(&T) -> &str) -> String {
+    items
+        .iter()
+        .map(|i| name(i).to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
     match cmd {
+        NetworkCommand::Create(a) => {
+            let spec = NetworkSpec {
+                name: a.name,
+                driver: Some(a.driver),
+                subnet: a.subnet,
+                gateway: a.gateway,
+                ip_range: a.ip_range,
+                mtu: a.mtu,
+                internal: a.internal,
+                options: a.opts.into_iter().collect(),
+                labels: a.labels.into_iter().collect(),
+            };
+            let v: NetworkView = ctx.client.post("/v1/networks", &spec)?;
+            emit(ctx.format, &v, || v.id.clone());
+            Ok(0)
+        }
+        NetworkCommand::Rm { force, networks } => {
+            let mut done: Vec<RemovedNetwork> = Vec::new();
+            let mut code = 0;
+            for n in &networks {
+                match ctx
+                    .client
+                    .delete::<RemovedNetwork>(&format!("/v1/networks/{n}?force={force}"))
+                {
+                    Ok(r) => done.push(r),
+                    Err(e) => {
+                        eprintln!("weft: network rm {n}: {e}");
+                        code = 1;
+                    }
+                }
+            }
+            emit(ctx.format, &done, || names(&done, |r| &r.name));
+            Ok(code)
+        }
+        NetworkCommand::Prune => {
+            let done: Vec<RemovedNetwork> = ctx.client.post_empty("/v1/networks/prune")?;
+            emit(ctx.format, &done, || names(&done, |r| &r.name));
+            Ok(0)
+        }
+        NetworkCommand::Connect {
+            ip,
+            aliases,
+            network,
+            sandbox,
+        } => {
+            let v: SandboxView = ctx.client.post(
+                &format!("/v1/networks/{network}/connect"),
+                &Connect {
+                    sandbox,
+                    ip,
+                    aliases,
+                },
+            )?;
+            emit(ctx.format, &v, String::new);
+            Ok(0)
+        }
+        NetworkCommand::Disconnect { network, sandbox } => {
+            let v: SandboxView = ctx.client.post(
+                &format!("/v1/networks/{network}/disconnect"),
+                &Disconnect { sandbox },
+            )?;
+            emit(ctx.format, &v, String::new);
+            Ok(0)
+        }
         NetworkCommand::Ls => {
             let list: Vec<NetworkView> = ctx.client.get("/v1/networks")?;
             emit(ctx.format, &list, || {
@@ -33,6 +169,7 @@ pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
                             n.subnet.to_string(),
                             n.gateway.to_string(),
                             n.bridge.clone(),
+                            if n.internal { "yes" } else { "no" }.to_string(),
                             n.endpoints.len().to_string(),
                         ]
                     })
@@ -45,6 +182,7 @@ pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
                         "SUBNET",
                         "GATEWAY",
                         "BRIDGE",
+                        "INTERNAL",
                         "ENDPOINTS",
                     ],
                     &rows,
@@ -67,17 +205,35 @@ pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
                         let rows: Vec<Vec<String>> = n
                             .endpoints
                             .iter()
-                            .map(|e| vec![e.sandbox.clone(), e.sandbox_id[..12].to_string(), e.ip.to_string(), e.host_ifname.clone()])
+                            .map(|e| {
+                                vec![
+                                    e.sandbox.clone(),
+                                    e.sandbox_id[..12].to_string(),
+                                    e.ifname.clone(),
+                                    e.ip.to_string(),
+                                    e.host_ifname.clone(),
+                                    e.aliases.join(","),
+                                ]
+                            })
                             .collect();
+                        let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+                        let kv = |m: &std::collections::BTreeMap<String, String>| {
+                            m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+                        };
                         format!(
-                            "name:     {}\nid:       {}\ndriver:   {}\nsubnet:   {}\ngateway:  {}\nbridge:   {}\nendpoints:\n{}",
+                            "name:      {}\nid:        {}\ndriver:    {}\nsubnet:    {}\ngateway:   {}\nip range:  {}\nbridge:    {}\nmtu:       {}\ninternal:  {}\noptions:   {}\nlabels:    {}\nendpoints:\n{}",
                             n.name,
                             n.id,
                             n.driver,
                             n.subnet,
                             n.gateway,
+                            opt(n.ip_range.map(|r| r.to_string())),
                             n.bridge,
-                            indent(&table(&["SANDBOX", "ID", "ADDRESS", "HOST VETH"], &rows))
+                            opt(n.mtu.map(|m| m.to_string())),
+                            n.internal,
+                            kv(&n.options),
+                            kv(&n.labels),
+                            indent(&table(&["SANDBOX", "ID", "IFACE", "ADDRESS", "HOST VETH", "ALIASES"], &rows))
                         )
                     })
                     .collect::<Vec<_>>()

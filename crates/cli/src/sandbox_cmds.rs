@@ -21,12 +21,16 @@ pub struct RunArgs {
     /// Name of the sandbox (default: the short id)
     #[arg(long)]
     name: Option<String>,
-    /// Network: bridge (default), host, none, container:NAME, or a network's name
+    /// Network: bridge (default), host, none, container:NAME, or a network's
+    /// name as NAME[:ip=ADDR][,alias=NAME]; repeat for one interface per network (eth0, eth1, …)
     #[arg(long = "net", alias = "network", value_name = "NET")]
     net: Vec<String>,
-    /// Address for the sandbox on its network (default: the next free one)
+    /// Address for the sandbox on its only network (default: the next free one)
     #[arg(long)]
     ip: Option<Ipv4Addr>,
+    /// Publish ports of the first network: [HOST_IP:]HOST_PORT[-END]:CONTAINER_PORT[-END][/tcp|/udp]
+    #[arg(short = 'p', long = "publish", value_name = "PORTS")]
+    publish: Vec<String>,
     /// Return once the command runs and leave it running (output goes to STATE_DIR/logs/ID.log)
     #[arg(short = 'd', long)]
     detach: bool,
@@ -101,6 +105,7 @@ pub fn run(ctx: &Context, a: RunArgs) -> Result<i32, Failure> {
         ip: a.ip,
         command: a.command.clone(),
         auto_remove: !a.detach,
+        ports: a.publish,
     };
     let view: SandboxView = ctx
         .client
@@ -205,6 +210,28 @@ pub fn ps(ctx: &Context) -> Result<i32, Failure> {
             ],
             &rows,
         )
+    });
+    Ok(0)
+}
+
+/// `weft port SANDBOX`: its published ports, as Docker prints them.
+pub fn port(ctx: &Context, sandbox: &str) -> Result<i32, Failure> {
+    let view: SandboxView = ctx.client.get(&sandbox_path(sandbox))?;
+    emit(ctx.format, &view.ports, || {
+        view.ports
+            .iter()
+            .map(|p| {
+                let m = &p.mapping;
+                let host = m
+                    .host_ip
+                    .map_or_else(|| "0.0.0.0".to_string(), |ip| ip.to_string());
+                format!(
+                    "{}/{} -> {host}:{} ({}:{})",
+                    m.container, m.protocol, m.host, p.target, m.container
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     });
     Ok(0)
 }

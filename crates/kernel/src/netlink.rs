@@ -6,7 +6,7 @@ use crate::error::{KernelError, Result};
 use ipnet::Ipv4Net;
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
+    NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
@@ -162,18 +162,31 @@ impl Netlink {
         }
     }
 
-    /// Creates a bridge (up) unless a link of that name exists; returns its index.
-    pub fn ensure_bridge(&mut self, name: &str) -> Result<u32> {
+    /// Creates a bridge (up) unless a link of that name exists, and sets its
+    /// MTU if given; returns its index and whether it was created.
+    pub fn ensure_bridge(&mut self, name: &str, mtu: Option<u32>) -> Result<(u32, bool)> {
         if let Some(l) = self.link_by_name(name)? {
-            if !l.up {
-                self.set_up(l.index)?;
+            let mut msg = LinkMessage::default();
+            msg.header.index = l.index;
+            msg.header.flags = LinkFlags::Up;
+            msg.header.change_mask = LinkFlags::Up;
+            if let Some(mtu) = mtu {
+                msg.attributes.push(LinkAttribute::Mtu(mtu));
             }
-            return Ok(l.index);
+            self.ack(
+                &format!("set bridge {name} up"),
+                RouteNetlinkMessage::SetLink(msg),
+                0,
+            )?;
+            return Ok((l.index, false));
         }
         let mut msg = LinkMessage::default();
         msg.header.flags = LinkFlags::Up;
         msg.header.change_mask = LinkFlags::Up;
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        if let Some(mtu) = mtu {
+            msg.attributes.push(LinkAttribute::Mtu(mtu));
+        }
         msg.attributes
             .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
                 InfoKind::Bridge,
@@ -183,22 +196,26 @@ impl Netlink {
             RouteNetlinkMessage::NewLink(msg),
             NLM_F_CREATE | NLM_F_EXCL,
         )?;
-        self.link_by_name(name)?.map(|l| l.index).ok_or_else(|| {
-            nl_err(
-                format!("create bridge {name}"),
-                io::Error::from_raw_os_error(libc::ENODEV),
-            )
-        })
+        self.link_by_name(name)?
+            .map(|l| (l.index, true))
+            .ok_or_else(|| {
+                nl_err(
+                    format!("create bridge {name}"),
+                    io::Error::from_raw_os_error(libc::ENODEV),
+                )
+            })
     }
 
     /// Creates a veth pair in one request: `host_name` here, enslaved to
-    /// `master` and up if given; `peer_name` (down) inside the namespace `peer_netns`.
+    /// `master` and up if given; `peer_name` (down) inside the namespace
+    /// `peer_netns`; both with `mtu` if given.
     pub fn add_veth(
         &mut self,
         host_name: &str,
         master: Option<u32>,
         peer_name: &str,
         peer_netns: RawFd,
+        mtu: Option<u32>,
     ) -> Result<()> {
         // The peer is created down: the kernel refuses (ENOTCONN) a peer created
         // up in another namespace. It is brought up from inside.
@@ -209,6 +226,10 @@ impl Netlink {
         let mut msg = LinkMessage::default();
         msg.attributes
             .push(LinkAttribute::IfName(host_name.to_string()));
+        if let Some(mtu) = mtu {
+            peer.attributes.push(LinkAttribute::Mtu(mtu));
+            msg.attributes.push(LinkAttribute::Mtu(mtu));
+        }
         if let Some(master) = master {
             msg.header.flags = LinkFlags::Up;
             msg.header.change_mask = LinkFlags::Up;
@@ -227,13 +248,22 @@ impl Netlink {
 
     /// In one request: renames a link if asked (it must be down for that),
     /// enslaves it to `master` and brings it up.
-    pub fn enslave_up(&mut self, index: u32, rename: Option<&str>, master: u32) -> Result<()> {
+    pub fn enslave_up(
+        &mut self,
+        index: u32,
+        rename: Option<&str>,
+        master: u32,
+        mtu: Option<u32>,
+    ) -> Result<()> {
         let mut msg = LinkMessage::default();
         msg.header.index = index;
         msg.header.flags = LinkFlags::Up;
         msg.header.change_mask = LinkFlags::Up;
         if let Some(name) = rename {
             msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        }
+        if let Some(mtu) = mtu {
+            msg.attributes.push(LinkAttribute::Mtu(mtu));
         }
         msg.attributes.push(LinkAttribute::Controller(master));
         self.ack(
@@ -243,13 +273,16 @@ impl Netlink {
         )
     }
 
-    /// Sets a link's MAC address and brings it up, in one request.
-    pub fn set_mac_up(&mut self, index: u32, mac: [u8; 6]) -> Result<()> {
+    /// Sets a link's MAC address (and MTU, if given) and brings it up, in one request.
+    pub fn set_mac_up(&mut self, index: u32, mac: [u8; 6], mtu: Option<u32>) -> Result<()> {
         let mut msg = LinkMessage::default();
         msg.header.index = index;
         msg.header.flags = LinkFlags::Up;
         msg.header.change_mask = LinkFlags::Up;
         msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        if let Some(mtu) = mtu {
+            msg.attributes.push(LinkAttribute::Mtu(mtu));
+        }
         self.ack(
             &format!("set link {index} up"),
             RouteNetlinkMessage::SetLink(msg),
@@ -335,20 +368,33 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Replaces (or adds) the default route: via `gateway` out of `oif`.
+    pub fn replace_default_route(&mut self, gateway: Ipv4Addr, oif: u32) -> Result<()> {
+        let msg = default_route(Some((gateway, oif)));
+        self.ack(
+            &format!("replace default route via {gateway}"),
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+    }
+
+    /// Deletes the default route; absent is fine.
+    pub fn delete_default_route(&mut self) -> Result<()> {
+        match self.ack(
+            "delete default route",
+            RouteNetlinkMessage::DelRoute(default_route(None)),
+            0,
+        ) {
+            Err(e) if e.errno() == Some(libc::ESRCH) => Ok(()),
+            r => r,
+        }
+    }
+
     /// Adds the default route via `gateway` out of `oif`, marked as weft's.
     pub fn add_default_route(&mut self, gateway: Ipv4Addr, oif: u32) -> Result<()> {
-        let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet;
-        msg.header.table = RT_TABLE_MAIN;
-        msg.header.protocol = RouteProtocol::Other(WEFT_ROUTE_PROTOCOL);
-        msg.header.scope = RouteScope::Universe;
-        msg.header.kind = RouteType::Unicast;
-        msg.attributes
-            .push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
-        msg.attributes.push(RouteAttribute::Oif(oif));
         self.ack(
             &format!("add default route via {gateway}"),
-            RouteNetlinkMessage::NewRoute(msg),
+            RouteNetlinkMessage::NewRoute(default_route(Some((gateway, oif)))),
             NLM_F_CREATE | NLM_F_EXCL,
         )
     }
@@ -384,6 +430,22 @@ impl Netlink {
         }
         Ok(out)
     }
+}
+
+/// A main-table default route marked as weft's, via `gw` out of an interface if given.
+fn default_route(via: Option<(Ipv4Addr, u32)>) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = AddressFamily::Inet;
+    msg.header.table = RT_TABLE_MAIN;
+    msg.header.protocol = RouteProtocol::Other(WEFT_ROUTE_PROTOCOL);
+    msg.header.scope = RouteScope::Universe;
+    msg.header.kind = RouteType::Unicast;
+    if let Some((gw, oif)) = via {
+        msg.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
+        msg.attributes.push(RouteAttribute::Oif(oif));
+    }
+    msg
 }
 
 fn to_link(l: &LinkMessage) -> Link {

@@ -98,7 +98,10 @@ impl Netns {
     /// inside it. Nothing is left behind on error.
     pub fn create(path: &Path, sysctls: &[(&str, &str)]) -> Result<(Netns, Netlink)> {
         let path = path.to_path_buf();
-        let sysctls: Vec<(String, String)> = sysctls.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let sysctls: Vec<(String, String)> = sysctls
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let worker_path = path.clone();
         let result = std::thread::Builder::new()
             .name("weft-netns-create".into())

@@ -18,6 +18,24 @@ pub struct CreateSandbox {
     pub command: Vec<String>,
     #[serde(default)]
     pub auto_remove: bool,
+    /// `-p` values as typed: [HOST_IP:]HOST_PORT[-END]:CONTAINER_PORT[-END][/tcp|/udp].
+    #[serde(default)]
+    pub ports: Vec<String>,
+}
+
+/// `weft network connect`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Connect {
+    pub sandbox: String,
+    pub ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+/// `weft network disconnect`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Disconnect {
+    pub sandbox: String,
 }
 
 /// Sent once the sandbox's process runs.
@@ -57,6 +75,8 @@ pub struct SandboxView {
     pub command: Vec<String>,
     pub created_unix: u64,
     pub network_setup_us: u64,
+    #[serde(default)]
+    pub ports: Vec<crate::sandbox::Published>,
     #[serde(skip)]
     pub process: Option<ProcessRef>,
 }
@@ -72,8 +92,10 @@ pub struct Removed {
 pub struct EndpointView {
     pub sandbox: String,
     pub sandbox_id: String,
+    pub ifname: String,
     pub ip: Ipv4Addr,
     pub host_ifname: String,
+    pub aliases: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,7 +106,18 @@ pub struct NetworkView {
     pub subnet: Ipv4Net,
     pub gateway: Ipv4Addr,
     pub bridge: String,
+    pub ip_range: Option<Ipv4Net>,
+    pub mtu: Option<u32>,
+    pub internal: bool,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub options: std::collections::BTreeMap<String, String>,
     pub endpoints: Vec<EndpointView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemovedNetwork {
+    pub name: String,
+    pub id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

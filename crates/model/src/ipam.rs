@@ -25,6 +25,8 @@ pub enum IpamError {
     Exhausted { subnet: Ipv4Net },
     #[error("gateway {gateway} is not a usable host address of subnet {subnet}")]
     BadGateway { gateway: Ipv4Addr, subnet: Ipv4Net },
+    #[error("ip range {range} is not inside subnet {subnet}")]
+    RangeOutside { range: Ipv4Net, subnet: Ipv4Net },
     #[error("subnet {subnet} is too small: it needs room for a gateway and at least one sandbox")]
     TooSmall { subnet: Ipv4Net },
 }
@@ -37,6 +39,9 @@ pub struct AddressPool {
     used: BTreeSet<u32>,
     /// Offset (from the network address) where the next search begins.
     next: u32,
+    /// Offsets that dynamic allocation may hand out (`--ip-range`).
+    low: u32,
+    high: u32,
 }
 
 impl AddressPool {
@@ -45,11 +50,14 @@ impl AddressPool {
         if subnet.prefix_len() > 30 {
             return Err(IpamError::TooSmall { subnet });
         }
+        let size = 1u32 << (32 - subnet.prefix_len());
         let pool = AddressPool {
             subnet,
             gateway,
             used: BTreeSet::new(),
             next: 1,
+            low: 1,
+            high: size - 2,
         };
         if gateway == subnet.network()
             || gateway == subnet.broadcast()
@@ -58,6 +66,24 @@ impl AddressPool {
             return Err(IpamError::BadGateway { gateway, subnet });
         }
         Ok(pool)
+    }
+
+    /// Limits dynamic allocation to `range` (static addresses may still be
+    /// anywhere in the subnet, as with Docker's --ip-range).
+    pub fn with_range(mut self, range: Option<Ipv4Net>) -> Result<Self, IpamError> {
+        if let Some(r) = range {
+            let r = r.trunc();
+            if !(self.subnet.contains(&r.network()) && self.subnet.contains(&r.broadcast())) {
+                return Err(IpamError::RangeOutside {
+                    range: r,
+                    subnet: self.subnet,
+                });
+            }
+            self.low = self.offset(r.network()).max(1);
+            self.high = self.offset(r.broadcast()).min(self.size() - 2);
+            self.next = self.low;
+        }
+        Ok(self)
     }
 
     pub fn subnet(&self) -> Ipv4Net {
@@ -119,18 +145,18 @@ impl AddressPool {
             self.used.insert(self.offset(ip));
             return Ok(ip);
         }
-        let size = self.size();
         let gw = self.offset(self.gateway);
-        // Usable offsets are 1..size-1; scan at most once around.
-        let usable = size - 2;
-        let mut off = self.next.clamp(1, size - 2);
-        for _ in 0..usable {
+        let (low, high) = (self.low, self.high);
+        let step = |o: u32| if o >= high { low } else { o + 1 };
+        // Scan the allowed offsets at most once around, from the cursor.
+        let mut off = self.next.clamp(low, high);
+        for _ in 0..=(high - low) {
             if off != gw && !self.used.contains(&off) {
                 self.used.insert(off);
-                self.next = if off + 1 >= size - 1 { 1 } else { off + 1 };
+                self.next = step(off);
                 return Ok(Ipv4Addr::from(u32::from(self.subnet.network()) + off));
             }
-            off = if off + 1 >= size - 1 { 1 } else { off + 1 };
+            off = step(off);
         }
         Err(IpamError::Exhausted {
             subnet: self.subnet,
@@ -249,6 +275,23 @@ mod tests {
         assert!(
             AddressPool::new("10.1.0.0/31".parse().unwrap(), "10.1.0.1".parse().unwrap()).is_err()
         );
+    }
+
+    #[test]
+    fn dynamic_addresses_stay_in_the_range() {
+        let mut p = pool("10.1.0.0/16", "10.1.0.1")
+            .with_range(Some("10.1.5.0/30".parse().unwrap()))
+            .unwrap();
+        let got: Vec<String> = (0..4)
+            .map(|_| p.allocate(None).unwrap().to_string())
+            .collect();
+        assert_eq!(got, ["10.1.5.0", "10.1.5.1", "10.1.5.2", "10.1.5.3"]);
+        assert!(matches!(p.allocate(None), Err(IpamError::Exhausted { .. })));
+        // A static address may lie outside the range.
+        assert!(p.allocate(Some("10.1.9.9".parse().unwrap())).is_ok());
+        assert!(pool("10.1.0.0/16", "10.1.0.1")
+            .with_range(Some("10.2.0.0/24".parse().unwrap()))
+            .is_err());
     }
 
     #[test]

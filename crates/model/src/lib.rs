@@ -7,9 +7,11 @@ pub mod keys;
 pub mod names;
 pub mod network;
 pub mod nft;
+pub mod ports;
 pub mod sandbox;
 pub mod subnet;
 
 pub use ipam::{AddressPool, IpamError};
-pub use network::{Driver, Network};
-pub use sandbox::{Attachment, Endpoint, NetMode, ProcessRef, Sandbox};
+pub use network::{Driver, Network, NetworkSpec};
+pub use ports::{PortMapping, Protocol};
+pub use sandbox::{Attachment, Endpoint, NetMode, NetRequest, ProcessRef, Published, Sandbox};

@@ -1,13 +1,22 @@
-//! Networks: named L2/L3 domains that sandboxes attach to.
+//! Networks: named L2/L3 domains that sandboxes attach to, and the rules a
+//! new one must pass before anything is made.
 
+use crate::names;
+use crate::subnet;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 /// Name of the network every host has, like Docker's `bridge`.
 pub const DEFAULT_NETWORK: &str = "bridge";
 /// Linux bridge of the default network.
 pub const DEFAULT_BRIDGE: &str = "weft0";
+/// Bridges of user-defined networks are `wbr-<id>`, owned by that name.
+pub const BRIDGE_PREFIX: &str = "wbr-";
+
+pub const MTU_MIN: u32 = 68;
+pub const MTU_MAX: u32 = 65535;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -32,6 +41,336 @@ pub struct Network {
     pub gateway: Ipv4Addr,
     /// The Linux bridge that carries this network on this host.
     pub bridge: String,
-    /// Whether traffic from the subnet leaving through other interfaces is masqueraded.
-    pub masquerade: bool,
+    /// Dynamic addresses come from here (static ones from the whole subnet).
+    #[serde(default)]
+    pub ip_range: Option<Ipv4Net>,
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// No route out, no masquerade, nothing in or out but the host.
+    #[serde(default)]
+    pub internal: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+impl Network {
+    pub fn masquerade(&self) -> bool {
+        !self.internal
+    }
+}
+
+/// What `weft network create` asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSpec {
+    pub name: String,
+    #[serde(default)]
+    pub driver: Option<String>,
+    pub subnet: Option<Ipv4Net>,
+    pub gateway: Option<Ipv4Addr>,
+    pub ip_range: Option<Ipv4Net>,
+    pub mtu: Option<u32>,
+    #[serde(default)]
+    pub internal: bool,
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetworkError {
+    #[error(transparent)]
+    Name(#[from] names::NameError),
+    #[error("a network named {0:?} already exists; pick another name or remove it with `weft network rm {0}`")]
+    Duplicate(String),
+    #[error("the name {0:?} is reserved for `--net {0}`; pick another name")]
+    Reserved(String),
+    #[error("unknown driver {0:?}: weft has the bridge driver (-d bridge)")]
+    UnknownDriver(String),
+    #[error("--subnet {given} has host bits set; did you mean {net}?")]
+    HostBits { given: Ipv4Net, net: Ipv4Net },
+    #[error("--subnet {0} is too small: use a prefix of /30 or shorter")]
+    TooSmall(Ipv4Net),
+    #[error(
+        "--subnet {subnet} overlaps {other_subnet} of network {other}; pick a subnet that does not"
+    )]
+    Overlap {
+        subnet: Ipv4Net,
+        other: String,
+        other_subnet: Ipv4Net,
+    },
+    #[error("no free subnet left in the default pool; give one with --subnet")]
+    PoolExhausted,
+    #[error("--{what} needs --subnet")]
+    NeedsSubnet { what: &'static str },
+    #[error("--gateway {gateway} is not a host address of --subnet {subnet}")]
+    GatewayOutside { gateway: Ipv4Addr, subnet: Ipv4Net },
+    #[error("--ip-range {range} is not inside --subnet {subnet}")]
+    RangeOutside { range: Ipv4Net, subnet: Ipv4Net },
+    #[error("--mtu {0} is out of range: use {MTU_MIN} to {MTU_MAX}")]
+    Mtu(u32),
+    #[error("-o {key}: unknown option; weft knows {known}")]
+    UnknownOption { key: String, known: &'static str },
+    #[error("-o {key}={value}: {why}")]
+    BadOption {
+        key: String,
+        value: String,
+        why: String,
+    },
+    #[error("bridge name {name:?} is already used by network {other}")]
+    BridgeTaken { name: String, other: String },
+}
+
+const KNOWN_OPTIONS: &str =
+    "com.docker.network.bridge.name (or bridge.name) and com.docker.network.driver.mtu (or mtu)";
+
+fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Validates `spec` against the other networks and, when no subnet is
+/// given, picks one clear of them and of `routes`. Makes nothing.
+pub fn plan(
+    spec: &NetworkSpec,
+    id: &str,
+    existing: &[Network],
+    routes: &[Ipv4Net],
+) -> Result<Network, NetworkError> {
+    names::validate("network", &spec.name)?;
+    if matches!(spec.name.as_str(), "host" | "none") {
+        return Err(NetworkError::Reserved(spec.name.clone()));
+    }
+    if existing.iter().any(|n| n.name == spec.name) {
+        return Err(NetworkError::Duplicate(spec.name.clone()));
+    }
+    match spec.driver.as_deref() {
+        None | Some("bridge") => {}
+        Some(other) => return Err(NetworkError::UnknownDriver(other.to_string())),
+    }
+
+    let mut bridge = format!("{BRIDGE_PREFIX}{}", &id[..10.min(id.len())]);
+    let mut mtu = spec.mtu;
+    for (key, value) in &spec.options {
+        match key.as_str() {
+            "com.docker.network.bridge.name" | "bridge.name" => {
+                if !valid_ifname(value) {
+                    return Err(NetworkError::BadOption {
+                        key: key.clone(),
+                        value: value.clone(),
+                        why: "an interface name has 1 to 15 letters, digits, '-', '_' or '.'"
+                            .into(),
+                    });
+                }
+                bridge = value.clone();
+            }
+            "com.docker.network.driver.mtu" | "mtu" => {
+                mtu = Some(value.parse().map_err(|_| NetworkError::BadOption {
+                    key: key.clone(),
+                    value: value.clone(),
+                    why: "not a number".into(),
+                })?);
+            }
+            _ => {
+                return Err(NetworkError::UnknownOption {
+                    key: key.clone(),
+                    known: KNOWN_OPTIONS,
+                })
+            }
+        }
+    }
+    if let Some(m) = mtu {
+        if !(MTU_MIN..=MTU_MAX).contains(&m) {
+            return Err(NetworkError::Mtu(m));
+        }
+    }
+    if let Some(other) = existing.iter().find(|n| n.bridge == bridge) {
+        return Err(NetworkError::BridgeTaken {
+            name: bridge,
+            other: other.name.clone(),
+        });
+    }
+
+    let subnet = match spec.subnet {
+        Some(given) => {
+            if given.addr() != given.network() {
+                return Err(NetworkError::HostBits {
+                    given,
+                    net: given.trunc(),
+                });
+            }
+            if given.prefix_len() > 30 {
+                return Err(NetworkError::TooSmall(given));
+            }
+            if let Some(o) = existing
+                .iter()
+                .find(|n| subnet::overlaps(&n.subnet, &given))
+            {
+                return Err(NetworkError::Overlap {
+                    subnet: given,
+                    other: o.name.clone(),
+                    other_subnet: o.subnet,
+                });
+            }
+            given
+        }
+        None => {
+            if spec.gateway.is_some() {
+                return Err(NetworkError::NeedsSubnet { what: "gateway" });
+            }
+            if spec.ip_range.is_some() {
+                return Err(NetworkError::NeedsSubnet { what: "ip-range" });
+            }
+            let taken: Vec<Ipv4Net> = existing
+                .iter()
+                .map(|n| n.subnet)
+                .chain(routes.iter().copied())
+                .collect();
+            subnet::pick_free(subnet::default_bridge_pool(), &taken)
+                .ok_or(NetworkError::PoolExhausted)?
+        }
+    };
+    let gateway = spec.gateway.unwrap_or_else(|| subnet::first_host(&subnet));
+    if !subnet.contains(&gateway) || gateway == subnet.network() || gateway == subnet.broadcast() {
+        return Err(NetworkError::GatewayOutside { gateway, subnet });
+    }
+    if let Some(range) = spec.ip_range {
+        if !(subnet.contains(&range.network()) && subnet.contains(&range.broadcast())) {
+            return Err(NetworkError::RangeOutside { range, subnet });
+        }
+    }
+    Ok(Network {
+        name: spec.name.clone(),
+        id: id.to_string(),
+        driver: Driver::Bridge,
+        subnet,
+        gateway,
+        bridge,
+        ip_range: spec.ip_range.map(|r| r.trunc()),
+        mtu,
+        internal: spec.internal,
+        labels: spec.labels.clone(),
+        options: spec.options.clone(),
+    })
+}
+
+/// Which of a sandbox's networks carries its default route: the first
+/// non-internal one in lexical order of names, as Docker chooses.
+pub fn default_route_network<'a>(
+    networks: impl IntoIterator<Item = &'a Network>,
+) -> Option<&'a str> {
+    networks
+        .into_iter()
+        .filter(|n| !n.internal)
+        .map(|n| n.name.as_str())
+        .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "0123456789abcdef";
+
+    fn spec(name: &str) -> NetworkSpec {
+        NetworkSpec {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    fn net(name: &str, subnet: &str) -> Network {
+        plan(
+            &NetworkSpec {
+                subnet: Some(subnet.parse().unwrap()),
+                ..spec(name)
+            },
+            &format!("{name}{ID}"),
+            &[],
+            &[],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn picks_a_subnet_clear_of_networks_and_routes() {
+        let existing = [net("a", "172.17.0.0/16")];
+        let routes: Vec<Ipv4Net> = vec!["172.18.1.0/24".parse().unwrap()];
+        let n = plan(&spec("b"), ID, &existing, &routes).unwrap();
+        assert_eq!(n.subnet.to_string(), "172.19.0.0/16");
+        assert_eq!(n.gateway.to_string(), "172.19.0.1");
+        assert_eq!(n.bridge, "wbr-0123456789");
+        assert!(n.masquerade());
+    }
+
+    #[test]
+    fn refuses_each_bad_input() {
+        let existing = [net("a", "10.1.0.0/16")];
+        let with = |f: &dyn Fn(&mut NetworkSpec)| {
+            let mut s = spec("b");
+            f(&mut s);
+            plan(&s, ID, &existing, &[]).unwrap_err().to_string()
+        };
+        assert!(with(&|s| s.name = "a".into()).contains("already exists"));
+        assert!(with(&|s| s.name = "bad name".into()).contains("invalid network name"));
+        assert!(with(&|s| s.name = "host".into()).contains("reserved"));
+        assert!(with(&|s| s.driver = Some("overlay2".into())).contains("unknown driver"));
+        assert!(with(&|s| s.subnet = Some("10.1.128.0/24".parse().unwrap()))
+            .contains("overlaps 10.1.0.0/16 of network a"));
+        assert!(with(&|s| s.subnet = Some("10.2.0.5/16".parse().unwrap()))
+            .contains("did you mean 10.2.0.0/16"));
+        assert!(with(&|s| {
+            s.subnet = Some("10.2.0.0/16".parse().unwrap());
+            s.gateway = Some("10.3.0.1".parse().unwrap());
+        })
+        .contains("not a host address"));
+        assert!(with(&|s| {
+            s.subnet = Some("10.2.0.0/16".parse().unwrap());
+            s.ip_range = Some("10.3.0.0/24".parse().unwrap());
+        })
+        .contains("not inside"));
+        assert!(with(&|s| s.gateway = Some("10.3.0.1".parse().unwrap())).contains("needs --subnet"));
+        assert!(with(&|s| s.mtu = Some(67)).contains("out of range"));
+        assert!(with(&|s| s.mtu = Some(70000)).contains("out of range"));
+        assert!(with(&|s| {
+            s.options.insert("foo".into(), "1".into());
+        })
+        .contains("unknown option"));
+        assert!(with(&|s| {
+            s.options
+                .insert("bridge.name".into(), "this-name-is-too-long".into());
+        })
+        .contains("1 to 15"));
+        let taken = existing[0].bridge.clone();
+        assert!(with(&|s| {
+            s.options.insert("bridge.name".into(), taken.clone());
+        })
+        .contains("already used by network a"));
+    }
+
+    #[test]
+    fn options_set_bridge_and_mtu() {
+        let mut s = spec("b");
+        s.options
+            .insert("com.docker.network.bridge.name".into(), "mybr0".into());
+        s.options.insert("mtu".into(), "1400".into());
+        let n = plan(&s, ID, &[], &[]).unwrap();
+        assert_eq!((n.bridge.as_str(), n.mtu), ("mybr0", Some(1400)));
+    }
+
+    #[test]
+    fn default_route_goes_to_first_non_internal_by_name() {
+        let mut a = net("alpha", "10.1.0.0/16");
+        let b = net("beta", "10.2.0.0/16");
+        let z = net("zulu", "10.3.0.0/16");
+        assert_eq!(default_route_network([&z, &b, &a]), Some("alpha"));
+        a.internal = true;
+        assert_eq!(default_route_network([&z, &b, &a]), Some("beta"));
+        assert_eq!(default_route_network([&a]), None);
+    }
 }

@@ -1,59 +1,193 @@
-//! weft's nftables table, rendered from desired state as one `nft -f` batch.
+//! weft's nftables table, rendered from desired state.
 //!
 //! The table is owned by name: weft only ever creates, replaces or deletes
-//! `table inet weft` and never touches another table. Membership lives in
-//! sets, so adding a network adds elements, not rules.
+//! `table inet weft` and never touches another table. Everything that grows
+//! (networks, published ports) is an element of a set or map, so the rules
+//! are the same whatever the number of networks, sandboxes and ports.
 
+use crate::ports::PortMapping;
 use ipnet::Ipv4Net;
+use std::fmt::Write;
+use std::net::Ipv4Addr;
 
 pub const TABLE_FAMILY: &str = "inet";
 pub const TABLE_NAME: &str = "weft";
 
+/// One network as the firewall sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkRule {
+    pub bridge: String,
+    pub subnet: Ipv4Net,
+    pub internal: bool,
+}
+
+/// One published port and the sandbox address it leads to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRule {
+    pub mapping: PortMapping,
+    pub target: Ipv4Addr,
+}
+
 /// What the table must express.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FirewallSpec {
-    /// Subnets whose outbound traffic is masqueraded.
-    pub masquerade: Vec<Ipv4Net>,
-    /// weft's bridges: traffic to them is not masqueraded.
-    pub bridges: Vec<String>,
+    pub networks: Vec<NetworkRule>,
+    pub ports: Vec<PortRule>,
 }
 
-fn elements<T: std::fmt::Display>(items: &[T], quote: bool) -> String {
-    if items.is_empty() {
-        return String::new();
+const RULES: &str = r#"	chain prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		fib daddr type local jump publish
+	}
+
+	chain output {
+		type nat hook output priority -100; policy accept;
+		fib daddr type local jump publish
+	}
+
+	chain publish {
+		meta l4proto { tcp, udp } dnat ip to ip daddr . meta l4proto . th dport map @publish_addr
+		meta l4proto { tcp, udp } dnat ip to ip daddr . meta l4proto . th dport map @publish_port
+	}
+
+	chain postrouting {
+		type nat hook postrouting priority srcnat; policy accept;
+		ip saddr @masq_nets oifname != @bridges masquerade
+		ct status dnat ip saddr 127.0.0.0/8 oifname @bridges masquerade
+		ct status dnat iifname . oifname @same_bridge masquerade
+	}
+
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		iifname . oifname @same_bridge accept
+		ct status dnat oifname @bridges accept
+		iifname @bridges oifname @bridges drop
+		iifname @internal_bridges drop
+		oifname @internal_bridges drop
+	}
+"#;
+
+fn set(out: &mut String, decl: &str, elements: &[String]) {
+    let _ = write!(out, "\t{decl}");
+    if elements.is_empty() {
+        out.push_str(" }\n");
+    } else {
+        let _ = writeln!(
+            out,
+            "\n\t\telements = {{ {} }}\n\t}}",
+            elements.join(",\n\t\t\t     ")
+        );
     }
-    let list: Vec<String> = items
-        .iter()
-        .map(|i| {
-            if quote {
-                format!("\"{i}\"")
-            } else {
-                i.to_string()
-            }
-        })
-        .collect();
-    format!(" elements = {{ {} }};", list.join(", "))
+}
+
+/// The key of a published port: host address (any: 0.0.0.0/0), protocol, host ports.
+fn port_key(m: &PortMapping) -> String {
+    let addr = m
+        .host_ip
+        .map_or_else(|| "0.0.0.0/0".to_string(), |ip| ip.to_string());
+    format!("{addr} . {} . {}", m.protocol, m.host)
+}
+
+/// Which map holds a port, and its element (`key : value`).
+fn port_element(p: &PortRule) -> (&'static str, String) {
+    if p.mapping.keeps_ports() {
+        (
+            "publish_addr",
+            format!("{} : {}", port_key(&p.mapping), p.target),
+        )
+    } else {
+        (
+            "publish_port",
+            format!(
+                "{} : {} . {}",
+                port_key(&p.mapping),
+                p.target,
+                p.mapping.container.start
+            ),
+        )
+    }
 }
 
 /// The whole table. The batch first makes sure the table exists, then deletes
 /// and recreates it, so it applies atomically whatever was there before.
 pub fn render(spec: &FirewallSpec) -> String {
-    format!(
-        "add table {f} {t}\n\
-         delete table {f} {t}\n\
-         table {f} {t} {{\n\
-         \tset masq_src {{ type ipv4_addr; flags interval;{masq} }}\n\
-         \tset bridges {{ type ifname;{br} }}\n\
-         \tchain postrouting {{\n\
-         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-         \t\tip saddr @masq_src oifname != @bridges masquerade\n\
-         \t}}\n\
-         }}\n",
-        f = TABLE_FAMILY,
-        t = TABLE_NAME,
-        masq = elements(&spec.masquerade, false),
-        br = elements(&spec.bridges, true),
-    )
+    let q = |s: &str| format!("\"{s}\"");
+    let bridges: Vec<String> = spec.networks.iter().map(|n| q(&n.bridge)).collect();
+    let same: Vec<String> = spec
+        .networks
+        .iter()
+        .map(|n| format!("{} . {}", q(&n.bridge), q(&n.bridge)))
+        .collect();
+    let internal: Vec<String> = spec
+        .networks
+        .iter()
+        .filter(|n| n.internal)
+        .map(|n| q(&n.bridge))
+        .collect();
+    let masq: Vec<String> = spec
+        .networks
+        .iter()
+        .filter(|n| !n.internal)
+        .map(|n| n.subnet.to_string())
+        .collect();
+    let (mut addr, mut port) = (Vec::new(), Vec::new());
+    for p in &spec.ports {
+        match port_element(p) {
+            ("publish_addr", e) => addr.push(e),
+            (_, e) => port.push(e),
+        }
+    }
+    let mut out = format!(
+        "add table {TABLE_FAMILY} {TABLE_NAME}\ndelete table {TABLE_FAMILY} {TABLE_NAME}\n"
+    );
+    let _ = writeln!(out, "table {TABLE_FAMILY} {TABLE_NAME} {{");
+    set(&mut out, "set bridges { type ifname;", &bridges);
+    set(&mut out, "set same_bridge { type ifname . ifname;", &same);
+    set(&mut out, "set internal_bridges { type ifname;", &internal);
+    set(
+        &mut out,
+        "set masq_nets { type ipv4_addr; flags interval;",
+        &masq,
+    );
+    set(
+        &mut out,
+        "map publish_addr { type ipv4_addr . inet_proto . inet_service : ipv4_addr; flags interval;",
+        &addr,
+    );
+    set(
+        &mut out,
+        "map publish_port { type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; flags interval;",
+        &port,
+    );
+    out.push('\n');
+    out.push_str(RULES);
+    out.push_str("}\n");
+    out
+}
+
+/// Adds published ports: one element each, whatever the range.
+pub fn render_add_ports(ports: &[PortRule]) -> String {
+    ports
+        .iter()
+        .map(|p| {
+            let (map, e) = port_element(p);
+            format!("add element {TABLE_FAMILY} {TABLE_NAME} {map} {{ {e} }}\n")
+        })
+        .collect()
+}
+
+/// Removes published ports (by key).
+pub fn render_delete_ports(ports: &[PortRule]) -> String {
+    ports
+        .iter()
+        .map(|p| {
+            let (map, _) = port_element(p);
+            format!(
+                "delete element {TABLE_FAMILY} {TABLE_NAME} {map} {{ {} }}\n",
+                port_key(&p.mapping)
+            )
+        })
+        .collect()
 }
 
 /// Removes the table, tolerating its absence.
@@ -65,32 +199,98 @@ pub fn render_delete() -> String {
 mod tests {
     use super::*;
 
+    fn net(bridge: &str, subnet: &str, internal: bool) -> NetworkRule {
+        NetworkRule {
+            bridge: bridge.into(),
+            subnet: subnet.parse().unwrap(),
+            internal,
+        }
+    }
+
+    fn port(m: &str, target: &str) -> PortRule {
+        PortRule {
+            mapping: m.parse().unwrap(),
+            target: target.parse().unwrap(),
+        }
+    }
+
+    fn rule_lines(t: &str) -> usize {
+        t.lines()
+            .map(str::trim)
+            .filter(|l| {
+                ["accept", "drop", "masquerade", "jump publish"]
+                    .iter()
+                    .any(|r| l.ends_with(r))
+                    || l.contains(" dnat ")
+            })
+            .count()
+    }
+
     #[test]
-    fn renders_elements_not_rules() {
+    fn networks_and_ports_are_elements_not_rules() {
         let one = render(&FirewallSpec {
-            masquerade: vec!["10.88.0.0/16".parse().unwrap()],
-            bridges: vec!["weft0".into()],
+            networks: vec![net("weft0", "10.88.0.0/16", false)],
+            ports: vec![],
         });
-        assert!(one.contains("elements = { 10.88.0.0/16 }"), "{one}");
-        assert!(one.contains("elements = { \"weft0\" }"), "{one}");
-        let two = render(&FirewallSpec {
-            masquerade: vec![
-                "10.88.0.0/16".parse().unwrap(),
-                "10.89.0.0/16".parse().unwrap(),
+        let many = render(&FirewallSpec {
+            networks: vec![
+                net("weft0", "10.88.0.0/16", false),
+                net("wbr-1", "10.89.0.0/16", true),
+                net("wbr-2", "10.90.0.0/16", false),
             ],
-            bridges: vec!["weft0".into(), "weft1".into()],
+            ports: vec![
+                port("8080:80", "10.88.0.2"),
+                port("8000-8010:8000-8010/udp", "10.88.0.3"),
+                port("127.0.0.1:9000:9000", "10.90.0.2"),
+            ],
         });
-        assert_eq!(
-            one.lines().count(),
-            two.lines().count(),
-            "rule count does not grow"
+        assert_eq!(rule_lines(&one), rule_lines(&many), "{many}");
+        assert!(many.contains("\"wbr-1\" . \"wbr-1\""), "{many}");
+        assert!(
+            many.contains("0.0.0.0/0 . tcp . 8080 : 10.88.0.2 . 80"),
+            "{many}"
+        );
+        assert!(
+            many.contains("0.0.0.0/0 . udp . 8000-8010 : 10.88.0.3"),
+            "{many}"
+        );
+        assert!(
+            many.contains("127.0.0.1 . tcp . 9000 : 10.90.0.2"),
+            "{many}"
+        );
+        let masq = many
+            .lines()
+            .skip_while(|l| !l.contains("set masq_nets"))
+            .nth(1)
+            .unwrap();
+        assert!(
+            masq.contains("10.88.0.0/16") && !masq.contains("10.89.0.0/16"),
+            "internal is not masqueraded: {masq}"
         );
     }
 
     #[test]
-    fn empty_sets_have_no_elements_clause() {
+    fn port_changes_are_one_element_each() {
+        let p = [
+            port("8000-8999:8000-8999", "10.88.0.2"),
+            port("8080:80/udp", "10.88.0.2"),
+        ];
+        let add = render_add_ports(&p);
+        assert_eq!(add.lines().count(), 2);
+        assert!(add.contains(
+            "add element inet weft publish_addr { 0.0.0.0/0 . tcp . 8000-8999 : 10.88.0.2 }"
+        ));
+        let del = render_delete_ports(&p);
+        assert!(
+            del.contains("delete element inet weft publish_port { 0.0.0.0/0 . udp . 8080 }"),
+            "{del}"
+        );
+    }
+
+    #[test]
+    fn empty_table_starts_by_replacing_the_old_one() {
         let t = render(&FirewallSpec::default());
-        assert!(!t.contains("elements"), "{t}");
         assert!(t.starts_with("add table inet weft\ndelete table inet weft\n"));
+        assert!(!t.contains("elements"), "{t}");
     }
 }

@@ -3,11 +3,21 @@
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 
+/// One `--net NAME[:ip=ADDR][,alias=NAME…]` value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetRequest {
+    pub network: String,
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
 /// What the user asked for with `--net`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetMode {
     /// A network by name (`bridge` is the default network).
-    Network(String),
+    Network(NetRequest),
     Host,
     None,
     /// Share the namespace of another sandbox (by name or id).
@@ -22,6 +32,42 @@ pub enum NetModeError {
     ModeNotAlone(String),
     #[error("--net {0} is given twice")]
     Duplicate(String),
+    #[error("--net {value}: {why}; the form is NAME[:ip=ADDR][,alias=NAME]")]
+    BadOption { value: String, why: String },
+}
+
+fn parse_request(s: &str) -> Result<NetRequest, NetModeError> {
+    let bad = |why: String| NetModeError::BadOption {
+        value: s.to_string(),
+        why,
+    };
+    let (network, opts) = match s.split_once(':') {
+        Some((n, o)) => (n, Some(o)),
+        None => (s, None),
+    };
+    let mut req = NetRequest {
+        network: network.to_string(),
+        ..Default::default()
+    };
+    for opt in opts.into_iter().flat_map(|o| o.split(',')) {
+        match opt.split_once('=') {
+            Some(("ip", v)) => {
+                if req.ip.is_some() {
+                    return Err(bad("ip is given twice".into()));
+                }
+                req.ip = Some(
+                    v.parse()
+                        .map_err(|_| bad(format!("{v:?} is not an IPv4 address")))?,
+                );
+            }
+            Some(("alias", v)) => {
+                crate::names::validate("alias", v).map_err(|e| bad(e.to_string()))?;
+                req.aliases.push(v.to_string());
+            }
+            _ => return Err(bad(format!("unknown option {opt:?}"))),
+        }
+    }
+    Ok(req)
 }
 
 impl std::str::FromStr for NetMode {
@@ -33,7 +79,7 @@ impl std::str::FromStr for NetMode {
             _ => match s.strip_prefix("container:") {
                 Some("") => return Err(NetModeError::EmptyContainer),
                 Some(name) => NetMode::Container(name.to_string()),
-                None => NetMode::Network(s.to_string()),
+                None => NetMode::Network(parse_request(s)?),
             },
         })
     }
@@ -42,7 +88,7 @@ impl std::str::FromStr for NetMode {
 impl std::fmt::Display for NetMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            NetMode::Network(n) => f.write_str(n),
+            NetMode::Network(n) => f.write_str(&n.network),
             NetMode::Host => f.write_str("host"),
             NetMode::None => f.write_str("none"),
             NetMode::Container(c) => write!(f, "container:{c}"),
@@ -62,7 +108,7 @@ pub fn parse_net_modes(values: &[String]) -> Result<Vec<NetMode>, NetModeError> 
         }
     }
     for (i, m) in modes.iter().enumerate() {
-        if modes[..i].contains(m) {
+        if modes[..i].iter().any(|o| o.to_string() == m.to_string()) {
             return Err(NetModeError::Duplicate(m.to_string()));
         }
     }
@@ -80,6 +126,17 @@ pub struct Endpoint {
     pub ip: Ipv4Addr,
     pub prefix_len: u8,
     pub gateway: Ipv4Addr,
+    /// More names the sandbox answers to on this network.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+/// A published port: a `-p` mapping and the sandbox address it leads to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    pub mapping: crate::ports::PortMapping,
+    pub network: String,
+    pub target: Ipv4Addr,
 }
 
 /// How a sandbox is connected.
@@ -147,6 +204,8 @@ pub struct Sandbox {
     pub created_unix: u64,
     /// Time the agent spent setting up the network, in microseconds.
     pub network_setup_us: u64,
+    #[serde(default)]
+    pub ports: Vec<Published>,
 }
 
 impl Sandbox {
@@ -192,9 +251,45 @@ mod tests {
             parse_net_modes(&s(&["container:web"])).unwrap(),
             vec![NetMode::Container("web".into())]
         );
+        let req = |n: &str| {
+            NetMode::Network(NetRequest {
+                network: n.into(),
+                ..Default::default()
+            })
+        };
         assert_eq!(
             parse_net_modes(&s(&["a", "b"])).unwrap(),
-            vec![NetMode::Network("a".into()), NetMode::Network("b".into())]
+            vec![req("a"), req("b")]
+        );
+        assert_eq!(
+            parse_net_modes(&s(&["a:ip=10.1.0.5,alias=web,alias=www"])).unwrap(),
+            vec![NetMode::Network(NetRequest {
+                network: "a".into(),
+                ip: Some(Ipv4Addr::new(10, 1, 0, 5)),
+                aliases: vec!["web".into(), "www".into()],
+            })]
+        );
+    }
+
+    #[test]
+    fn rejects_bad_network_options() {
+        for bad in [
+            "a:ip=nope",
+            "a:mac=1",
+            "a:ip=10.0.0.1,ip=10.0.0.2",
+            "a:alias=-x",
+        ] {
+            assert!(
+                matches!(
+                    parse_net_modes(&s(&[bad])),
+                    Err(NetModeError::BadOption { .. })
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse_net_modes(&s(&["a", "a:ip=10.0.0.1"])),
+            Err(NetModeError::Duplicate("a".into()))
         );
     }
 

@@ -1,0 +1,197 @@
+//! Published ports: from outside, from the host (localhost and its own
+//! addresses), from a sibling sandbox through the host address (hairpin),
+//! TCP, UDP and ranges; conflicts; nothing left after removal.
+
+use weft_e2e::{text, TestHost, TestNs};
+
+/// Reads one line from a TCP or UDP service, retrying while it starts.
+fn ask(run: impl Fn() -> std::process::Output, want: &str) -> String {
+    let mut got = String::new();
+    for _ in 0..30 {
+        got = String::from_utf8_lossy(&run().stdout).trim().to_string();
+        if got.contains(want) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    got
+}
+
+fn tcp(addr: &str) -> String {
+    format!("socat -T 2 - TCP:{addr},connect-timeout=2 </dev/null")
+}
+
+fn udp(addr: &str) -> String {
+    format!("echo hi | socat -T 2 - UDP:{addr}")
+}
+
+#[test]
+fn published_ports_work_from_everywhere_and_go_with_the_sandbox() {
+    let h = TestHost::new(Some("10.151.0.0/16"));
+    let outside = TestNs::new("wfto");
+    let (hv, ov) = (weft_e2e::unique("wfu"), weft_e2e::unique("wfu"));
+    weft_e2e::sh(&format!(
+        "ip link add {hv} netns {} type veth peer name {ov} netns {}",
+        h.ns.name, outside.name
+    ));
+    h.ns.sh(&format!(
+        "ip addr add 203.0.113.1/24 dev {hv} && ip link set {hv} up"
+    ));
+    outside.sh(&format!(
+        "ip addr add 203.0.113.2/24 dev {ov} && ip link set {ov} up"
+    ));
+    let table_before = h.ns.sh("nft list table inet weft");
+
+    let script = "socat TCP-LISTEN:80,fork,reuseaddr SYSTEM:'echo web-tcp' & \
+                  socat UDP-RECVFROM:53,fork SYSTEM:'echo web-udp' & \
+                  socat TCP-LISTEN:9001,fork,reuseaddr SYSTEM:'echo web-range' & wait";
+    h.run_detached(
+        "web",
+        &[
+            "-p",
+            "8080:80",
+            "-p",
+            "5353:53/udp",
+            "-p",
+            "9000-9002:9000-9002",
+            "-p",
+            "127.0.0.1:8081:80",
+        ],
+        &["sh", "-c", script],
+    );
+    h.run_detached("sibling", &[], &["sleep", "infinity"]);
+
+    // From outside, to the host's address.
+    assert_eq!(
+        ask(|| outside.try_sh(&tcp("203.0.113.1:8080")), "web-tcp"),
+        "web-tcp"
+    );
+    assert_eq!(
+        ask(|| outside.try_sh(&udp("203.0.113.1:5353")), "web-udp"),
+        "web-udp"
+    );
+    assert_eq!(
+        ask(|| outside.try_sh(&tcp("203.0.113.1:9001")), "web-range"),
+        "web-range"
+    );
+    // Bound to 127.0.0.1 only: not from outside.
+    assert_eq!(outside.try_sh(&tcp("203.0.113.1:8081")).stdout, b"");
+    // From the host itself: localhost, its outside address, the bridge address.
+    for addr in [
+        "127.0.0.1:8080",
+        "203.0.113.1:8080",
+        "10.151.0.1:8080",
+        "127.0.0.1:8081",
+    ] {
+        assert_eq!(
+            ask(|| h.ns.try_sh(&tcp(addr)), "web-tcp"),
+            "web-tcp",
+            "host -> {addr}"
+        );
+    }
+    assert_eq!(
+        ask(|| h.ns.try_sh(&udp("127.0.0.1:5353")), "web-udp"),
+        "web-udp"
+    );
+    // From a sibling on the same bridge, through the host address (hairpin).
+    assert_eq!(
+        ask(|| h.exec("sibling", &tcp("203.0.113.1:8080")), "web-tcp"),
+        "web-tcp"
+    );
+    assert_eq!(
+        ask(|| h.exec("sibling", &udp("203.0.113.1:5353")), "web-udp"),
+        "web-udp"
+    );
+    assert_eq!(
+        ask(|| h.exec("sibling", &tcp("203.0.113.1:9001")), "web-range"),
+        "web-range"
+    );
+
+    // weft port lists them.
+    let ports = h.weft_ok(&["port", "web"]);
+    assert!(ports.contains("80/tcp -> 0.0.0.0:8080"), "{ports}");
+    assert!(
+        ports.contains("9000-9002/tcp -> 0.0.0.0:9000-9002"),
+        "{ports}"
+    );
+    assert!(ports.contains("80/tcp -> 127.0.0.1:8081"), "{ports}");
+    // A range is one element; the rule count does not depend on ports.
+    let table = h.ns.sh("nft list table inet weft");
+    assert!(table.contains("0.0.0.0/0 . tcp . 9000-9002"), "{table}");
+    assert_eq!(rule_count(&table), rule_count(&table_before));
+
+    // A conflicting publish is refused, naming the holder; nothing is made.
+    let links = h.sandbox_veths();
+    for p in ["8080:81", "9002:80", "5353:53/udp"] {
+        let out = h.weft(&["run", "-d", "-p", p, "--", "sleep", "infinity"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("already published by sandbox web"),
+            "-p {p}: {}",
+            text(&out)
+        );
+    }
+    assert_eq!(h.sandbox_veths(), links);
+    // Another protocol on the same number is fine.
+    h.run_detached("udp8080", &["-p", "8080:80/udp"], &["sleep", "infinity"]);
+
+    h.weft_ok(&["rm", "-f", "web", "sibling", "udp8080"]);
+    assert_eq!(outside.try_sh(&tcp("203.0.113.1:8080")).stdout, b"");
+    assert_eq!(
+        h.ns.sh("nft list table inet weft"),
+        table_before,
+        "the table is exactly as before"
+    );
+}
+
+fn rule_count(table: &str) -> usize {
+    let rules = ["jump", "dnat", "masquerade", "accept", "drop"];
+    table
+        .lines()
+        .filter(|l| {
+            rules
+                .iter()
+                .any(|r| l.trim_end().ends_with(r) || l.contains(&format!(" {r} ")))
+        })
+        .count()
+}
+
+#[test]
+fn ports_need_a_network_that_is_not_internal() {
+    let h = TestHost::new(Some("10.152.0.0/16"));
+    h.weft_ok(&[
+        "network",
+        "create",
+        "--internal",
+        "--subnet",
+        "10.153.0.0/24",
+        "inside",
+    ]);
+    for (args, needle) in [
+        (
+            vec!["run", "--net", "none", "-p", "80:80", "--", "true"],
+            "has none",
+        ),
+        (
+            vec!["run", "--net", "inside", "-p", "80:80", "--", "true"],
+            "internal",
+        ),
+        (vec!["run", "-p", "80", "--", "true"], "HOST_PORT"),
+        (
+            vec!["run", "-p", "8000-8001:9000-9001", "--", "true"],
+            "shift",
+        ),
+        (
+            vec!["run", "-p", "80:80", "-p", "80:81", "--", "true"],
+            "overlaps",
+        ),
+    ] {
+        let out = h.weft(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(h.ps().as_array().unwrap().len(), 0);
+}
