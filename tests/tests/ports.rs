@@ -136,6 +136,16 @@ fn published_ports_work_from_everywhere_and_go_with_the_sandbox() {
     h.run_detached("udp8080", &["-p", "8080:80/udp"], &["sleep", "infinity"]);
 
     h.weft_ok(&["rm", "-f", "web", "sibling", "udp8080"]);
+    // The shell's background jobs went with it.
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", "echo web-tcp"])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "processes of web left: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
     assert_eq!(outside.try_sh(&tcp("203.0.113.1:8080")).stdout, b"");
     assert_eq!(
         h.ns.sh("nft list table inet weft"),

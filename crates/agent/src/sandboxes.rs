@@ -485,9 +485,9 @@ impl Host {
         let p = self.lock().find(key)?.process;
         if let Some(p) = p {
             if let Some(fd) = process::pidfd(&p)? {
-                process::signal(&fd, libc::SIGTERM)?;
+                process::signal_group(&p, &fd, libc::SIGTERM)?;
                 if !process::wait_exit(&fd, timeout.as_millis() as i32) {
-                    process::signal(&fd, libc::SIGKILL)?;
+                    process::signal_group(&p, &fd, libc::SIGKILL)?;
                     process::wait_exit(&fd, 5000);
                 }
             }
@@ -531,7 +531,7 @@ impl Host {
         };
         if let Some(p) = p {
             if let Some(fd) = process::pidfd(&p)? {
-                process::signal(&fd, libc::SIGKILL)?;
+                process::signal_group(&p, &fd, libc::SIGKILL)?;
                 process::wait_exit(&fd, 5000);
             }
         }

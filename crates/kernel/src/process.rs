@@ -65,6 +65,18 @@ pub fn signal(fd: &OwnedFd, signal: i32) -> Result<()> {
     Ok(())
 }
 
+/// Signals the process and, if it leads its own process group (as `weft run
+/// -d` makes it), every process of that group: the shell's background jobs
+/// go with the shell, as a container's processes go with the container.
+pub fn signal_group(p: &ProcessRef, fd: &OwnedFd, sig: i32) -> Result<()> {
+    signal(fd, sig)?;
+    // The pidfd pins the pid, so a group with this id is still ours.
+    if unsafe { libc::getpgid(p.pid) } == p.pid {
+        unsafe { libc::kill(-p.pid, sig) };
+    }
+    Ok(())
+}
+
 /// Waits until the process behind `fd` exits or `timeout_ms` passes; true if it exited.
 pub fn wait_exit(fd: &OwnedFd, timeout_ms: i32) -> bool {
     use std::os::fd::AsRawFd;
