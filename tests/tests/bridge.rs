@@ -198,3 +198,21 @@ fn default_subnet_avoids_the_hosts_routes() {
         serde_json::from_str(&h.weft_ok(&["--format", "json", "network", "ls"])).unwrap();
     assert_eq!(nets[0]["subnet"], "172.19.0.0/16", "{nets}");
 }
+
+#[test]
+fn removing_sandboxes_keeps_the_gateway_reachable() {
+    // A bridge without a MAC of its own takes its lowest port's and changes
+    // it when that port goes; weft's bridges have a fixed one.
+    let h = TestHost::new(Some("10.77.0.0/16"));
+    for n in ["g1", "g2", "g3", "g4"] {
+        h.run_detached(n, &[], &["sleep", "infinity"]);
+    }
+    for n in ["g1", "g2", "g4"] {
+        assert!(h.exec(n, "ping -c 1 -W 2 10.77.0.1").status.success());
+    }
+    h.weft_ok(&["rm", "-f", "g1", "g2", "g4"]);
+    let out = h.exec("g3", "ping -c 2 -W 2 10.77.0.1");
+    assert!(out.status.success(), "{}", text(&out));
+    let link = h.ns.sh("ip -o link show weft0");
+    assert!(link.contains("02:77:0a:4d:00:01"), "{link}");
+}

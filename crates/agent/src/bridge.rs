@@ -11,7 +11,7 @@ use weft_model::{Endpoint, Network};
 /// Makes the network's bridge exist, be up, carry the gateway address and
 /// the MTU. Returns the bridge's index and whether it was created now.
 pub(crate) fn ensure_network(nl: &mut Netlink, net: &Network) -> Result<(u32, bool)> {
-    let (index, created) = nl.ensure_bridge(&net.bridge, net.mtu)?;
+    let (index, created) = nl.ensure_bridge(&net.bridge, mac_for(net.gateway), net.mtu)?;
     let gw = Ipv4Net::new(net.gateway, net.subnet.prefix_len()).expect("valid prefix");
     let configured = (|| {
         nl.add_address(index, gw)?;

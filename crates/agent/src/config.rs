@@ -11,6 +11,8 @@ pub struct AgentConfig {
     pub bridge_subnet: Option<Ipv4Net>,
     /// Namespaces (with a veth pair each) kept ready for the next attaches.
     pub netns_pool: usize,
+    /// The host's resolver configuration: upstream servers, search domains.
+    pub resolv_conf: PathBuf,
 }
 
 impl AgentConfig {
@@ -22,6 +24,9 @@ impl AgentConfig {
     }
     pub fn runtime_store_dir(&self) -> PathBuf {
         self.state_dir.join("store")
+    }
+    pub fn resolv_dir(&self) -> PathBuf {
+        self.state_dir.join("resolv")
     }
     pub fn logs_dir(&self) -> PathBuf {
         self.state_dir.join("logs")

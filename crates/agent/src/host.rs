@@ -20,6 +20,7 @@ pub(crate) struct NetworkState {
 pub(crate) struct Inner {
     pub cfg: AgentConfig,
     pub pool: std::sync::Arc<crate::netns_pool::NetnsPool>,
+    pub dns: std::sync::Arc<crate::dns::Resolver>,
     pub networks_db: DiskStore,
     pub runtime: RuntimeStore,
     /// Netlink socket in the agent's own namespace.

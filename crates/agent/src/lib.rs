@@ -5,6 +5,7 @@
 mod api;
 mod bridge;
 pub mod config;
+mod dns;
 mod error;
 mod firewall;
 mod host;

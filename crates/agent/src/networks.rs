@@ -141,12 +141,17 @@ impl Host {
                 bridge_index,
             },
         );
-        let done = firewall::apply_all(inner).and_then(|_| {
-            Ok(inner
-                .networks_db
-                .create_json(&keys::network(&net.name), &net)?)
-        });
+        let done = inner
+            .dns
+            .serve(&net.name, net.gateway)
+            .and_then(|_| firewall::apply_all(inner))
+            .and_then(|_| {
+                Ok(inner
+                    .networks_db
+                    .create_json(&keys::network(&net.name), &net)?)
+            });
         if let Err(e) = done {
+            inner.dns.stop(&net.name);
             inner.networks.remove(&net.name);
             let _ = inner.nl.delete_link(&net.bridge);
             let _ = firewall::apply_all(inner);
@@ -191,6 +196,7 @@ impl Host {
         let Some(state) = inner.networks.remove(name) else {
             return Err(not_found(name));
         };
+        inner.dns.stop(name);
         inner.nl.delete_link(&state.net.bridge)?;
         inner.networks_db.delete(&keys::network(name))?;
         firewall::apply_all(inner)?;
@@ -295,6 +301,7 @@ impl Host {
                 .release(ip);
             return Err(e);
         }
+        inner.dns.add(&updated);
         info!(sandbox = %sb.name, network, ip = %ip, "connected");
         let view = inner.view(&updated);
         inner.sandboxes.insert(updated.id.clone(), updated);
@@ -346,6 +353,7 @@ impl Host {
             }
         }
         inner.save(&updated)?;
+        inner.dns.add(&updated);
         info!(sandbox = %sb.name, network, "disconnected");
         let view = inner.view(&updated);
         inner.sandboxes.insert(updated.id.clone(), updated);

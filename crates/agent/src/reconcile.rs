@@ -87,6 +87,8 @@ pub(crate) fn start(cfg: AgentConfig) -> Result<Inner> {
     private_dir(&cfg.state_dir)?;
     private_dir(&cfg.data_dir)?;
     private_dir(&cfg.logs_dir())?;
+    std::fs::create_dir_all(cfg.resolv_dir())
+        .map_err(|e| AgentError::Internal(format!("create {}: {e}", cfg.resolv_dir().display())))?;
     netns::prepare_dir(&cfg.netns_dir())?;
     let networks_db = DiskStore::open(&cfg.network_db())?;
     let runtime = RuntimeStore::open(&cfg.runtime_store_dir())?;
@@ -123,8 +125,10 @@ pub(crate) fn start(cfg: AgentConfig) -> Result<Inner> {
     }
 
     let pool = NetnsPool::new(cfg.netns_dir(), cfg.netns_pool);
+    let dns = std::sync::Arc::new(crate::dns::Resolver::new(cfg.resolv_conf.clone()));
     let mut inner = Inner {
         pool,
+        dns,
         cfg,
         networks_db,
         runtime,
@@ -143,6 +147,18 @@ pub(crate) fn start(cfg: AgentConfig) -> Result<Inner> {
         adopt(&mut inner, sb, &links);
     }
     collect_garbage(&mut inner)?;
+    for sb in inner.sandboxes.values() {
+        inner.dns.add(sb);
+    }
+    for n in inner
+        .networks
+        .values()
+        .filter(|n| n.net.name != DEFAULT_NETWORK)
+    {
+        if let Err(e) = inner.dns.serve(&n.net.name, n.net.gateway) {
+            warn!(error = %e, "names on this network will not resolve");
+        }
+    }
     // After adoption: the table holds every network and published port.
     firewall::apply_all(&inner)?;
     info!(
@@ -277,12 +293,15 @@ fn collect_garbage(inner: &mut Inner) -> Result<()> {
         }
     }
     let ids: HashSet<&String> = inner.sandboxes.keys().collect();
-    if let Ok(dir) = std::fs::read_dir(inner.cfg.logs_dir()) {
-        for entry in dir.flatten() {
+    for (dir, ext) in [
+        (inner.cfg.logs_dir(), ".log"),
+        (inner.cfg.resolv_dir(), ".conf"),
+    ] {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let name = entry
                 .file_name()
                 .to_string_lossy()
-                .trim_end_matches(".log")
+                .trim_end_matches(ext)
                 .to_string();
             if !ids.contains(&name) {
                 let _ = std::fs::remove_file(entry.path());

@@ -97,6 +97,12 @@ pub(crate) fn teardown_network(
 }
 
 impl Inner {
+    /// The sandbox's resolv.conf, if weft wrote one (not for --net host).
+    fn resolv_path(&self, id: &str) -> Option<String> {
+        let p = self.cfg.resolv_dir().join(format!("{id}.conf"));
+        p.exists().then(|| p.display().to_string())
+    }
+
     pub(crate) fn view(&self, sb: &Sandbox) -> SandboxView {
         let netns = match &sb.attachment {
             Attachment::Container { id, .. } => {
@@ -117,6 +123,10 @@ impl Inner {
             created_unix: sb.created_unix,
             network_setup_us: sb.network_setup_us,
             ports: sb.ports.clone(),
+            resolv_conf: self.resolv_path(match &sb.attachment {
+                Attachment::Container { id, .. } => id,
+                _ => &sb.id,
+            }),
             process: sb.process,
         }
     }
@@ -362,6 +372,11 @@ impl Host {
     pub fn create_sandbox(&self, req: CreateSandbox) -> Result<SandboxView> {
         let mut g = self.lock();
         let (name, plan, mappings) = g.validate(&req)?;
+        let dns = (
+            req.dns.clone(),
+            req.dns_search.clone(),
+            req.dns_options.clone(),
+        );
         let id = random_id();
         let name = if name.is_empty() {
             id[..12].to_string()
@@ -396,11 +411,29 @@ impl Host {
             network_setup_us,
             ports,
         };
-        let recorded =
-            published.and_then(|_| Ok(g.runtime.create_json(&keys::sandbox(&id), &sb)?));
+        let resolv_file = g.cfg.resolv_dir().join(format!("{id}.conf"));
+        let recorded = published
+            .and_then(|_| {
+                if sb.attachment.owns_netns() {
+                    let host = g.dns.upstream().conf();
+                    let rc = crate::dns::resolv_for(
+                        &host,
+                        sb.attachment.endpoints(),
+                        &dns.0,
+                        &dns.1,
+                        &dns.2,
+                    );
+                    std::fs::write(&resolv_file, weft_dns::render_resolv_conf(&rc)).map_err(
+                        |e| AgentError::Internal(format!("write {}: {e}", resolv_file.display())),
+                    )?;
+                }
+                Ok(())
+            })
+            .and_then(|_| Ok(g.runtime.create_json(&keys::sandbox(&id), &sb)?));
         if let Err(e) = recorded {
             let inner = &mut *g;
             let _ = crate::firewall::delete_ports(&sb.ports);
+            let _ = std::fs::remove_file(&resolv_file);
             let _ = teardown_network(
                 &mut inner.nl,
                 &mut inner.networks,
@@ -411,6 +444,7 @@ impl Host {
             return Err(e);
         }
         info!(sandbox = %name, id = &id[..12], net = %sb.attachment.describe(), setup_us = network_setup_us, "created");
+        g.dns.add(&sb);
         let view = g.view(&sb);
         g.names.insert(name, id.clone());
         g.sandboxes.insert(id, sb);
@@ -565,6 +599,8 @@ impl Host {
         }
         inner.runtime.delete(&keys::sandbox(&id))?;
         let _ = std::fs::remove_file(inner.cfg.logs_dir().join(format!("{id}.log")));
+        let _ = std::fs::remove_file(inner.cfg.resolv_dir().join(format!("{id}.conf")));
+        inner.dns.remove(&id);
         drop(g);
         self.reap_later(
             sb.attachment

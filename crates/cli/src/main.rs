@@ -77,6 +77,9 @@ struct AgentArgs {
     /// renames, addresses and routes (0 turns the pool off)
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(0..=1024))]
     netns_pool: u16,
+    /// Where the host's upstream name servers and search domains are (reread when it changes)
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
 }
 
 /// An error of weft itself, with the exit code to leave with.
@@ -143,6 +146,7 @@ fn run_agent(state_dir: PathBuf, a: AgentArgs) -> Result<i32, Failure> {
         data_dir: a.data_dir,
         bridge_subnet: a.bridge_subnet,
         netns_pool: a.netns_pool.into(),
+        resolv_conf: a.resolv_conf,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -31,6 +31,15 @@ pub struct RunArgs {
     /// Publish ports of the first network: [HOST_IP:]HOST_PORT[-END]:CONTAINER_PORT[-END][/tcp|/udp]
     #[arg(short = 'p', long = "publish", value_name = "PORTS")]
     publish: Vec<String>,
+    /// Name server for the sandbox instead of weft's resolver (repeatable)
+    #[arg(long)]
+    dns: Vec<std::net::IpAddr>,
+    /// Search domain for the sandbox (repeatable)
+    #[arg(long)]
+    dns_search: Vec<String>,
+    /// resolv.conf option for the sandbox, e.g. ndots:2 (repeatable)
+    #[arg(long = "dns-option")]
+    dns_options: Vec<String>,
     /// Return once the command runs and leave it running (output goes to STATE_DIR/logs/ID.log)
     #[arg(short = 'd', long)]
     detach: bool,
@@ -106,6 +115,9 @@ pub fn run(ctx: &Context, a: RunArgs) -> Result<i32, Failure> {
         command: a.command.clone(),
         auto_remove: !a.detach,
         ports: a.publish,
+        dns: a.dns,
+        dns_search: a.dns_search,
+        dns_options: a.dns_options,
     };
     let view: SandboxView = ctx
         .client
@@ -135,6 +147,7 @@ pub fn run(ctx: &Context, a: RunArgs) -> Result<i32, Failure> {
     let mut child = spawn(Spec {
         argv: &a.command,
         netns: ns.as_ref(),
+        resolv_conf: view.resolv_conf.as_deref(),
         detach_log: log,
     })
     .map_err(|e| undo(format!("start {}: {e}", a.command[0])))?;
@@ -262,6 +275,7 @@ pub fn exec(ctx: &Context, a: ExecArgs) -> Result<i32, Failure> {
     let mut child = spawn(Spec {
         argv: &a.command,
         netns: ns.as_ref(),
+        resolv_conf: view.resolv_conf.as_deref(),
         detach_log: None,
     })
     .map_err(|e| Failure {

@@ -30,6 +30,8 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
 pub struct Spec<'a> {
     pub argv: &'a [String],
     pub netns: Option<&'a File>,
+    /// Mounted over /etc/resolv.conf in a mount namespace of the command's own.
+    pub resolv_conf: Option<&'a str>,
     /// Start a new session, detached from the terminal, output to this file.
     pub detach_log: Option<File>,
 }
@@ -39,12 +41,19 @@ pub fn spawn(spec: Spec) -> std::io::Result<Child> {
     cmd.args(&spec.argv[1..]);
     let ns_fd = spec.netns.map(|f| f.as_raw_fd());
     let detach = spec.detach_log.is_some();
+    // Everything the child needs is allocated here, before fork.
+    let resolv = spec
+        .resolv_conf
+        .map(|p| std::ffi::CString::new(p).map_err(|_| std::io::Error::other("NUL in path")))
+        .transpose()?;
+    let (root, target) = (c"/", c"/etc/resolv.conf");
     if let Some(log) = spec.detach_log {
         cmd.stdin(Stdio::null());
         cmd.stdout(log.try_clone()?);
         cmd.stderr(log);
     }
-    // SAFETY: only async-signal-safe calls (setns, setsid, signal) between fork and exec.
+    // SAFETY: only async-signal-safe calls (setns, setsid, unshare, mount,
+    // signal) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(fd) = ns_fd {
@@ -54,6 +63,29 @@ pub fn spawn(spec: Spec) -> std::io::Result<Child> {
             }
             if detach && libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(src) = &resolv {
+                // A private view of /etc/resolv.conf: a mount namespace of the
+                // command's own, where mounts no longer propagate back.
+                let none = std::ptr::null();
+                if libc::unshare(libc::CLONE_NEWNS) != 0
+                    || libc::mount(
+                        none,
+                        root.as_ptr(),
+                        none,
+                        libc::MS_SLAVE | libc::MS_REC,
+                        none.cast(),
+                    ) != 0
+                    || libc::mount(
+                        src.as_ptr(),
+                        target.as_ptr(),
+                        none,
+                        libc::MS_BIND,
+                        none.cast(),
+                    ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             libc::signal(libc::SIGINT, libc::SIG_DFL);
             libc::signal(libc::SIGQUIT, libc::SIG_DFL);

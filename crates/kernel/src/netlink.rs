@@ -163,13 +163,22 @@ impl Netlink {
     }
 
     /// Creates a bridge (up) unless a link of that name exists, and sets its
-    /// MTU if given; returns its index and whether it was created.
-    pub fn ensure_bridge(&mut self, name: &str, mtu: Option<u32>) -> Result<(u32, bool)> {
+    /// MAC and MTU if given; returns its index and whether it was created.
+    /// A bridge without a MAC of its own takes the lowest of its ports', and
+    /// changes it when that port goes: every neighbour's entry for the
+    /// gateway would then point at a removed sandbox.
+    pub fn ensure_bridge(
+        &mut self,
+        name: &str,
+        mac: [u8; 6],
+        mtu: Option<u32>,
+    ) -> Result<(u32, bool)> {
         if let Some(l) = self.link_by_name(name)? {
             let mut msg = LinkMessage::default();
             msg.header.index = l.index;
             msg.header.flags = LinkFlags::Up;
             msg.header.change_mask = LinkFlags::Up;
+            msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
             if let Some(mtu) = mtu {
                 msg.attributes.push(LinkAttribute::Mtu(mtu));
             }
@@ -184,6 +193,7 @@ impl Netlink {
         msg.header.flags = LinkFlags::Up;
         msg.header.change_mask = LinkFlags::Up;
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
         if let Some(mtu) = mtu {
             msg.attributes.push(LinkAttribute::Mtu(mtu));
         }

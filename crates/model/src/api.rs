@@ -21,6 +21,13 @@ pub struct CreateSandbox {
     /// `-p` values as typed: [HOST_IP:]HOST_PORT[-END]:CONTAINER_PORT[-END][/tcp|/udp].
     #[serde(default)]
     pub ports: Vec<String>,
+    /// Name servers for the sandbox's resolv.conf instead of weft's resolver.
+    #[serde(default)]
+    pub dns: Vec<std::net::IpAddr>,
+    #[serde(default)]
+    pub dns_search: Vec<String>,
+    #[serde(default)]
+    pub dns_options: Vec<String>,
 }
 
 /// `weft network connect`.
@@ -77,6 +84,9 @@ pub struct SandboxView {
     pub network_setup_us: u64,
     #[serde(default)]
     pub ports: Vec<crate::sandbox::Published>,
+    /// The file to mount on the sandbox's /etc/resolv.conf (none: the host's).
+    #[serde(default)]
+    pub resolv_conf: Option<String>,
     #[serde(skip)]
     pub process: Option<ProcessRef>,
 }
