@@ -284,6 +284,25 @@ impl TestHost {
             .collect()
     }
 
+    /// An "outside" network behind this host: a namespace joined to the host
+    /// by a veth pair, the host at 203.0.113.1/24 and the outside at
+    /// 203.0.113.2/24, with no route back to any sandbox.
+    pub fn outside(&self) -> TestNs {
+        let out = TestNs::new("wfto");
+        let (hv, ov) = (unique("wfu"), unique("wfu"));
+        sh(&format!(
+            "ip link add {hv} netns {} type veth peer name {ov} netns {}",
+            self.ns.name, out.name
+        ));
+        self.ns.sh(&format!(
+            "ip addr add 203.0.113.1/24 dev {hv} && ip link set {hv} up"
+        ));
+        out.sh(&format!(
+            "ip addr add 203.0.113.2/24 dev {ov} && ip link set {ov} up"
+        ));
+        out
+    }
+
     /// Host ends of sandbox veths (`wv…`), leaving out the ready pool's (`wvp…`).
     pub fn sandbox_veths(&self) -> Vec<String> {
         self.links()

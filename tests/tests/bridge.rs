@@ -1,6 +1,6 @@
 //! The default bridge network on one host: connectivity, masquerade, modes.
 
-use weft_e2e::{text, TestHost, TestNs};
+use weft_e2e::{text, TestHost};
 
 #[test]
 fn two_sandboxes_ping_each_other_and_the_gateway() {
@@ -56,19 +56,7 @@ fn host_pings_a_sandbox_and_connects_to_its_tcp_server() {
 fn sandbox_reaches_the_outside_through_masquerade() {
     let h = TestHost::new(Some("10.73.0.0/16"));
     // An "outside" network behind the host, with no route back to the sandboxes.
-    let out = TestNs::new("wfto");
-    let (hv, ov) = (weft_e2e::unique("wfu"), weft_e2e::unique("wfu"));
-    weft_e2e::sh(&format!(
-        "ip link add {hv} netns {h} type veth peer name {ov} netns {o}",
-        h = h.ns.name,
-        o = out.name
-    ));
-    h.ns.sh(&format!(
-        "ip addr add 203.0.113.1/24 dev {hv} && ip link set {hv} up"
-    ));
-    out.sh(&format!(
-        "ip addr add 203.0.113.2/24 dev {ov} && ip link set {ov} up"
-    ));
+    let out = h.outside();
     let mut server = out
         .command("socat")
         .args([

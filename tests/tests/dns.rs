@@ -31,18 +31,7 @@ fn setup(subnet: &str) -> Setup {
     )
     .unwrap();
     let h = TestHost::with_agent_args(Some(subnet), &["--resolv-conf", resolv.to_str().unwrap()]);
-    let outside = TestNs::new("wfto");
-    let (hv, ov) = (weft_e2e::unique("wfu"), weft_e2e::unique("wfu"));
-    weft_e2e::sh(&format!(
-        "ip link add {hv} netns {} type veth peer name {ov} netns {}",
-        h.ns.name, outside.name
-    ));
-    h.ns.sh(&format!(
-        "ip addr add 203.0.113.1/24 dev {hv} && ip link set {hv} up"
-    ));
-    outside.sh(&format!(
-        "ip addr add 203.0.113.2/24 dev {ov} && ip link set {ov} up"
-    ));
+    let outside = h.outside();
     let dnsmasq = outside
         .command("dnsmasq")
         .args([

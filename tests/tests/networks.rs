@@ -1,7 +1,7 @@
 //! User-defined networks: lifecycle, refused input, several networks per
 //! sandbox, connect/disconnect, isolation and internal networks.
 
-use weft_e2e::{text, TestHost, TestNs};
+use weft_e2e::{text, TestHost};
 
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).expect("JSON")
@@ -337,18 +337,7 @@ fn networks_are_isolated_both_ways_over_icmp_tcp_udp() {
 #[test]
 fn an_internal_network_has_no_way_out() {
     let h = TestHost::new(Some("10.141.0.0/16"));
-    let out = TestNs::new("wfto");
-    let (hv, ov) = (weft_e2e::unique("wfu"), weft_e2e::unique("wfu"));
-    weft_e2e::sh(&format!(
-        "ip link add {hv} netns {} type veth peer name {ov} netns {}",
-        h.ns.name, out.name
-    ));
-    h.ns.sh(&format!(
-        "ip addr add 203.0.113.1/24 dev {hv} && ip link set {hv} up"
-    ));
-    out.sh(&format!(
-        "ip addr add 203.0.113.2/24 dev {ov} && ip link set {ov} up"
-    ));
+    let _outside = h.outside();
     h.weft_ok(&[
         "network",
         "create",

@@ -2,7 +2,7 @@
 //! addresses), from a sibling sandbox through the host address (hairpin),
 //! TCP, UDP and ranges; conflicts; nothing left after removal.
 
-use weft_e2e::{text, TestHost, TestNs};
+use weft_e2e::{text, TestHost};
 
 /// Reads one line from a TCP or UDP service, retrying while it starts.
 fn ask(run: impl Fn() -> std::process::Output, want: &str) -> String {
@@ -28,18 +28,7 @@ fn udp(addr: &str) -> String {
 #[test]
 fn published_ports_work_from_everywhere_and_go_with_the_sandbox() {
     let h = TestHost::new(Some("10.151.0.0/16"));
-    let outside = TestNs::new("wfto");
-    let (hv, ov) = (weft_e2e::unique("wfu"), weft_e2e::unique("wfu"));
-    weft_e2e::sh(&format!(
-        "ip link add {hv} netns {} type veth peer name {ov} netns {}",
-        h.ns.name, outside.name
-    ));
-    h.ns.sh(&format!(
-        "ip addr add 203.0.113.1/24 dev {hv} && ip link set {hv} up"
-    ));
-    outside.sh(&format!(
-        "ip addr add 203.0.113.2/24 dev {ov} && ip link set {ov} up"
-    ));
+    let outside = h.outside();
     let table_before = h.ns.sh("nft list table inet weft");
 
     let script = "socat TCP-LISTEN:80,fork,reuseaddr SYSTEM:'echo web-tcp' & \

@@ -351,33 +351,6 @@ impl Netlink {
         }
     }
 
-    /// IPv4 addresses of one link (or all links with `None`).
-    pub fn addresses(&mut self, index: Option<u32>) -> Result<Vec<(u32, Ipv4Net)>> {
-        let mut msg = AddressMessage::default();
-        msg.header.family = AddressFamily::Inet;
-        let replies = self.request(
-            "list addresses",
-            RouteNetlinkMessage::GetAddress(msg),
-            NLM_F_DUMP,
-        )?;
-        let mut out = Vec::new();
-        for m in replies {
-            if let RouteNetlinkMessage::NewAddress(a) = m {
-                if index.is_some_and(|i| i != a.header.index) {
-                    continue;
-                }
-                for attr in &a.attributes {
-                    if let AddressAttribute::Local(IpAddr::V4(ip)) = attr {
-                        if let Ok(net) = Ipv4Net::new(*ip, a.header.prefix_len) {
-                            out.push((a.header.index, net));
-                        }
-                    }
-                }
-            }
-        }
-        Ok(out)
-    }
-
     /// Replaces (or adds) the default route: via `gateway` out of `oif`.
     pub fn replace_default_route(&mut self, gateway: Ipv4Addr, oif: u32) -> Result<()> {
         let msg = default_route(Some((gateway, oif)));
