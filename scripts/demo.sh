@@ -35,7 +35,8 @@ ip -n "$outside" addr add 203.0.113.2/24 dev wftdemo1; ip -n "$outside" link set
 
 step "weft agent"
 mkdir -p "$dir"
-in_host "$weft" agent --data-dir "$dir/data" --bridge-subnet 10.88.0.0/16 >"$dir/agent.log" 2>&1 &
+# nsenter execs the agent, so $! is the agent itself (for cleanup).
+nsenter --net="/run/netns/$host" "$weft" agent --data-dir "$dir/data" --bridge-subnet 10.88.0.0/16 >"$dir/agent.log" 2>&1 &
 agent=$!
 for _ in $(seq 100); do "$weft" ps >/dev/null 2>&1 && break; sleep 0.05; done
 in_host "$weft" network ls

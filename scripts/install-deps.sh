@@ -6,7 +6,7 @@ if [ "$(id -u)" != 0 ]; then
     echo "install-deps.sh: run as root (sudo bash scripts/install-deps.sh)" >&2
     exit 1
 fi
-pkgs=(iproute2 nftables iputils-ping socat procps util-linux ca-certificates dnsmasq-base bind9-dnsutils)
+pkgs=(iproute2 nftables iputils-ping socat procps util-linux ca-certificates dnsmasq-base bind9-dnsutils tcpdump)
 if [ "${1:-}" = "--bench" ]; then
     pkgs+=(docker.io containernetworking-plugins busybox-static)
 fi

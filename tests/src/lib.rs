@@ -387,3 +387,72 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// A simulated LAN: a bridge in a namespace of its own that hosts plug into
+/// with veth pairs, as machines into a switch.
+pub struct Lan {
+    pub ns: TestNs,
+    pub bridge: String,
+}
+
+impl Lan {
+    pub fn new() -> Lan {
+        let ns = TestNs::new("wftl");
+        let bridge = "wftlan0".to_string();
+        ns.sh(&format!(
+            "ip link add {bridge} type bridge && ip link set {bridge} up"
+        ));
+        Lan { ns, bridge }
+    }
+
+    /// Plugs `host` in; returns the name of its interface on the LAN.
+    pub fn plug(&self, host: &TestHost) -> String {
+        let (hv, lv) = (unique("wfp"), unique("wfq"));
+        sh(&format!(
+            "ip link add {hv} netns {} type veth peer name {lv} netns {}",
+            host.ns.name, self.ns.name
+        ));
+        self.ns.sh(&format!(
+            "ip link set {lv} master {} && ip link set {lv} up",
+            self.bridge
+        ));
+        host.ns.sh(&format!("ip link set {hv} up"));
+        hv
+    }
+
+    /// Captures `count` frames matching `filter` on the LAN while `f` runs.
+    pub fn capture(&self, filter: &str, count: usize, f: impl FnOnce()) -> String {
+        let mut child = self
+            .ns
+            .command("tcpdump")
+            .args([
+                "-l",
+                "-n",
+                "-e",
+                "-i",
+                &self.bridge,
+                "-c",
+                &count.to_string(),
+            ])
+            .args(filter.split_whitespace())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tcpdump");
+        std::thread::sleep(Duration::from_millis(500));
+        f();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Default for Lan {
+    fn default() -> Self {
+        Lan::new()
+    }
+}

@@ -18,6 +18,9 @@ impl Drop for Setup {
     fn drop(&mut self) {
         let _ = self.dnsmasq.kill();
         let _ = self.dnsmasq.wait();
+        if let Some(dir) = self.resolv.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

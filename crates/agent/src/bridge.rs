@@ -1,16 +1,143 @@
-//! The bridge driver: a Linux bridge per network on this host, a veth pair
-//! per endpoint with the host end on the bridge.
+//! The network drivers' kernel side. bridge: a Linux bridge per network on
+//! this host, a veth pair per endpoint with the host end on the bridge.
+//! macvlan: a macvlan interface of the parent per endpoint, straight on the
+//! LAN, and optionally one for the host itself (host access).
 
 use crate::error::{AgentError, Result};
-use crate::netns_pool::Prepared;
 use ipnet::Ipv4Net;
 use weft_kernel::{sysctl, Netlink, Netns};
-use weft_model::sandbox::mac_for;
+use weft_model::network::{self, Driver};
+use weft_model::sandbox::{mac_for, EndpointKind};
 use weft_model::{Endpoint, Network};
+
+/// Makes the network ready on this host. Returns the index endpoints attach
+/// to (bridge, or macvlan parent), the host-access interface's index, and
+/// whether anything was created now. `net.parent_created` records a VLAN
+/// sub-interface weft made.
+pub(crate) fn ensure(nl: &mut Netlink, net: &mut Network) -> Result<(u32, Option<u32>, bool)> {
+    match net.driver {
+        Driver::Bridge => ensure_network(nl, net).map(|(i, c)| (i, None, c)),
+        Driver::Macvlan => ensure_macvlan(nl, net),
+    }
+}
+
+fn ensure_macvlan(nl: &mut Netlink, net: &mut Network) -> Result<(u32, Option<u32>, bool)> {
+    let parent = net.parent.clone().expect("macvlan networks have a parent");
+    let mut created = false;
+    let index = match nl.link_by_name(&parent)? {
+        Some(l) => {
+            if !l.up {
+                nl.set_up(l.index)?;
+            }
+            l.index
+        }
+        None => {
+            let Some((base, vid)) = network::vlan_of(&parent) else {
+                return Err(AgentError::BadRequest(format!(
+                    "-o parent={parent}: no such interface on this host"
+                )));
+            };
+            let base_link = nl.link_by_name(base)?.ok_or_else(|| {
+                AgentError::BadRequest(format!(
+                    "-o parent={parent}: no interface {base} on this host"
+                ))
+            })?;
+            nl.add_vlan(base_link.index, &parent, vid).map_err(|e| match e.errno() {
+                Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => AgentError::BadRequest(format!(
+                    "-o parent={parent}: this kernel cannot make 802.1q sub-interfaces (CONFIG_VLAN_8021Q): {e}"
+                )),
+                _ => e.into(),
+            })?;
+            net.parent_created = true;
+            created = true;
+            nl.link_by_name(&parent)?
+                .ok_or_else(|| AgentError::Internal(format!("{parent} vanished")))?
+                .index
+        }
+    };
+    let shim = match net.host_access {
+        None => None,
+        Some(ip) => {
+            let name = net.shim();
+            let shim = match nl.link_by_name(&name)? {
+                Some(l) => l.index,
+                None => {
+                    let made = nl
+                        .add_macvlan(index, &name, None, mac_for(ip), net.mtu)
+                        .map_err(AgentError::from)
+                        .and_then(|_| {
+                            nl.link_by_name(&name)?
+                                .ok_or_else(|| AgentError::Internal(format!("{name} vanished")))
+                        });
+                    match made {
+                        Ok(l) => l.index,
+                        Err(e) => {
+                            if net.parent_created {
+                                let _ = nl.delete_link(&parent);
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            nl.set_up(shim)?;
+            nl.add_address(shim, Ipv4Net::new(ip, 32).expect("valid"))?;
+            Some(shim)
+        }
+    };
+    Ok((index, shim, created))
+}
+
+/// Undoes `ensure`: the bridge, or the host-access interface and a parent weft made.
+pub(crate) fn remove(nl: &mut Netlink, net: &Network) -> Result<()> {
+    match net.driver {
+        Driver::Bridge => {
+            nl.delete_link(&net.bridge)?;
+        }
+        Driver::Macvlan => {
+            nl.delete_link(&net.shim())?;
+            if net.parent_created {
+                if let Some(p) = &net.parent {
+                    nl.delete_link(p)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Plugs a macvlan interface of `parent` into the sandbox as the endpoint,
+/// and gives the host a route to it through its own macvlan, if it has one
+/// (the kernel does not pass traffic between a parent and its macvlans).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attach_macvlan(
+    nl: &mut Netlink,
+    ns: &Netns,
+    ns_nl: &mut Netlink,
+    parent: u32,
+    shim: Option<u32>,
+    ep: &Endpoint,
+    mtu: Option<u32>,
+    default_route: bool,
+) -> Result<()> {
+    nl.add_macvlan(parent, &ep.ifname, Some(ns.fd()), mac_for(ep.ip), mtu)?;
+    let link = ns_nl.link_by_name(&ep.ifname)?.ok_or_else(|| {
+        AgentError::Internal(format!(
+            "{} did not appear in {}",
+            ep.ifname,
+            ns.path().display()
+        ))
+    })?;
+    configure_inside(ns_nl, link.index, ep, mtu, default_route)?;
+    if let Some(shim) = shim {
+        nl.add_host_route(ep.ip, shim)?;
+    }
+    Ok(())
+}
 
 /// Makes the network's bridge exist, be up, carry the gateway address and
 /// the MTU. Returns the bridge's index and whether it was created now.
-pub(crate) fn ensure_network(nl: &mut Netlink, net: &Network) -> Result<(u32, bool)> {
+fn ensure_network(nl: &mut Netlink, net: &Network) -> Result<(u32, bool)> {
     let (index, created) = nl.ensure_bridge(&net.bridge, mac_for(net.gateway), net.mtu)?;
     let gw = Ipv4Net::new(net.gateway, net.subnet.prefix_len()).expect("valid prefix");
     let configured = (|| {
@@ -34,16 +161,16 @@ pub(crate) fn ensure_network(nl: &mut Netlink, net: &Network) -> Result<(u32, bo
 /// of the host end and the namespace.
 pub(crate) fn attach_prepared(
     nl: &mut Netlink,
-    p: &mut Prepared,
+    (host_index, peer_index, ns_nl): (u32, u32, &mut Netlink),
     bridge_index: u32,
     ep: &Endpoint,
     mtu: Option<u32>,
     default_route: bool,
 ) -> Result<()> {
     let t = std::time::Instant::now();
-    nl.enslave_up(p.host_index, Some(&ep.host_ifname), bridge_index, mtu)?;
+    nl.enslave_up(host_index, Some(&ep.host_ifname), bridge_index, mtu)?;
     let host_us = t.elapsed().as_micros();
-    configure_inside(&mut p.ns_nl, p.peer_index, ep, mtu, default_route)?;
+    configure_inside(ns_nl, peer_index, ep, mtu, default_route)?;
     tracing::debug!(
         host_us,
         inside_us = t.elapsed().as_micros() - host_us,
@@ -101,8 +228,19 @@ fn configure_inside(
     Ok(())
 }
 
-/// Removes the endpoint's veth pair; absent is fine.
-pub(crate) fn detach(nl: &mut Netlink, ep: &Endpoint) -> Result<()> {
-    nl.delete_link(&ep.host_ifname)?;
+/// Removes the endpoint's veth pair; absent is fine. A macvlan endpoint has
+/// nothing on the host but its host-access route; its interface goes with
+/// the namespace (or `detach_inside`).
+pub(crate) fn detach(nl: &mut Netlink, ep: &Endpoint, shim: Option<u32>) -> Result<()> {
+    match ep.kind {
+        EndpointKind::Veth => {
+            nl.delete_link(&ep.host_ifname)?;
+        }
+        EndpointKind::Macvlan => {
+            if let Some(shim) = shim {
+                nl.delete_host_route(ep.ip, shim)?;
+            }
+        }
+    }
     Ok(())
 }

@@ -303,23 +303,22 @@ async fn forward_tcp(ctx: &Ctx, query: &[u8]) -> Vec<u8> {
     }
 }
 
-/// What a sandbox's /etc/resolv.conf says. On a user-defined network: weft's
-/// resolver (the first such network's gateway). On the default bridge only,
+/// What a sandbox's /etc/resolv.conf says. On a user-defined bridge network:
+/// weft's resolver (`embedded`: the first such network's gateway). On the default bridge only,
 /// as with Docker: the host's servers, without the loopback ones a sandbox
 /// cannot reach (then Docker's public fallback). `--dns`, `--dns-search` and
 /// `--dns-option` replace the respective parts.
 pub(crate) fn resolv_for(
     host: &weft_dns::ResolvConf,
-    endpoints: &[weft_model::Endpoint],
+    embedded: Option<Ipv4Addr>,
     dns: &[IpAddr],
     dns_search: &[String],
     dns_options: &[String],
 ) -> weft_dns::ResolvConf {
-    use weft_model::network::DEFAULT_NETWORK;
     let nameservers = if !dns.is_empty() {
         dns.to_vec()
-    } else if let Some(ep) = endpoints.iter().find(|e| e.network != DEFAULT_NETWORK) {
-        vec![IpAddr::V4(ep.gateway)]
+    } else if let Some(gw) = embedded {
+        vec![IpAddr::V4(gw)]
     } else {
         let usable: Vec<IpAddr> = host
             .nameservers

@@ -22,6 +22,7 @@ fn spec(inner: &Inner) -> FirewallSpec {
         networks: inner
             .networks
             .values()
+            .filter(|n| n.net.driver == weft_model::Driver::Bridge)
             .map(|n| NetworkRule {
                 bridge: n.net.bridge.clone(),
                 subnet: n.net.subnet,

@@ -14,7 +14,10 @@ use weft_store::{DiskStore, RuntimeStore};
 pub(crate) struct NetworkState {
     pub net: Network,
     pub pool: AddressPool,
+    /// What endpoints attach to: the bridge, or the macvlan parent.
     pub bridge_index: u32,
+    /// macvlan with host access: the host's own macvlan interface.
+    pub shim_index: Option<u32>,
 }
 
 pub(crate) struct Inner {

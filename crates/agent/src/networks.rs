@@ -13,7 +13,8 @@ use weft_model::api::{
     Connect, Disconnect, EndpointView, NetworkView, RemovedNetwork, SandboxView,
 };
 use weft_model::network::{self, DEFAULT_NETWORK};
-use weft_model::sandbox::host_veth_name;
+use weft_model::sandbox::{host_veth_name, EndpointKind};
+use weft_model::Driver;
 use weft_model::{keys, AddressPool, Attachment, Endpoint, Network, NetworkSpec, Sandbox};
 use weft_store::{Store, StoreJson};
 
@@ -53,6 +54,8 @@ impl Inner {
             subnet: net.subnet,
             gateway: net.gateway,
             bridge: net.bridge.clone(),
+            parent: net.parent.clone(),
+            host_access: net.host_access,
             ip_range: net.ip_range,
             mtu: net.mtu,
             internal: net.internal,
@@ -123,27 +126,31 @@ impl Host {
         } else {
             Vec::new()
         };
-        let net = network::plan(&spec, &random_id(), &existing, &routes)
+        let mut net = network::plan(&spec, &random_id(), &existing, &routes)
             .map_err(|e| AgentError::BadRequest(e.to_string()))?;
         let pool = pool_for(&net)?;
-        if inner.nl.link_by_name(&net.bridge)?.is_some() {
+        if net.driver == Driver::Bridge && inner.nl.link_by_name(&net.bridge)?.is_some() {
             return Err(AgentError::Conflict(format!(
                 "a link named {} already exists on this host; choose another with -o bridge.name=NAME",
                 net.bridge
             )));
         }
-        let (bridge_index, _) = bridge::ensure_network(&mut inner.nl, &net)?;
+        let (bridge_index, shim_index, _) = bridge::ensure(&mut inner.nl, &mut net)?;
         inner.networks.insert(
             net.name.clone(),
             NetworkState {
                 net: net.clone(),
                 pool,
                 bridge_index,
+                shim_index,
             },
         );
-        let done = inner
-            .dns
-            .serve(&net.name, net.gateway)
+        let served = if net.has_resolver() {
+            inner.dns.serve(&net.name, net.gateway)
+        } else {
+            Ok(())
+        };
+        let done = served
             .and_then(|_| firewall::apply_all(inner))
             .and_then(|_| {
                 Ok(inner
@@ -153,7 +160,7 @@ impl Host {
         if let Err(e) = done {
             inner.dns.stop(&net.name);
             inner.networks.remove(&net.name);
-            let _ = inner.nl.delete_link(&net.bridge);
+            let _ = bridge::remove(&mut inner.nl, &net);
             let _ = firewall::apply_all(inner);
             return Err(e);
         }
@@ -197,7 +204,7 @@ impl Host {
             return Err(not_found(name));
         };
         inner.dns.stop(name);
-        inner.nl.delete_link(&state.net.bridge)?;
+        bridge::remove(&mut inner.nl, &state.net)?;
         inner.networks_db.delete(&keys::network(name))?;
         firewall::apply_all(inner)?;
         info!(network = %name, "network removed");
@@ -270,8 +277,12 @@ impl Host {
             prefix_len: state.net.subnet.prefix_len(),
             gateway: state.net.gateway,
             aliases: req.aliases.clone(),
+            kind: match state.net.driver {
+                Driver::Bridge => EndpointKind::Veth,
+                Driver::Macvlan => EndpointKind::Macvlan,
+            },
         };
-        let (bridge_index, mtu) = (state.bridge_index, state.net.mtu);
+        let (bridge_index, shim, mtu) = (state.bridge_index, state.shim_index, state.net.mtu);
         let mut updated = sb.clone();
         if let Attachment::Networks { endpoints } = &mut updated.attachment {
             endpoints.push(ep.clone());
@@ -279,20 +290,41 @@ impl Host {
         let made = (|| {
             let ns = Netns::open(Path::new(path))?;
             let mut ns_nl = ns.netlink()?;
-            bridge::attach(
-                &mut inner.nl,
-                &ns,
-                &mut ns_nl,
-                bridge_index,
-                &ep,
-                mtu,
-                false,
-            )?;
+            match ep.kind {
+                EndpointKind::Veth => {
+                    bridge::attach(
+                        &mut inner.nl,
+                        &ns,
+                        &mut ns_nl,
+                        bridge_index,
+                        &ep,
+                        mtu,
+                        false,
+                    )?;
+                }
+                EndpointKind::Macvlan => {
+                    bridge::attach_macvlan(
+                        &mut inner.nl,
+                        &ns,
+                        &mut ns_nl,
+                        bridge_index,
+                        shim,
+                        &ep,
+                        mtu,
+                        false,
+                    )?;
+                }
+            }
             inner.fix_default_route(&updated, &mut ns_nl)?;
             inner.save(&updated)
         })();
         if let Err(e) = made {
-            let _ = inner.nl.delete_link(&ep.host_ifname);
+            let _ = bridge::detach(&mut inner.nl, &ep, shim);
+            if ep.kind == EndpointKind::Macvlan {
+                let _ = Netns::open(Path::new(path))
+                    .and_then(|ns| ns.netlink())
+                    .and_then(|mut ns_nl| ns_nl.delete_link(&ep.ifname));
+            }
             inner
                 .networks
                 .get_mut(network)
@@ -336,7 +368,15 @@ impl Host {
             updated.ports.drain(..).partition(|p| p.network == network);
         updated.ports = kept;
         firewall::delete_ports(&gone)?;
-        bridge::detach(&mut inner.nl, &ep)?;
+        let shim = inner.networks[network].shim_index;
+        bridge::detach(&mut inner.nl, &ep, shim)?;
+        if ep.kind == EndpointKind::Macvlan {
+            if let Some(path) = &sb.netns {
+                Netns::open(Path::new(path))?
+                    .netlink()?
+                    .delete_link(&ep.ifname)?;
+            }
+        }
         inner
             .networks
             .get_mut(network)

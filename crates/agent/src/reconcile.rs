@@ -15,7 +15,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use tracing::{info, warn};
 use weft_kernel::{netns, sysctl, Link, Netlink, Netns};
-use weft_model::network::{BRIDGE_PREFIX, DEFAULT_BRIDGE, DEFAULT_NETWORK};
+use weft_model::network::{BRIDGE_PREFIX, DEFAULT_BRIDGE, DEFAULT_NETWORK, SHIM_PREFIX};
+use weft_model::sandbox::EndpointKind;
 use weft_model::sandbox::HOST_VETH_PREFIX;
 use weft_model::{keys, subnet, Attachment, Driver, Network, Sandbox};
 use weft_store::{DiskStore, RuntimeStore, Store, StoreJson};
@@ -74,6 +75,9 @@ fn default_network(
         subnet,
         gateway: subnet::first_host(&subnet),
         bridge: DEFAULT_BRIDGE.into(),
+        parent: None,
+        parent_created: false,
+        host_access: None,
         ip_range: None,
         mtu: None,
         internal: false,
@@ -111,8 +115,16 @@ pub(crate) fn start(cfg: AgentConfig) -> Result<Inner> {
     }
 
     let mut networks = BTreeMap::new();
-    for net in networks_db.list_json::<Network>(keys::NETWORKS)? {
-        let (bridge_index, _) = bridge::ensure_network(&mut nl, &net)?;
+    for mut net in networks_db.list_json::<Network>(keys::NETWORKS)? {
+        let (bridge_index, shim_index) = match bridge::ensure(&mut nl, &mut net) {
+            Ok((i, shim, _)) => (i, shim),
+            // A macvlan parent can vanish with hardware: keep the rest working.
+            Err(e) if net.driver == Driver::Macvlan => {
+                warn!(network = %net.name, error = %e, "macvlan network unusable until its parent is back");
+                (0, None)
+            }
+            Err(e) => return Err(e),
+        };
         let pool = crate::networks::pool_for(&net)?;
         networks.insert(
             net.name.clone(),
@@ -120,6 +132,7 @@ pub(crate) fn start(cfg: AgentConfig) -> Result<Inner> {
                 net,
                 pool,
                 bridge_index,
+                shim_index,
             },
         );
     }
@@ -150,11 +163,7 @@ pub(crate) fn start(cfg: AgentConfig) -> Result<Inner> {
     for sb in inner.sandboxes.values() {
         inner.dns.add(sb);
     }
-    for n in inner
-        .networks
-        .values()
-        .filter(|n| n.net.name != DEFAULT_NETWORK)
-    {
+    for n in inner.networks.values().filter(|n| n.net.has_resolver()) {
         if let Err(e) = inner.dns.serve(&n.net.name, n.net.gateway) {
             warn!(error = %e, "names on this network will not resolve");
         }
@@ -215,6 +224,9 @@ fn repair_endpoints(inner: &mut Inner, sb: &Sandbox, links: &HashMap<String, Lin
         let Some(net) = inner.networks.get(&ep.network) else {
             continue;
         };
+        if ep.kind == EndpointKind::Macvlan {
+            continue;
+        }
         match links.get(&ep.host_ifname) {
             None => missing.push((i, ep)),
             Some(l) if l.master != Some(net.bridge_index) || !l.up => {
@@ -266,7 +278,21 @@ fn collect_garbage(inner: &mut Inner) -> Result<()> {
         .map(|e| e.host_ifname.as_str())
         .chain(inner.networks.values().map(|n| n.net.bridge.as_str()))
         .collect();
-    let owned = |name: &str| name.starts_with(HOST_VETH_PREFIX) || name.starts_with(BRIDGE_PREFIX);
+    let shims: Vec<String> = inner
+        .networks
+        .values()
+        .filter(|n| n.net.host_access.is_some())
+        .map(|n| n.net.shim())
+        .collect();
+    let wanted: HashSet<&str> = wanted
+        .into_iter()
+        .chain(shims.iter().map(String::as_str))
+        .collect();
+    let owned = |name: &str| {
+        name.starts_with(HOST_VETH_PREFIX)
+            || name.starts_with(BRIDGE_PREFIX)
+            || name.starts_with(SHIM_PREFIX)
+    };
     let stale: Vec<String> = inner
         .nl
         .links()?

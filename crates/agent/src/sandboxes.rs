@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use weft_kernel::{process, Netlink, Netns};
 use weft_model::api::{CreateSandbox, Removed, SandboxView, State};
+use weft_model::sandbox::EndpointKind;
 use weft_model::sandbox::{host_veth_name, parse_net_modes};
+use weft_model::Driver;
 use weft_model::{
     keys, names, ports, Attachment, Endpoint, NetMode, NetRequest, PortMapping, ProcessRef,
     Published, Sandbox,
@@ -79,8 +81,11 @@ pub(crate) fn teardown_network(
 ) -> Result<()> {
     let mut first_err = None;
     for ep in attachment.endpoints() {
-        if links == Links::Delete || netns.is_none() {
-            if let Err(e) = bridge::detach(nl, ep) {
+        let shim = networks.get(&ep.network).and_then(|n| n.shim_index);
+        // A macvlan endpoint's host route goes in any case; its interface goes
+        // with the namespace.
+        if links == Links::Delete || netns.is_none() || ep.kind == EndpointKind::Macvlan {
+            if let Err(e) = bridge::detach(nl, ep, shim) {
                 first_err.get_or_insert(e);
             }
         }
@@ -229,6 +234,12 @@ impl Inner {
                     requests.push(r.clone());
                 }
                 let first = &self.networks[&requests[0].network].net;
+                if !mappings.is_empty() && first.driver == Driver::Macvlan {
+                    return Err(bad(format!(
+                        "-p: network {} is a macvlan network: its sandboxes are on the LAN with their own addresses; reach them there",
+                        first.name
+                    )));
+                }
                 if !mappings.is_empty() && first.internal {
                     return Err(bad(format!(
                         "-p: network {} is internal, so nothing outside may reach it",
@@ -284,13 +295,26 @@ impl Inner {
                 default_route,
             } => {
                 let t = Instant::now();
-                let mut prepared = match self.pool.take() {
-                    Some(p) => p,
-                    None => Prepared::make(self.pool.dir(), &mut self.nl)?,
+                let macvlan_first =
+                    self.networks[&requests[0].network].net.driver == Driver::Macvlan;
+                // A ready namespace comes with a veth pair for eth0; a sandbox whose
+                // eth0 is a macvlan gets a bare namespace instead.
+                let (ns, mut ns_nl, parked) = if macvlan_first {
+                    let (ns, ns_nl) = Netns::create(&path, crate::netns_pool::SANDBOX_SYSCTLS)?;
+                    (ns, ns_nl, None)
+                } else {
+                    let p = match self.pool.take() {
+                        Some(p) => p,
+                        None => Prepared::make(self.pool.dir(), &mut self.nl)?,
+                    };
+                    (
+                        p.ns,
+                        p.ns_nl,
+                        Some((p.host_ifname, p.host_index, p.peer_index)),
+                    )
                 };
                 debug!(prepare_us = t.elapsed().as_micros(), "namespace ready");
-                let path = prepared.ns.path().display().to_string();
-                let parked = prepared.host_ifname.clone();
+                let path = ns.path().display().to_string();
                 let mut endpoints = Vec::with_capacity(requests.len());
                 let made = (|| {
                     for (i, r) in requests.iter().enumerate() {
@@ -307,30 +331,46 @@ impl Inner {
                             prefix_len: state.net.subnet.prefix_len(),
                             gateway: state.net.gateway,
                             aliases: r.aliases.clone(),
+                            kind: match state.net.driver {
+                                Driver::Bridge => EndpointKind::Veth,
+                                Driver::Macvlan => EndpointKind::Macvlan,
+                            },
                         };
-                        let (bridge_index, mtu) = (state.bridge_index, state.net.mtu);
+                        let (bridge_index, shim, mtu) =
+                            (state.bridge_index, state.shim_index, state.net.mtu);
                         let route = default_route.as_deref() == Some(r.network.as_str());
                         endpoints.push(ep.clone());
-                        let attached = if i == 0 {
-                            bridge::attach_prepared(
+                        let attached = match (&parked, ep.kind) {
+                            (Some((_, host_index, peer_index)), EndpointKind::Veth) if i == 0 => {
+                                bridge::attach_prepared(
+                                    &mut self.nl,
+                                    (*host_index, *peer_index, &mut ns_nl),
+                                    bridge_index,
+                                    &ep,
+                                    mtu,
+                                    route,
+                                )
+                            }
+                            (_, EndpointKind::Veth) => bridge::attach(
                                 &mut self.nl,
-                                &mut prepared,
+                                &ns,
+                                &mut ns_nl,
                                 bridge_index,
                                 &ep,
                                 mtu,
                                 route,
                             )
-                        } else {
-                            bridge::attach(
+                            .map(|_| ()),
+                            (_, EndpointKind::Macvlan) => bridge::attach_macvlan(
                                 &mut self.nl,
-                                &prepared.ns,
-                                &mut prepared.ns_nl,
+                                &ns,
+                                &mut ns_nl,
                                 bridge_index,
+                                shim,
                                 &ep,
                                 mtu,
                                 route,
-                            )
-                            .map(|_| ())
+                            ),
                         };
                         attached.map_err(|e| bridge_full_hint(e, &r.network))?;
                     }
@@ -339,7 +379,9 @@ impl Inner {
                 let attachment = Attachment::Networks { endpoints };
                 if let Err(e) = made {
                     // The host end may still carry its parked name.
-                    let _ = self.nl.delete_link(&parked);
+                    if let Some((name, _, _)) = &parked {
+                        let _ = self.nl.delete_link(name);
+                    }
                     if let Err(undo) = teardown_network(
                         &mut self.nl,
                         &mut self.networks,
@@ -416,13 +458,17 @@ impl Host {
             .and_then(|_| {
                 if sb.attachment.owns_netns() {
                     let host = g.dns.upstream().conf();
-                    let rc = crate::dns::resolv_for(
-                        &host,
-                        sb.attachment.endpoints(),
-                        &dns.0,
-                        &dns.1,
-                        &dns.2,
-                    );
+                    let embedded = sb
+                        .attachment
+                        .endpoints()
+                        .iter()
+                        .find(|e| {
+                            g.networks
+                                .get(&e.network)
+                                .is_some_and(|n| n.net.has_resolver())
+                        })
+                        .map(|e| e.gateway);
+                    let rc = crate::dns::resolv_for(&host, embedded, &dns.0, &dns.1, &dns.2);
                     std::fs::write(&resolv_file, weft_dns::render_resolv_conf(&rc)).map_err(
                         |e| AgentError::Internal(format!("write {}: {e}", resolv_file.display())),
                     )?;

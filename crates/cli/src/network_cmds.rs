@@ -168,7 +168,10 @@ pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
                             n.driver.clone(),
                             n.subnet.to_string(),
                             n.gateway.to_string(),
-                            n.bridge.clone(),
+                            n.parent
+                                .clone()
+                                .map(|p| format!("(parent {p})"))
+                                .unwrap_or_else(|| n.bridge.clone()),
                             if n.internal { "yes" } else { "no" }.to_string(),
                             n.endpoints.len().to_string(),
                         ]

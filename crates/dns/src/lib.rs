@@ -174,6 +174,7 @@ mod tests {
                         prefix_len: 24,
                         gateway: "10.0.0.1".parse().unwrap(),
                         aliases: aliases.iter().map(|a| a.to_string()).collect(),
+                        kind: Default::default(),
                     })
                     .collect(),
             },

@@ -10,7 +10,8 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoData, InfoKind, InfoMacVlan, InfoVeth, InfoVlan, LinkAttribute, LinkFlags, LinkInfo,
+    LinkMessage, MacVlanMode,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -256,6 +257,81 @@ impl Netlink {
         )
     }
 
+    /// Creates a macvlan (bridge mode) on `parent`, named `name` inside the
+    /// namespace `netns`, with `mac` and `mtu`; down.
+    pub fn add_macvlan(
+        &mut self,
+        parent: u32,
+        name: &str,
+        netns: Option<RawFd>,
+        mac: [u8; 6],
+        mtu: Option<u32>,
+    ) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        msg.attributes.push(LinkAttribute::Link(parent));
+        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        if let Some(fd) = netns {
+            msg.attributes.push(LinkAttribute::NetNsFd(fd));
+        }
+        if let Some(mtu) = mtu {
+            msg.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::MacVlan),
+            LinkInfo::Data(InfoData::MacVlan(vec![InfoMacVlan::Mode(
+                MacVlanMode::Bridge,
+            )])),
+        ]));
+        self.ack(
+            &format!("create macvlan {name}"),
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+
+    /// Creates an 802.1q sub-interface `name` of `parent` for VLAN `id`, up.
+    pub fn add_vlan(&mut self, parent: u32, name: &str, id: u16) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        msg.attributes.push(LinkAttribute::Link(parent));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Vlan),
+            LinkInfo::Data(InfoData::Vlan(vec![InfoVlan::Id(id)])),
+        ]));
+        self.ack(
+            &format!("create VLAN {id} sub-interface {name}"),
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+
+    /// Adds a host route (`dst`/32) out of `oif`, marked as weft's; one already there is fine.
+    pub fn add_host_route(&mut self, dst: Ipv4Addr, oif: u32) -> Result<()> {
+        match self.ack(
+            &format!("add route to {dst}"),
+            RouteNetlinkMessage::NewRoute(host_route(dst, oif)),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Deletes a host route added by `add_host_route`; absent is fine.
+    pub fn delete_host_route(&mut self, dst: Ipv4Addr, oif: u32) -> Result<()> {
+        match self.ack(
+            &format!("delete route to {dst}"),
+            RouteNetlinkMessage::DelRoute(host_route(dst, oif)),
+            0,
+        ) {
+            Err(e) if e.errno() == Some(libc::ESRCH) => Ok(()),
+            r => r,
+        }
+    }
+
     /// In one request: renames a link if asked (it must be down for that),
     /// enslaves it to `master` and brings it up.
     pub fn enslave_up(
@@ -413,6 +489,21 @@ impl Netlink {
         }
         Ok(out)
     }
+}
+
+/// A link-scope /32 route in the main table, marked as weft's.
+fn host_route(dst: Ipv4Addr, oif: u32) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = AddressFamily::Inet;
+    msg.header.table = RT_TABLE_MAIN;
+    msg.header.protocol = RouteProtocol::Other(WEFT_ROUTE_PROTOCOL);
+    msg.header.scope = RouteScope::Link;
+    msg.header.kind = RouteType::Unicast;
+    msg.header.destination_prefix_length = 32;
+    msg.attributes
+        .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+    msg.attributes.push(RouteAttribute::Oif(oif));
+    msg
 }
 
 /// A main-table default route marked as weft's, via `gw` out of an interface if given.

@@ -116,6 +116,11 @@ pub struct NetworkView {
     pub subnet: Ipv4Net,
     pub gateway: Ipv4Addr,
     pub bridge: String,
+    /// macvlan: the parent interface and the host's own address (host access).
+    #[serde(default)]
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub host_access: Option<Ipv4Addr>,
     pub ip_range: Option<Ipv4Net>,
     pub mtu: Option<u32>,
     pub internal: bool,

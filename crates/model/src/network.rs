@@ -14,6 +14,8 @@ pub const DEFAULT_NETWORK: &str = "bridge";
 pub const DEFAULT_BRIDGE: &str = "weft0";
 /// Bridges of user-defined networks are `wbr-<id>`, owned by that name.
 pub const BRIDGE_PREFIX: &str = "wbr-";
+/// The host's own macvlan interface on a macvlan network (host access).
+pub const SHIM_PREFIX: &str = "wmh-";
 
 pub const MTU_MIN: u32 = 68;
 pub const MTU_MAX: u32 = 65535;
@@ -22,12 +24,15 @@ pub const MTU_MAX: u32 = 65535;
 #[serde(rename_all = "lowercase")]
 pub enum Driver {
     Bridge,
+    /// Sandboxes straight on a physical LAN, through macvlan interfaces of a parent.
+    Macvlan,
 }
 
 impl std::fmt::Display for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Driver::Bridge => "bridge",
+            Driver::Macvlan => "macvlan",
         })
     }
 }
@@ -39,8 +44,16 @@ pub struct Network {
     pub driver: Driver,
     pub subnet: Ipv4Net,
     pub gateway: Ipv4Addr,
-    /// The Linux bridge that carries this network on this host.
+    /// The Linux bridge that carries this network on this host (bridge driver).
     pub bridge: String,
+    /// macvlan: the parent interface, whether weft created it (an 802.1q
+    /// sub-interface), and the host's own address on the LAN (host access).
+    #[serde(default)]
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub parent_created: bool,
+    #[serde(default)]
+    pub host_access: Option<Ipv4Addr>,
     /// Dynamic addresses come from here (static ones from the whole subnet).
     #[serde(default)]
     pub ip_range: Option<Ipv4Net>,
@@ -57,8 +70,25 @@ pub struct Network {
 
 impl Network {
     pub fn masquerade(&self) -> bool {
-        !self.internal
+        !self.internal && self.driver == Driver::Bridge
     }
+
+    /// The host's macvlan interface for host access.
+    pub fn shim(&self) -> String {
+        format!("{SHIM_PREFIX}{}", &self.id[..10.min(self.id.len())])
+    }
+
+    /// Whether weft's resolver serves this network (bridge networks but the default).
+    pub fn has_resolver(&self) -> bool {
+        self.driver == Driver::Bridge && self.name != DEFAULT_NETWORK
+    }
+}
+
+/// The VLAN of a parent named like `eth0.10`: the base interface and the id.
+pub fn vlan_of(parent: &str) -> Option<(&str, u16)> {
+    let (base, id) = parent.rsplit_once('.')?;
+    let id: u16 = id.parse().ok()?;
+    (!base.is_empty() && (1..=4094).contains(&id)).then_some((base, id))
 }
 
 /// What `weft network create` asks for.
@@ -121,10 +151,19 @@ pub enum NetworkError {
     },
     #[error("bridge name {name:?} is already used by network {other}")]
     BridgeTaken { name: String, other: String },
+    #[error("a macvlan network needs -o parent=IFACE (the host's interface on the LAN, or IFACE.VLAN for a VLAN)")]
+    NoParent,
+    #[error("a macvlan network needs --subnet: the LAN's subnet, as in --subnet 172.16.10.0/24 --gateway 172.16.10.1")]
+    MacvlanSubnet,
+    #[error(
+        "parent {parent} already carries weft's macvlan network {other}; one network per parent"
+    )]
+    ParentTaken { parent: String, other: String },
+    #[error("--{0} is not supported with -d macvlan")]
+    NotForMacvlan(&'static str),
 }
 
-const KNOWN_OPTIONS: &str =
-    "com.docker.network.bridge.name (or bridge.name) and com.docker.network.driver.mtu (or mtu)";
+const KNOWN_OPTIONS: &str = "com.docker.network.bridge.name (or bridge.name), com.docker.network.driver.mtu (or mtu); for macvlan parent, macvlan_mode=bridge and host_access=ADDR";
 
 fn valid_ifname(name: &str) -> bool {
     !name.is_empty()
@@ -149,10 +188,12 @@ pub fn plan(
     if existing.iter().any(|n| n.name == spec.name) {
         return Err(NetworkError::Duplicate(spec.name.clone()));
     }
-    match spec.driver.as_deref() {
-        None | Some("bridge") => {}
+    let driver = match spec.driver.as_deref() {
+        None | Some("bridge") => Driver::Bridge,
+        Some("macvlan") => Driver::Macvlan,
         Some(other) => return Err(NetworkError::UnknownDriver(other.to_string())),
-    }
+    };
+    let (mut parent, mut host_access) = (None, None);
 
     let mut bridge = format!("{BRIDGE_PREFIX}{}", &id[..10.min(id.len())]);
     let mut mtu = spec.mtu;
@@ -176,6 +217,37 @@ pub fn plan(
                     why: "not a number".into(),
                 })?);
             }
+            "parent" if driver == Driver::Macvlan => {
+                if !valid_ifname(value) {
+                    return Err(NetworkError::BadOption {
+                        key: key.clone(),
+                        value: value.clone(),
+                        why: "not an interface name".into(),
+                    });
+                }
+                parent = Some(value.clone());
+            }
+            "macvlan_mode" if driver == Driver::Macvlan => {
+                if value != "bridge" {
+                    return Err(NetworkError::BadOption {
+                        key: key.clone(),
+                        value: value.clone(),
+                        why: "weft supports the bridge mode only".into(),
+                    });
+                }
+            }
+            "host_access" if driver == Driver::Macvlan => {
+                host_access =
+                    Some(
+                        value
+                            .parse::<Ipv4Addr>()
+                            .map_err(|_| NetworkError::BadOption {
+                                key: key.clone(),
+                                value: value.clone(),
+                                why: "not an IPv4 address".into(),
+                            })?,
+                    );
+            }
             _ => {
                 return Err(NetworkError::UnknownOption {
                     key: key.clone(),
@@ -189,7 +261,22 @@ pub fn plan(
             return Err(NetworkError::Mtu(m));
         }
     }
-    if let Some(other) = existing.iter().find(|n| n.bridge == bridge) {
+    if driver == Driver::Macvlan {
+        bridge = String::new();
+        let p = parent.as_ref().ok_or(NetworkError::NoParent)?;
+        if spec.subnet.is_none() {
+            return Err(NetworkError::MacvlanSubnet);
+        }
+        if spec.internal {
+            return Err(NetworkError::NotForMacvlan("internal"));
+        }
+        if let Some(other) = existing.iter().find(|n| n.parent.as_ref() == Some(p)) {
+            return Err(NetworkError::ParentTaken {
+                parent: p.clone(),
+                other: other.name.clone(),
+            });
+        }
+    } else if let Some(other) = existing.iter().find(|n| n.bridge == bridge) {
         return Err(NetworkError::BridgeTaken {
             name: bridge,
             other: other.name.clone(),
@@ -244,13 +331,29 @@ pub fn plan(
             return Err(NetworkError::RangeOutside { range, subnet });
         }
     }
+    if let Some(ip) = host_access {
+        if !subnet.contains(&ip)
+            || ip == gateway
+            || ip == subnet.network()
+            || ip == subnet.broadcast()
+        {
+            return Err(NetworkError::BadOption {
+                key: "host_access".into(),
+                value: ip.to_string(),
+                why: format!("must be a free host address of {subnet}, not the gateway"),
+            });
+        }
+    }
     Ok(Network {
         name: spec.name.clone(),
         id: id.to_string(),
-        driver: Driver::Bridge,
+        driver,
         subnet,
         gateway,
         bridge,
+        parent,
+        parent_created: false,
+        host_access,
         ip_range: spec.ip_range.map(|r| r.trunc()),
         mtu,
         internal: spec.internal,

@@ -129,6 +129,19 @@ pub struct Endpoint {
     /// More names the sandbox answers to on this network.
     #[serde(default)]
     pub aliases: Vec<String>,
+    #[serde(default)]
+    pub kind: EndpointKind,
+}
+
+/// How an endpoint is plugged in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointKind {
+    /// A veth pair whose host end is on the network's bridge.
+    #[default]
+    Veth,
+    /// A macvlan interface of the network's parent: no host end.
+    Macvlan,
 }
 
 /// A published port: a `-p` mapping and the sandbox address it leads to.

@@ -25,6 +25,7 @@ fn names() -> &'static Names {
                         prefix_len: 24,
                         gateway: "10.1.0.1".parse().unwrap(),
                         aliases: vec![format!("{name}-alias")],
+                        kind: Default::default(),
                     }],
                 },
                 netns: None,
