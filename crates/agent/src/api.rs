@@ -10,8 +10,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use std::time::Duration;
 use weft_model::api::{
-    ApiError, Connect, CreateSandbox, Disconnect, NetworkView, RemovedNetwork, SandboxView,
-    StartedProcess,
+    ApiError, CniAdd, CniAttachment, CniGc, CniRef, Connect, CreateSandbox, Disconnect,
+    NetworkView, RemovedNetwork, SandboxView, StartedProcess,
 };
 use weft_model::NetworkSpec;
 
@@ -58,6 +58,10 @@ pub(crate) fn router(host: Host) -> Router {
         )
         .route("/v1/networks/{name}/connect", post(connect))
         .route("/v1/networks/{name}/disconnect", post(disconnect))
+        .route("/v1/cni/add", post(cni_add))
+        .route("/v1/cni/del", post(cni_del))
+        .route("/v1/cni/check", post(cni_check))
+        .route("/v1/cni/gc", post(cni_gc))
         .route("/v1/sandboxes", get(list_sandboxes).post(create_sandbox))
         .route(
             "/v1/sandboxes/{key}",
@@ -112,6 +116,22 @@ async fn disconnect(
     Json(req): Json<Disconnect>,
 ) -> Reply<SandboxView> {
     blocking(move || h.disconnect(&name, req)).await
+}
+
+async fn cni_add(State(h): State<Host>, Json(req): Json<CniAdd>) -> Reply<CniAttachment> {
+    blocking(move || h.cni_add(req)).await
+}
+
+async fn cni_del(State(h): State<Host>, Json(req): Json<CniRef>) -> Reply<()> {
+    blocking(move || h.cni_del(req)).await
+}
+
+async fn cni_check(State(h): State<Host>, Json(req): Json<CniRef>) -> Reply<CniAttachment> {
+    blocking(move || h.cni_check(req)).await
+}
+
+async fn cni_gc(State(h): State<Host>, Json(req): Json<CniGc>) -> Reply<Vec<String>> {
+    blocking(move || h.cni_gc(req)).await
 }
 
 async fn list_sandboxes(State(h): State<Host>) -> Reply<Vec<weft_model::api::SandboxView>> {

@@ -210,6 +210,35 @@ pub(crate) fn attach(
     Ok(link.index)
 }
 
+/// The MAC a runtime asked for, or the one derived from the address.
+pub(crate) fn endpoint_mac(ep: &Endpoint) -> Result<[u8; 6]> {
+    match &ep.mac {
+        None => Ok(mac_for(ep.ip)),
+        Some(s) => {
+            let bytes: Vec<u8> = s
+                .split(':')
+                .map(|b| u8::from_str_radix(b, 16))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| {
+                    AgentError::BadRequest(format!(
+                        "MAC {s:?} is not six hex bytes like 02:42:0a:00:00:02"
+                    ))
+                })?;
+            let mac: [u8; 6] = bytes.try_into().map_err(|_| {
+                AgentError::BadRequest(format!(
+                    "MAC {s:?} is not six hex bytes like 02:42:0a:00:00:02"
+                ))
+            })?;
+            if mac[0] & 1 == 1 {
+                return Err(AgentError::BadRequest(format!(
+                    "MAC {s} is a multicast address"
+                )));
+            }
+            Ok(mac)
+        }
+    }
+}
+
 fn configure_inside(
     ns_nl: &mut Netlink,
     index: u32,
@@ -217,7 +246,7 @@ fn configure_inside(
     mtu: Option<u32>,
     default_route: bool,
 ) -> Result<()> {
-    ns_nl.set_mac_up(index, mac_for(ep.ip), mtu)?;
+    ns_nl.set_mac_up(index, endpoint_mac(ep)?, mtu)?;
     ns_nl.add_address(
         index,
         Ipv4Net::new(ep.ip, ep.prefix_len).expect("valid prefix"),

@@ -4,6 +4,7 @@
 
 mod api;
 mod bridge;
+mod cni;
 pub mod config;
 mod dns;
 mod error;

@@ -281,6 +281,7 @@ impl Host {
                 Driver::Bridge => EndpointKind::Veth,
                 Driver::Macvlan => EndpointKind::Macvlan,
             },
+            mac: None,
         };
         let (bridge_index, shim, mtu) = (state.bridge_index, state.shim_index, state.net.mtu);
         let mut updated = sb.clone();

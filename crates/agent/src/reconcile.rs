@@ -191,7 +191,8 @@ fn adopt(inner: &mut Inner, sb: Sandbox, links: &HashMap<String, Link>) {
             &mut inner.nl,
             &mut inner.networks,
             &sb.attachment,
-            sb.netns.as_deref(),
+            // A runtime's namespace is never weft's to unmount.
+            sb.netns.as_deref().filter(|_| sb.external.is_none()),
             Links::Delete,
         );
         let _ = inner.runtime.delete(&key);

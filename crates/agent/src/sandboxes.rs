@@ -335,6 +335,7 @@ impl Inner {
                                 Driver::Bridge => EndpointKind::Veth,
                                 Driver::Macvlan => EndpointKind::Macvlan,
                             },
+                            mac: None,
                         };
                         let (bridge_index, shim, mtu) =
                             (state.bridge_index, state.shim_index, state.net.mtu);
@@ -452,6 +453,7 @@ impl Host {
             created_unix: now_unix(),
             network_setup_us,
             ports,
+            external: None,
         };
         let resolv_file = g.cfg.resolv_dir().join(format!("{id}.conf"));
         let recorded = published
@@ -629,12 +631,17 @@ impl Host {
             warn!(sandbox = %sb.name, error = %e, "deleting published ports failed; rewriting the table");
             crate::firewall::apply_all(inner)?;
         }
+        // A runtime's namespace (CNI) is not weft's: its veths go one by one.
+        let (netns, links) = match sb.external {
+            Some(_) => (None, Links::Delete),
+            None => (sb.netns.as_deref(), Links::WithNamespace),
+        };
         let torn = teardown_network(
             &mut inner.nl,
             &mut inner.networks,
             &sb.attachment,
-            sb.netns.as_deref(),
-            Links::WithNamespace,
+            netns,
+            links,
         );
         let network_teardown_us = started.elapsed().as_micros() as u64;
         if let Err(e) = torn {

@@ -2,6 +2,7 @@
 //! (`weft agent`) and the client commands that talk to it.
 
 mod client;
+mod cni;
 mod network_cmds;
 mod output;
 mod sandbox_cmds;
@@ -55,6 +56,8 @@ enum Command {
     Stop(sandbox_cmds::StopArgs),
     /// Remove sandboxes and their network endpoints
     Rm(sandbox_cmds::RmArgs),
+    /// Act as a CNI plugin (what runtimes do by running `weft` with CNI_COMMAND set)
+    Cni,
     /// List a sandbox's published ports
     Port {
         /// Sandbox name or id
@@ -98,6 +101,10 @@ impl<E: std::fmt::Display> From<E> for Failure {
 }
 
 fn main() {
+    // Run by a container runtime as a CNI plugin: CNI_COMMAND set, no arguments.
+    if std::env::var_os("CNI_COMMAND").is_some() && std::env::args_os().len() == 1 {
+        std::process::exit(cni::run());
+    }
     let cli = Cli::parse();
     let code = match dispatch(cli) {
         Ok(code) => code,
@@ -129,6 +136,7 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Exec(a) => sandbox_cmds::exec(&ctx, a),
         Command::Stop(a) => sandbox_cmds::stop(&ctx, a),
         Command::Rm(a) => sandbox_cmds::rm(&ctx, a),
+        Command::Cni => Ok(cni::run()),
         Command::Port { sandbox } => sandbox_cmds::port(&ctx, &sandbox),
         Command::Network(n) => network_cmds::dispatch(&ctx, n),
     }

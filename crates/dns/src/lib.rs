@@ -175,6 +175,7 @@ mod tests {
                         gateway: "10.0.0.1".parse().unwrap(),
                         aliases: aliases.iter().map(|a| a.to_string()).collect(),
                         kind: Default::default(),
+                        mac: None,
                     })
                     .collect(),
             },
@@ -185,6 +186,7 @@ mod tests {
             created_unix: 0,
             network_setup_us: 0,
             ports: vec![],
+            external: None,
         }
     }
 

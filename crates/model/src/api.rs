@@ -135,6 +135,54 @@ pub struct RemovedNetwork {
     pub id: String,
 }
 
+/// CNI ADD, as the plugin passes it on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CniAdd {
+    pub container_id: String,
+    pub netns: String,
+    pub ifname: String,
+    pub network: String,
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// `-p`-style strings made from the portMappings capability.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+/// What ADD made, for the plugin's result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CniAttachment {
+    pub host_ifname: String,
+    pub host_mac: String,
+    pub ifname: String,
+    pub mac: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+    /// weft's resolver for this network, if it has one.
+    pub nameserver: Option<Ipv4Addr>,
+}
+
+/// CNI DEL and CHECK: which attachment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CniRef {
+    pub container_id: String,
+    pub ifname: String,
+    pub network: String,
+}
+
+/// CNI GC: every attachment of `network` not listed goes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CniGc {
+    pub network: String,
+    pub valid: Vec<(String, String)>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiError {
     pub message: String,

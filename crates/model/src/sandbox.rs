@@ -131,6 +131,9 @@ pub struct Endpoint {
     pub aliases: Vec<String>,
     #[serde(default)]
     pub kind: EndpointKind,
+    /// A MAC the runtime asked for; otherwise derived from the address.
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 /// How an endpoint is plugged in.
@@ -219,6 +222,16 @@ pub struct Sandbox {
     pub network_setup_us: u64,
     #[serde(default)]
     pub ports: Vec<Published>,
+    /// Set when a runtime (CNI) owns the namespace and asked for the attachment.
+    #[serde(default)]
+    pub external: Option<External>,
+}
+
+/// An attachment made for a container runtime in a namespace weft does not own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct External {
+    pub container_id: String,
+    pub ifname: String,
 }
 
 impl Sandbox {

@@ -26,6 +26,7 @@ fn names() -> &'static Names {
                         gateway: "10.1.0.1".parse().unwrap(),
                         aliases: vec![format!("{name}-alias")],
                         kind: Default::default(),
+                        mac: None,
                     }],
                 },
                 netns: None,
@@ -35,6 +36,7 @@ fn names() -> &'static Names {
                 created_unix: 0,
                 network_setup_us: 0,
                 ports: vec![],
+                external: None,
             });
         }
         n
