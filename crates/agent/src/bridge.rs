@@ -120,15 +120,8 @@ pub(crate) fn attach_macvlan(
     mtu: Option<u32>,
     default_route: bool,
 ) -> Result<()> {
-    nl.add_macvlan(parent, &ep.ifname, Some(ns.fd()), mac_for(ep.ip), mtu)?;
-    let link = ns_nl.link_by_name(&ep.ifname)?.ok_or_else(|| {
-        AgentError::Internal(format!(
-            "{} did not appear in {}",
-            ep.ifname,
-            ns.path().display()
-        ))
-    })?;
-    configure_inside(ns_nl, link.index, ep, mtu, default_route)?;
+    nl.add_macvlan(parent, &ep.ifname, Some(ns.fd()), endpoint_mac(ep)?, mtu)?;
+    configure_new(ns, ns_nl, ep, mtu, default_route)?;
     if let Some(shim) = shim {
         nl.add_host_route(ep.ip, shim)?;
     }
@@ -199,15 +192,8 @@ pub(crate) fn attach(
         mtu,
     )?;
     crate::netns_pool::quiet_host_end(&ep.host_ifname)?;
-    let link = ns_nl.link_by_name(&ep.ifname)?.ok_or_else(|| {
-        AgentError::Internal(format!(
-            "{} did not appear in {}",
-            ep.ifname,
-            ns.path().display()
-        ))
-    })?;
-    configure_inside(ns_nl, link.index, ep, mtu, default_route)?;
-    Ok(link.index)
+    let index = configure_new(ns, ns_nl, ep, mtu, default_route)?;
+    Ok(index)
 }
 
 /// The MAC a runtime asked for, or the one derived from the address.
@@ -237,6 +223,25 @@ pub(crate) fn endpoint_mac(ep: &Endpoint) -> Result<[u8; 6]> {
             Ok(mac)
         }
     }
+}
+
+/// Configures an interface just made inside the namespace; returns its index.
+fn configure_new(
+    ns: &Netns,
+    ns_nl: &mut Netlink,
+    ep: &Endpoint,
+    mtu: Option<u32>,
+    default_route: bool,
+) -> Result<u32> {
+    let link = ns_nl.link_by_name(&ep.ifname)?.ok_or_else(|| {
+        AgentError::Internal(format!(
+            "{} did not appear in {}",
+            ep.ifname,
+            ns.path().display()
+        ))
+    })?;
+    configure_inside(ns_nl, link.index, ep, mtu, default_route)?;
+    Ok(link.index)
 }
 
 fn configure_inside(

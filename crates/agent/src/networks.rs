@@ -277,10 +277,7 @@ impl Host {
             prefix_len: state.net.subnet.prefix_len(),
             gateway: state.net.gateway,
             aliases: req.aliases.clone(),
-            kind: match state.net.driver {
-                Driver::Bridge => EndpointKind::Veth,
-                Driver::Macvlan => EndpointKind::Macvlan,
-            },
+            kind: EndpointKind::of(state.net.driver),
             mac: None,
         };
         let (bridge_index, shim, mtu) = (state.bridge_index, state.shim_index, state.net.mtu);

@@ -331,10 +331,7 @@ impl Inner {
                             prefix_len: state.net.subnet.prefix_len(),
                             gateway: state.net.gateway,
                             aliases: r.aliases.clone(),
-                            kind: match state.net.driver {
-                                Driver::Bridge => EndpointKind::Veth,
-                                Driver::Macvlan => EndpointKind::Macvlan,
-                            },
+                            kind: EndpointKind::of(state.net.driver),
                             mac: None,
                         };
                         let (bridge_index, shim, mtu) =

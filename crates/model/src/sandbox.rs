@@ -136,6 +136,16 @@ pub struct Endpoint {
     pub mac: Option<String>,
 }
 
+impl EndpointKind {
+    /// How a network's driver plugs endpoints in.
+    pub fn of(driver: crate::network::Driver) -> Self {
+        match driver {
+            crate::network::Driver::Bridge => EndpointKind::Veth,
+            crate::network::Driver::Macvlan => EndpointKind::Macvlan,
+        }
+    }
+}
+
 /// How an endpoint is plugged in.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
