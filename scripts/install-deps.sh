@@ -8,7 +8,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 pkgs=(iproute2 nftables iputils-ping socat procps util-linux ca-certificates dnsmasq-base bind9-dnsutils tcpdump)
 if [ "${1:-}" = "--bench" ]; then
-    pkgs+=(docker.io containernetworking-plugins busybox-static)
+    pkgs+=(docker.io containernetworking-plugins busybox-static iperf3)
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq

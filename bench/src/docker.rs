@@ -1,6 +1,7 @@
 //! Docker's default bridge: a private dockerd (with the containerd it starts
 //! itself) inside a network namespace of its own, and `docker run -d` /
-//! `docker rm -f` of a one-binary busybox image made with `docker import`.
+//! `docker rm -f` of tiny images made with `docker import` (a one-binary
+//! busybox image, or any file tree, see [`DockerHarness::import_tree`]).
 
 use crate::harness::{Harness, Sample};
 use crate::netns::Netns;
@@ -17,7 +18,9 @@ pub struct DockerOpts {
     pub dockerd: PathBuf,
     /// The client; Debian's /usr/bin/docker matches Debian's dockerd.
     pub docker: PathBuf,
-    pub busybox: PathBuf,
+    /// Static busybox for the `sleep infinity` image imported at start;
+    /// none: no image is imported at start (import your own).
+    pub busybox: Option<PathBuf>,
     pub storage_driver: String,
 }
 
@@ -44,10 +47,12 @@ pub fn preflight(opts: &DockerOpts) -> Result<()> {
     ] {
         require_exe(Path::new(tool), hint)?;
     }
-    require_exe(
-        &opts.busybox,
-        "install Debian's busybox-static or pass --busybox (or --skip-docker)",
-    )?;
+    if let Some(busybox) = &opts.busybox {
+        require_exe(
+            busybox,
+            "install Debian's busybox-static or pass --busybox (or --skip-docker)",
+        )?;
+    }
     let out = run(
         Command::new("tar").arg("--version"),
         Duration::from_secs(10),
@@ -132,7 +137,9 @@ impl DockerHarness {
             h.server_version().unwrap_or_else(|_| "?".into()),
             if iptables { "on" } else { "off" }
         ));
-        h.import_image(opts)?;
+        if let Some(busybox) = &opts.busybox {
+            h.import_busybox(busybox)?;
+        }
         Ok(h)
     }
 
@@ -196,7 +203,14 @@ impl DockerHarness {
         Ok(())
     }
 
-    fn cli(&self) -> Command {
+    /// dockerd's namespace: the "host" of its containers.
+    pub fn netns(&self) -> &Netns {
+        self.netns.as_ref().expect("namespace exists while running")
+    }
+
+    /// A docker client command talking to our private dockerd. The client
+    /// itself needs no namespace: it only uses the unix socket.
+    pub fn cli(&self) -> Command {
         let mut cmd = Command::new(&self.docker);
         cmd.env(
             "DOCKER_HOST",
@@ -219,33 +233,91 @@ impl DockerHarness {
     }
 
     /// An image holding only /bin/busybox and /bin/sleep -> busybox.
-    fn import_image(&self, opts: &DockerOpts) -> Result<()> {
+    fn import_busybox(&self, busybox: &Path) -> Result<()> {
         let root = self.dir.join("img");
         let bin = root.join("bin");
         fs::create_dir_all(&bin).context(format_args!("creating {}", bin.display()))?;
-        fs::copy(&opts.busybox, bin.join("busybox"))
-            .context(format_args!("copying {}", opts.busybox.display()))?;
+        fs::copy(busybox, bin.join("busybox"))
+            .context(format_args!("copying {}", busybox.display()))?;
         std::os::unix::fs::symlink("busybox", bin.join("sleep")).context("making bin/sleep")?;
-        let tar = self.dir.join("img.tar");
+        self.import_tree(&root, IMAGE, &["/bin/sleep", "infinity"])
+            .context("importing the busybox image")
+    }
+
+    /// Makes image `name` from everything below `root` (owned by root in
+    /// the image), with `cmd` as its CMD: `tar` then `docker import`.
+    pub fn import_tree(&self, root: &Path, name: &str, cmd: &[&str]) -> Result<()> {
+        let tar = self.dir.join(format!(
+            "{}.tar",
+            name.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        ));
         run_ok(
             Command::new("tar")
                 .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
-                .arg(&root)
+                .arg(root)
                 .arg("-cf")
                 .arg(&tar)
-                .arg("bin"),
+                .arg("."),
             Duration::from_secs(60),
         )
-        .context("building the image tarball")?;
+        .context(format_args!("building the tarball of image {name}"))?;
+        let change = format!(
+            "CMD {}",
+            serde_json::to_string(cmd).expect("strings serialise")
+        );
         run_ok(
             self.cli()
-                .args(["import", "--change", r#"CMD ["/bin/sleep","infinity"]"#])
+                .args(["import", "--change", &change])
                 .arg(&tar)
-                .arg(IMAGE),
+                .arg(name),
             Duration::from_secs(120),
         )
-        .context("importing the busybox image")?;
+        .context(format_args!("importing image {name}"))?;
+        let _ = fs::remove_file(&tar);
         Ok(())
+    }
+
+    /// `docker run -d --pull never ARGS…` (unmeasured); the container is
+    /// removed at teardown. Returns its id.
+    pub fn run_container(&mut self, args: &[&str]) -> Result<String> {
+        let mut cmd = self.cli();
+        cmd.args(["run", "-d", "--pull", "never"]).args(args);
+        let out = run(&mut cmd, Duration::from_secs(120))?;
+        if !out.status.success() {
+            return Err(failed(&cmd, &out));
+        }
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return bail(format!(
+                "`{}` printed {id:?}, not a container id",
+                sys::describe(&cmd)
+            ));
+        }
+        self.live.push(id.clone());
+        Ok(id)
+    }
+
+    /// `docker inspect -f FORMAT ID`, trimmed.
+    pub fn inspect(&self, id: &str, format: &str) -> Result<String> {
+        let out = run_ok(
+            self.cli().args(["inspect", "-f", format, id]),
+            Duration::from_secs(30),
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// What a container printed (`docker logs`), for error messages.
+    pub fn container_logs(&self, id: &str) -> String {
+        match run(self.cli().args(["logs", id]), Duration::from_secs(30)) {
+            Ok(out) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .trim()
+            .to_string(),
+            Err(e) => format!("(docker logs failed: {e})"),
+        }
     }
 
     fn stop_daemon(&mut self) {

@@ -3,6 +3,7 @@
 //! benchmark, to prove that everything happened inside our namespaces and
 //! that nothing was left behind.
 
+use crate::netns;
 use crate::sys::run;
 use std::collections::BTreeSet;
 use std::fs;
@@ -114,4 +115,62 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
         }
     }
     found
+}
+
+/// After a run, with every guard dropped: compares the machine's network
+/// state with `before`, and looks for our namespaces (names containing
+/// `pid`), our work directory `base` and processes mentioning it. Prints
+/// what it finds, or `cleanup: ok`; returns whether all is clean.
+pub fn check_clean(before: &HostSnapshot, base: &Path, pid: u32) -> bool {
+    let mut ok = true;
+    let after = HostSnapshot::take();
+    // Named namespaces of other programs (a test suite running meanwhile)
+    // are not ours: every namespace the benchmark names starts with PREFIX.
+    let (others, diff): (Vec<String>, Vec<String>) =
+        after.diff(before).into_iter().partition(|d| {
+            let item = d
+                .strip_prefix("new: ")
+                .or_else(|| d.strip_prefix("gone: "))
+                .unwrap_or(d);
+            item.strip_prefix("netns ")
+                .is_some_and(|name| !name.starts_with(netns::PREFIX))
+        });
+    if !others.is_empty() {
+        eprintln!(
+            "note: other programs' namespaces came or went during the run (not ours, whose names start with {:?}): {}",
+            netns::PREFIX,
+            others.join(", ")
+        );
+    }
+    if !diff.is_empty() {
+        ok = false;
+        eprintln!("warning: the machine's network state changed during the run (ours, or someone else's):");
+        for d in diff {
+            eprintln!("  {d}");
+        }
+    }
+    let ours = netns::list_with_prefix(netns::PREFIX)
+        .into_iter()
+        .filter(|n| n.contains(&pid.to_string()))
+        .collect::<Vec<_>>();
+    if !ours.is_empty() {
+        ok = false;
+        eprintln!("warning: namespaces left behind: {ours:?}");
+    }
+    if base.exists() {
+        ok = false;
+        eprintln!("warning: {} was not removed", base.display());
+    }
+    let procs = processes_mentioning(&base.to_string_lossy());
+    if !procs.is_empty() {
+        ok = false;
+        eprintln!("warning: processes still running:");
+        for p in procs {
+            eprintln!("  {p}");
+        }
+    }
+    if ok {
+        eprintln!("cleanup: ok (no namespaces, links, addresses, routes, rules, nft tables, processes or files left)");
+    }
+    ok
 }

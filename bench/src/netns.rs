@@ -117,3 +117,52 @@ pub fn list_with_prefix(prefix: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+impl Netns {
+    /// `ip ARGS…` inside this namespace (unmeasured); failure is an error.
+    pub fn ip(&self, args: &[&str]) -> Result<std::process::Output> {
+        let mut cmd = Command::new("ip");
+        cmd.arg("-n").arg(&self.name).args(args);
+        run_ok(&mut cmd, IP_TIMEOUT)
+    }
+}
+
+/// A veth pair between two of our namespaces, `a_if` in `a` with address
+/// `a_addr` (CIDR) and `b_if` in `b` with `b_addr`, both up. It goes away
+/// with either namespace; nothing of it is ever in the machine's own.
+pub fn veth_pair(
+    a: &Netns,
+    a_if: &str,
+    a_addr: &str,
+    b: &Netns,
+    b_if: &str,
+    b_addr: &str,
+) -> Result<()> {
+    let what = || {
+        format!(
+            "making veth pair {a_if} ({}) - {b_if} ({})",
+            a.name(),
+            b.name()
+        )
+    };
+    a.ip(&[
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ])
+    .context(what())?;
+    a.ip(&["addr", "add", a_addr, "dev", a_if])
+        .context(what())?;
+    b.ip(&["addr", "add", b_addr, "dev", b_if])
+        .context(what())?;
+    a.ip(&["link", "set", a_if, "up"]).context(what())?;
+    b.ip(&["link", "set", b_if, "up"]).context(what())?;
+    Ok(())
+}

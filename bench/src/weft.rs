@@ -1,5 +1,5 @@
 //! weft: an agent started inside a network namespace of its own, and the CLI
-//! commands a user types, `weft run -d` and `weft rm -f`.
+//! commands a user types, `weft run -d` (optionally with `-p`) and `weft rm -f`.
 
 use crate::harness::{Harness, Sample};
 use crate::netns::Netns;
@@ -8,6 +8,7 @@ use crate::sys::{
     Daemon, ProcId, Result,
 };
 use serde_json::Value;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -16,6 +17,18 @@ pub struct WeftOpts {
     pub bin: PathBuf,
     pub bridge_subnet: String,
     pub netns_pool: u16,
+    /// More arguments for `weft agent`, after the ones above.
+    pub agent_args: Vec<String>,
+}
+
+/// target/release/weft of this workspace.
+pub fn default_bin() -> PathBuf {
+    // bench/ is a member of the workspace; its parent is the workspace root.
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .unwrap_or(manifest)
+        .join("target/release/weft")
 }
 
 pub fn preflight(opts: &WeftOpts) -> Result<()> {
@@ -46,6 +59,32 @@ pub struct WeftSandbox {
     id: String,
 }
 
+/// What `weft run -d --format json` said about the sandbox it made.
+#[derive(Debug, Clone)]
+pub struct WeftRun {
+    pub id: String,
+    /// The sandbox's first process.
+    pub pid: Option<i32>,
+    /// `attachment.endpoints[0].ip`, if it has an endpoint.
+    pub ip: Option<Ipv4Addr>,
+    pub network_setup_us: u64,
+    /// Wall-clock time of the whole `weft run` command.
+    pub wall: Duration,
+}
+
+/// Short form of a list of `-p` values for messages: the first and last few.
+pub fn describe_ports(ports: &[String]) -> String {
+    if ports.len() <= 6 {
+        return ports.join(" ");
+    }
+    format!(
+        "{} … {} ({} values)",
+        ports[..3].join(" "),
+        ports[ports.len() - 3..].join(" "),
+        ports.len()
+    )
+}
+
 impl WeftHarness {
     /// State in `base`/state and `base`/data (both made fresh, removed on drop).
     pub fn start(opts: &WeftOpts, base: &Path, pid: u32) -> Result<WeftHarness> {
@@ -73,7 +112,8 @@ impl WeftHarness {
             .arg("--bridge-subnet")
             .arg(&opts.bridge_subnet)
             .arg("--netns-pool")
-            .arg(opts.netns_pool.to_string());
+            .arg(opts.netns_pool.to_string())
+            .args(&opts.agent_args);
         h.agent = Some(Daemon::spawn(
             "weft agent",
             cmd,
@@ -127,12 +167,139 @@ impl WeftHarness {
         self.netns.as_ref().expect("namespace exists while running")
     }
 
+    /// The agent's namespace: the "host" of its sandboxes.
+    pub fn netns(&self) -> &Netns {
+        self.ns()
+    }
+
     /// A weft CLI command, run inside the agent's namespace, finding the
     /// agent through WEFT_STATE_DIR.
-    fn cli(&self) -> Result<Command> {
+    pub fn cli(&self) -> Result<Command> {
         let mut cmd = self.ns().command(&self.bin)?;
         cmd.env("WEFT_STATE_DIR", &self.state_dir);
         Ok(cmd)
+    }
+
+    /// The last lines of the agent's log, for error messages.
+    pub fn agent_log_tail(&self, lines: usize) -> String {
+        self.agent
+            .as_ref()
+            .map(|a| a.log_tail(lines))
+            .unwrap_or_default()
+    }
+
+    /// What a `run -d` sandbox's command printed (STATE_DIR/logs/ID.log).
+    pub fn sandbox_output(&self, id: &str) -> String {
+        std::fs::read_to_string(self.state_dir.join("logs").join(format!("{id}.log")))
+            .unwrap_or_default()
+    }
+
+    /// `weft run -d --format json [-p PORTS]… -- ARGV…`, timed. The sandbox
+    /// is removed at teardown unless [`WeftHarness::remove_all`] removes it
+    /// first.
+    pub fn run_detached(&mut self, ports: &[String], argv: &[&str]) -> Result<WeftRun> {
+        let mut cmd = self.cli()?;
+        cmd.args(["run", "-d", "--format", "json"]);
+        for p in ports {
+            cmd.arg("-p").arg(p);
+        }
+        cmd.arg("--").args(argv);
+        let what = || {
+            if ports.is_empty() {
+                format!("weft run -d -- {}", argv.join(" "))
+            } else {
+                format!(
+                    "weft run -d -p {} -- {}",
+                    describe_ports(ports),
+                    argv.join(" ")
+                )
+            }
+        };
+        let (wall, out) = timed(&mut cmd, None, &self.dir)?;
+        if !out.status.success() {
+            return bail(format!(
+                "`{}` failed ({}): {}",
+                what(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).context(format_args!(
+            "`{}` did not print JSON ({:?})",
+            what(),
+            String::from_utf8_lossy(&out.stdout)
+        ))?;
+        let id = v
+            .get("id")
+            .and_then(Value::as_str)
+            .context(format_args!("`{}` printed no string \"id\": {v}", what()))?
+            .to_string();
+        let pid = v
+            .get("pid")
+            .and_then(Value::as_i64)
+            .and_then(|p| i32::try_from(p).ok());
+        // Known before anything else is checked, so cleanup can find it.
+        self.live.push((id.clone(), pid.and_then(ProcId::of)));
+        let network_setup_us =
+            v.get("network_setup_us")
+                .and_then(Value::as_u64)
+                .context(format_args!(
+                    "`{}` printed no unsigned integer \"network_setup_us\": {v}",
+                    what()
+                ))?;
+        let ip = v
+            .pointer("/attachment/endpoints/0/ip")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok());
+        Ok(WeftRun {
+            id,
+            pid,
+            ip,
+            network_setup_us,
+            wall,
+        })
+    }
+
+    /// `weft rm -f --format json ID`, timed: wall time of the command and
+    /// the agent's `network_teardown_us`.
+    pub fn remove_timed(&mut self, sandbox: &str) -> Result<Sample> {
+        let mut cmd = self.cli()?;
+        cmd.args(["rm", "-f", "--format", "json", sandbox]);
+        let (wall, out) = timed(&mut cmd, None, &self.dir)?;
+        if !out.status.success() {
+            return Err(failed(&cmd, &out));
+        }
+        self.live.retain(|(id, _)| id != sandbox);
+        let v = parse_json(&cmd, &out.stdout)?;
+        let entry = match &v {
+            Value::Array(items) => items
+                .iter()
+                .find(|e| e.get("id").and_then(Value::as_str) == Some(sandbox))
+                .or_else(|| items.first()),
+            Value::Object(_) => Some(&v),
+            _ => None,
+        }
+        .context(format_args!("`weft rm` printed no removed sandbox: {v}"))?;
+        let teardown = field_u64(entry, "network_teardown_us", &cmd)?;
+        Ok(Sample {
+            wall,
+            inner_us: Some(teardown),
+        })
+    }
+
+    /// `weft rm -f ID…` in one command (unmeasured).
+    pub fn remove_all(&mut self, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = self.cli()?;
+        cmd.args(["rm", "-f"]).args(ids);
+        run_ok(&mut cmd, Duration::from_secs(120)).context(format_args!(
+            "removing {} weft sandbox(es) with `weft rm -f`",
+            ids.len()
+        ))?;
+        self.live.retain(|(id, _)| !ids.contains(id));
+        Ok(())
     }
 
     fn teardown(&mut self) {
@@ -223,58 +390,18 @@ impl Harness for WeftHarness {
     }
 
     fn attach(&mut self) -> Result<(WeftSandbox, Sample)> {
-        let mut cmd = self.cli()?;
-        cmd.args(["run", "-d", "--format", "json", "--", "sleep", "infinity"]);
-        let (wall, out) = timed(&mut cmd, None, &self.dir)?;
-        if !out.status.success() {
-            return Err(failed(&cmd, &out));
-        }
-        let v = parse_json(&cmd, &out.stdout)?;
-        let id = v
-            .get("id")
-            .and_then(Value::as_str)
-            .context(format_args!("`weft run` printed no string \"id\": {v}"))?
-            .to_string();
-        // Known before the setup time is checked, so cleanup can find it.
-        let proc = v
-            .get("pid")
-            .and_then(Value::as_i64)
-            .and_then(|p| i32::try_from(p).ok())
-            .and_then(ProcId::of);
-        self.live.push((id.clone(), proc));
-        let setup = field_u64(&v, "network_setup_us", &cmd)?;
+        let r = self.run_detached(&[], &["sleep", "infinity"])?;
         Ok((
-            WeftSandbox { id },
+            WeftSandbox { id: r.id },
             Sample {
-                wall,
-                inner_us: Some(setup),
+                wall: r.wall,
+                inner_us: Some(r.network_setup_us),
             },
         ))
     }
 
     fn remove(&mut self, sb: WeftSandbox) -> Result<Sample> {
-        let mut cmd = self.cli()?;
-        cmd.args(["rm", "-f", "--format", "json", &sb.id]);
-        let (wall, out) = timed(&mut cmd, None, &self.dir)?;
-        if !out.status.success() {
-            return Err(failed(&cmd, &out));
-        }
-        self.live.retain(|(id, _)| *id != sb.id);
-        let v = parse_json(&cmd, &out.stdout)?;
-        let entry = match &v {
-            Value::Array(items) => items
-                .iter()
-                .find(|e| e.get("id").and_then(Value::as_str) == Some(&sb.id))
-                .or_else(|| items.first()),
-            Value::Object(_) => Some(&v),
-            _ => None,
-        }
-        .context(format_args!("`weft rm` printed no removed sandbox: {v}"))?;
-        let teardown = field_u64(entry, "network_teardown_us", &cmd)?;
-        Ok(Sample {
-            wall,
-            inner_us: Some(teardown),
-        })
+        self.remove_timed(&sb.id)
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Instant;
 use weft_bench::cni::{self, CniHarness, CniOpts};
 use weft_bench::docker::{self, DockerHarness, DockerOpts};
 use weft_bench::harness::{measure, Harness};
-use weft_bench::hostcheck::{processes_mentioning, HostSnapshot};
+use weft_bench::hostcheck::{check_clean, HostSnapshot};
 use weft_bench::netns;
 use weft_bench::report::{Report, RunReport, Way, WayReport};
 use weft_bench::sys::{self, bail, Result, TempTree};
@@ -102,52 +102,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn check_clean(before: &HostSnapshot, base: &Path, pid: u32) -> bool {
-    let mut ok = true;
-    let after = HostSnapshot::take();
-    let diff = after.diff(before);
-    if !diff.is_empty() {
-        ok = false;
-        eprintln!("warning: the machine's network state changed during the run (ours, or someone else's):");
-        for d in diff {
-            eprintln!("  {d}");
-        }
-    }
-    let ours = netns::list_with_prefix(netns::PREFIX)
-        .into_iter()
-        .filter(|n| n.contains(&pid.to_string()))
-        .collect::<Vec<_>>();
-    if !ours.is_empty() {
-        ok = false;
-        eprintln!("warning: namespaces left behind: {ours:?}");
-    }
-    if base.exists() {
-        ok = false;
-        eprintln!("warning: {} was not removed", base.display());
-    }
-    let procs = processes_mentioning(&base.to_string_lossy());
-    if !procs.is_empty() {
-        ok = false;
-        eprintln!("warning: processes still running:");
-        for p in procs {
-            eprintln!("  {p}");
-        }
-    }
-    if ok {
-        eprintln!("cleanup: ok (no namespaces, links, addresses, routes, rules, nft tables, processes or files left)");
-    }
-    ok
-}
-
-fn default_weft() -> PathBuf {
-    // bench/ is a member of the workspace; its parent is the workspace root.
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .parent()
-        .unwrap_or(manifest)
-        .join("target/release/weft")
-}
-
 fn run(args: &Args, base: &Path, pid: u32) -> Result<()> {
     if !sys::is_root() {
         return bail("must run as root (it makes network namespaces and starts daemons)");
@@ -175,14 +129,15 @@ fn run(args: &Args, base: &Path, pid: u32) -> Result<()> {
         return bail("nothing to measure: all of weft, docker and cni are skipped");
     }
     let weft_opts = WeftOpts {
-        bin: args.weft.clone().unwrap_or_else(default_weft),
+        bin: args.weft.clone().unwrap_or_else(weft::default_bin),
         bridge_subnet: args.weft_bridge_subnet.clone(),
         netns_pool: args.weft_netns_pool,
+        agent_args: Vec::new(),
     };
     let docker_opts = DockerOpts {
         dockerd: args.dockerd.clone(),
         docker: args.docker.clone(),
-        busybox: args.busybox.clone(),
+        busybox: Some(args.busybox.clone()),
         storage_driver: args.docker_storage_driver.clone(),
     };
     let cni_opts = CniOpts {
