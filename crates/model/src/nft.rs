@@ -46,8 +46,10 @@ const RULES: &str = r#"	chain prerouting {
 	}
 
 	chain publish {
-		meta l4proto { tcp, udp } dnat ip to ip daddr . meta l4proto . th dport map @publish_addr
-		meta l4proto { tcp, udp } dnat ip to ip daddr . meta l4proto . th dport map @publish_port
+		meta l4proto { tcp, udp } dnat ip to ip daddr . meta l4proto . th dport map @port_addr
+		meta l4proto { tcp, udp } dnat ip to meta l4proto . th dport map @port_any
+		meta l4proto { tcp, udp } dnat ip to ip daddr . meta l4proto . th dport map @range_addr
+		meta l4proto { tcp, udp } dnat ip to meta l4proto . th dport map @range_any
 	}
 
 	chain postrouting {
@@ -80,33 +82,51 @@ fn set(out: &mut String, decl: &str, elements: &[String]) {
     }
 }
 
-/// The key of a published port: host address (any: 0.0.0.0/0), protocol, host ports.
-fn port_key(m: &PortMapping) -> String {
-    let addr = m
-        .host_ip
-        .map_or_else(|| "0.0.0.0/0".to_string(), |ip| ip.to_string());
-    format!("{addr} . {} . {}", m.protocol, m.host)
-}
-
-/// Which map holds a port, and its element (`key : value`).
+/// Which map holds a published port, and its element (`key : value`).
+///
+/// Single ports sit in hash maps (exact keys), so adding or deleting one
+/// costs the same however many are published; only ranges, which need
+/// interval maps, pay for the interval tree. A port published on any
+/// address has no address in its key; one bound to a host address does.
 fn port_element(p: &PortRule) -> (&'static str, String) {
-    if p.mapping.keeps_ports() {
-        (
-            "publish_addr",
-            format!("{} : {}", port_key(&p.mapping), p.target),
-        )
-    } else {
-        (
-            "publish_port",
-            format!(
-                "{} : {} . {}",
-                port_key(&p.mapping),
-                p.target,
-                p.mapping.container.start
-            ),
-        )
+    let m = &p.mapping;
+    let key = match m.host_ip {
+        Some(ip) => format!("{ip} . {} . {}", m.protocol, m.host),
+        None => format!("{} . {}", m.protocol, m.host),
+    };
+    match (m.host.is_single(), m.host_ip.is_some()) {
+        (true, true) => (
+            "port_addr",
+            format!("{key} : {} . {}", p.target, m.container.start),
+        ),
+        (true, false) => (
+            "port_any",
+            format!("{key} : {} . {}", p.target, m.container.start),
+        ),
+        // Ranges keep their port numbers: only the address is translated.
+        (false, true) => ("range_addr", format!("{key} : {}", p.target)),
+        (false, false) => ("range_any", format!("{key} : {}", p.target)),
     }
 }
+
+const PORT_MAPS: [(&str, &str); 4] = [
+    (
+        "port_addr",
+        "type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service;",
+    ),
+    (
+        "port_any",
+        "type inet_proto . inet_service : ipv4_addr . inet_service;",
+    ),
+    (
+        "range_addr",
+        "type ipv4_addr . inet_proto . inet_service : ipv4_addr; flags interval;",
+    ),
+    (
+        "range_any",
+        "type inet_proto . inet_service : ipv4_addr; flags interval;",
+    ),
+];
 
 /// The whole table. The batch first makes sure the table exists, then deletes
 /// and recreates it, so it applies atomically whatever was there before.
@@ -130,13 +150,7 @@ pub fn render(spec: &FirewallSpec) -> String {
         .filter(|n| !n.internal)
         .map(|n| n.subnet.to_string())
         .collect();
-    let (mut addr, mut port) = (Vec::new(), Vec::new());
-    for p in &spec.ports {
-        match port_element(p) {
-            ("publish_addr", e) => addr.push(e),
-            (_, e) => port.push(e),
-        }
-    }
+    let elements: Vec<(&str, String)> = spec.ports.iter().map(port_element).collect();
     let mut out = format!(
         "add table {TABLE_FAMILY} {TABLE_NAME}\ndelete table {TABLE_FAMILY} {TABLE_NAME}\n"
     );
@@ -149,16 +163,14 @@ pub fn render(spec: &FirewallSpec) -> String {
         "set masq_nets { type ipv4_addr; flags interval;",
         &masq,
     );
-    set(
-        &mut out,
-        "map publish_addr { type ipv4_addr . inet_proto . inet_service : ipv4_addr; flags interval;",
-        &addr,
-    );
-    set(
-        &mut out,
-        "map publish_port { type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; flags interval;",
-        &port,
-    );
+    for (map, decl) in PORT_MAPS {
+        let mine: Vec<String> = elements
+            .iter()
+            .filter(|(m, _)| *m == map)
+            .map(|(_, e)| e.clone())
+            .collect();
+        set(&mut out, &format!("map {map} {{ {decl}"), &mine);
+    }
     out.push('\n');
     out.push_str(RULES);
     out.push_str("}\n");
@@ -181,11 +193,9 @@ pub fn render_delete_ports(ports: &[PortRule]) -> String {
     ports
         .iter()
         .map(|p| {
-            let (map, _) = port_element(p);
-            format!(
-                "delete element {TABLE_FAMILY} {TABLE_NAME} {map} {{ {} }}\n",
-                port_key(&p.mapping)
-            )
+            let (map, e) = port_element(p);
+            let key = e.split(" : ").next().unwrap_or_default();
+            format!("delete element {TABLE_FAMILY} {TABLE_NAME} {map} {{ {key} }}\n")
         })
         .collect()
 }
@@ -246,16 +256,10 @@ mod tests {
         });
         assert_eq!(rule_lines(&one), rule_lines(&many), "{many}");
         assert!(many.contains("\"wbr-1\" . \"wbr-1\""), "{many}");
+        assert!(many.contains("tcp . 8080 : 10.88.0.2 . 80"), "{many}");
+        assert!(many.contains("udp . 8000-8010 : 10.88.0.3"), "{many}");
         assert!(
-            many.contains("0.0.0.0/0 . tcp . 8080 : 10.88.0.2 . 80"),
-            "{many}"
-        );
-        assert!(
-            many.contains("0.0.0.0/0 . udp . 8000-8010 : 10.88.0.3"),
-            "{many}"
-        );
-        assert!(
-            many.contains("127.0.0.1 . tcp . 9000 : 10.90.0.2"),
+            many.contains("127.0.0.1 . tcp . 9000 : 10.90.0.2 . 9000"),
             "{many}"
         );
         let masq = many
@@ -277,12 +281,10 @@ mod tests {
         ];
         let add = render_add_ports(&p);
         assert_eq!(add.lines().count(), 2);
-        assert!(add.contains(
-            "add element inet weft publish_addr { 0.0.0.0/0 . tcp . 8000-8999 : 10.88.0.2 }"
-        ));
+        assert!(add.contains("add element inet weft range_any { tcp . 8000-8999 : 10.88.0.2 }"));
         let del = render_delete_ports(&p);
         assert!(
-            del.contains("delete element inet weft publish_port { 0.0.0.0/0 . udp . 8080 }"),
+            del.contains("delete element inet weft port_any { udp . 8080 }"),
             "{del}"
         );
     }
