@@ -70,6 +70,9 @@ pub fn count_elements_json(json: &[u8], name: &str) -> Result<usize> {
     bail(format!("nft -j output has no set or map {name:?}"))
 }
 
+/// weft's maps of published ports (single ports in hash maps, ranges in interval maps).
+pub const PORT_MAPS: [&str; 4] = ["port_addr", "port_any", "range_addr", "range_any"];
+
 /// What weft's table holds at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct TableCount {
@@ -77,7 +80,7 @@ pub struct TableCount {
     pub rules: usize,
     /// Rule objects in `nft -j list table inet weft` (the same, as a check).
     pub rules_json: usize,
-    /// Elements of the maps `publish_addr` and `publish_port`.
+    /// Elements of weft's published-port maps.
     pub publish_elements: usize,
 }
 
@@ -94,7 +97,7 @@ pub fn weft_table(ns: &Netns) -> Result<TableCount> {
     let text = nft(ns, &["list", "table", "inet", "weft"])?;
     let json = nft(ns, &["-j", "list", "table", "inet", "weft"])?;
     let mut publish_elements = 0;
-    for map in ["publish_addr", "publish_port"] {
+    for map in PORT_MAPS {
         publish_elements += count_elements_json(&json, map)?;
     }
     Ok(TableCount {
