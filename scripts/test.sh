@@ -5,4 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # The end-to-end tests run target/debug/weft, which `cargo test` alone does not build.
 cargo build --workspace --bins
-cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace 2>&1 | tee "$log"
+# One closing line for the whole run (cargo's last line is one crate's doc tests).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
