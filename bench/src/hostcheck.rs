@@ -174,3 +174,32 @@ pub fn check_clean(before: &HostSnapshot, base: &Path, pid: u32) -> bool {
     }
     ok
 }
+
+/// The body of a benchmark's `main`: signal handlers, a snapshot of the
+/// host, `run` (in `root`/wftbench-PID), then the check that nothing is left.
+/// `run` returns whether its own results were good.
+pub fn run_checked(
+    name: &str,
+    root: &Path,
+    run: impl FnOnce(&Path, u32) -> crate::sys::Result<bool>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    if let Err(e) = crate::sys::install_signal_handlers() {
+        eprintln!("{name}: error: {e}");
+        return ExitCode::FAILURE;
+    }
+    let before = HostSnapshot::take();
+    let pid = std::process::id();
+    let base = root.join(format!("wftbench-{pid}"));
+    let result = run(&base, pid);
+    if let Err(e) = &result {
+        eprintln!("{name}: error: {e}");
+    }
+    // Every guard has been dropped by now; check that nothing is left.
+    let clean = check_clean(&before, &base, pid);
+    match result {
+        Ok(true) if clean => ExitCode::SUCCESS,
+        Err(_) if crate::sys::interrupted() => ExitCode::from(130),
+        _ => ExitCode::FAILURE,
+    }
+}

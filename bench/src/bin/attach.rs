@@ -14,7 +14,7 @@ use std::time::Instant;
 use weft_bench::cni::{self, CniHarness, CniOpts};
 use weft_bench::docker::{self, DockerHarness, DockerOpts};
 use weft_bench::harness::{measure, Harness};
-use weft_bench::hostcheck::{check_clean, HostSnapshot};
+use weft_bench::hostcheck::run_checked;
 use weft_bench::netns;
 use weft_bench::report::{Report, RunReport, Way, WayReport};
 use weft_bench::sys::{self, bail, Result, TempTree};
@@ -82,24 +82,9 @@ const MAX_BRIDGE_PORTS: usize = 1023;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Err(e) = sys::install_signal_handlers() {
-        eprintln!("attach: error: {e}");
-        return ExitCode::FAILURE;
-    }
-    let before = HostSnapshot::take();
-    let pid = std::process::id();
-    let base = args.root.join(format!("wftbench-{pid}"));
-    let result = run(&args, &base, pid);
-    if let Err(e) = &result {
-        eprintln!("attach: error: {e}");
-    }
-    // Every guard has been dropped by now; check that nothing is left.
-    let clean = check_clean(&before, &base, pid);
-    match result {
-        Ok(()) if clean => ExitCode::SUCCESS,
-        Err(_) if sys::interrupted() => ExitCode::from(130),
-        _ => ExitCode::FAILURE,
-    }
+    run_checked("attach", &args.root.clone(), |base, pid| {
+        run(&args, base, pid).map(|()| true)
+    })
 }
 
 fn run(args: &Args, base: &Path, pid: u32) -> Result<()> {

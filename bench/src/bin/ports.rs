@@ -15,7 +15,7 @@ use std::process::{Command, ExitCode};
 use std::thread;
 use std::time::{Duration, Instant};
 use weft_bench::docker::{self, DockerHarness, DockerOpts};
-use weft_bench::hostcheck::{check_clean, HostSnapshot};
+use weft_bench::hostcheck::run_checked;
 use weft_bench::image;
 use weft_bench::iperf::{self, IperfOpts};
 use weft_bench::netns::{self, Netns};
@@ -113,24 +113,9 @@ const CONTAINER_PORT: u16 = 80;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Err(e) = sys::install_signal_handlers() {
-        eprintln!("ports: error: {e}");
-        return ExitCode::FAILURE;
-    }
-    let before = HostSnapshot::take();
-    let pid = std::process::id();
-    let base = args.root.join(format!("wftbench-{pid}"));
-    let result = run(&args, &base, pid);
-    if let Err(e) = &result {
-        eprintln!("ports: error: {e}");
-    }
-    // Every guard has been dropped by now; check that nothing is left.
-    let clean = check_clean(&before, &base, pid);
-    match result {
-        Ok(true) if clean => ExitCode::SUCCESS,
-        Err(_) if sys::interrupted() => ExitCode::from(130),
-        _ => ExitCode::FAILURE,
-    }
+    run_checked("ports", &args.root.clone(), |base, pid| {
+        run(&args, base, pid)
+    })
 }
 
 struct Plan {

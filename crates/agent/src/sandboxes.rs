@@ -102,10 +102,21 @@ pub(crate) fn teardown_network(
 }
 
 impl Inner {
-    /// The sandbox's resolv.conf, if weft wrote one (not for --net host).
-    fn resolv_path(&self, id: &str) -> Option<String> {
-        let p = self.cfg.resolv_dir().join(format!("{id}.conf"));
-        p.exists().then(|| p.display().to_string())
+    /// The resolv.conf weft wrote for a sandbox with a namespace of its own
+    /// (`create_sandbox` writes one for exactly those); `--net container:`
+    /// uses its target's, `--net host` and CNI attachments none.
+    fn resolv_path(&self, sb: &Sandbox) -> Option<String> {
+        let owner = match &sb.attachment {
+            Attachment::Container { id, .. } => self.sandboxes.get(id)?,
+            _ => sb,
+        };
+        (owner.attachment.owns_netns() && owner.external.is_none()).then(|| {
+            self.cfg
+                .resolv_dir()
+                .join(format!("{}.conf", owner.id))
+                .display()
+                .to_string()
+        })
     }
 
     pub(crate) fn view(&self, sb: &Sandbox) -> SandboxView {
@@ -128,10 +139,7 @@ impl Inner {
             created_unix: sb.created_unix,
             network_setup_us: sb.network_setup_us,
             ports: sb.ports.clone(),
-            resolv_conf: self.resolv_path(match &sb.attachment {
-                Attachment::Container { id, .. } => id,
-                _ => &sb.id,
-            }),
+            resolv_conf: self.resolv_path(sb),
             process: sb.process,
         }
     }

@@ -175,19 +175,7 @@ impl Netlink {
         mtu: Option<u32>,
     ) -> Result<(u32, bool)> {
         if let Some(l) = self.link_by_name(name)? {
-            let mut msg = LinkMessage::default();
-            msg.header.index = l.index;
-            msg.header.flags = LinkFlags::Up;
-            msg.header.change_mask = LinkFlags::Up;
-            msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
-            if let Some(mtu) = mtu {
-                msg.attributes.push(LinkAttribute::Mtu(mtu));
-            }
-            self.ack(
-                &format!("set bridge {name} up"),
-                RouteNetlinkMessage::SetLink(msg),
-                0,
-            )?;
+            self.set_mac_up(l.index, mac, mtu)?;
             return Ok((l.index, false));
         }
         let mut msg = LinkMessage::default();
