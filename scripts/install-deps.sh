@@ -7,6 +7,9 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 pkgs=(iproute2 nftables iputils-ping socat procps util-linux ca-certificates dnsmasq-base bind9-dnsutils tcpdump)
+# tests/tests/podman.rs: podman 4 with its CNI backend (runc: crun cannot run on
+# hybrid cgroup hosts), containers from a busybox-static root file system.
+pkgs+=(podman crun runc conmon busybox-static)
 if [ "${1:-}" = "--bench" ]; then
     pkgs+=(docker.io containernetworking-plugins busybox-static iperf3)
 fi

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use std::time::Duration;
 use weft_model::api::{
     ApiError, CniAdd, CniAttachment, CniGc, CniRef, Connect, CreateSandbox, Disconnect,
-    NetworkView, RemovedNetwork, SandboxView, StartedProcess,
+    NetworkView, RemovedNetwork, SandboxView, StartedProcess, StatusView,
 };
 use weft_model::NetworkSpec;
 
@@ -50,6 +50,8 @@ pub(crate) fn router(host: Host) -> Router {
             "/v1/ping",
             get(|| async { Json(serde_json::json!({ "version": env!("CARGO_PKG_VERSION") })) }),
         )
+        .route("/v1/status", get(status))
+        .route("/v1/cluster/leave", post(leave))
         .route("/v1/networks", get(list_networks).post(create_network))
         .route("/v1/networks/prune", post(prune_networks))
         .route(
@@ -83,10 +85,20 @@ async fn get_network(
     blocking(move || h.network(&name)).await
 }
 
+fn no_cluster() -> AgentError {
+    AgentError::BadRequest(
+        "overlay networks span hosts and live in etcd: start the agent with --etcd-endpoints URL (see `weft agent --help`)".into(),
+    )
+}
+
 async fn create_network(
     State(h): State<Host>,
     Json(spec): Json<NetworkSpec>,
 ) -> Reply<NetworkView> {
+    if spec.driver.as_deref() == Some("overlay") {
+        let c = h.cluster.get().cloned().ok_or_else(no_cluster)?;
+        return c.create_network(spec).await.map(Json);
+    }
     blocking(move || h.create_network(spec)).await
 }
 
@@ -95,7 +107,23 @@ async fn remove_network(
     Path(name): Path<String>,
     Query(q): Query<RemoveQuery>,
 ) -> Reply<RemovedNetwork> {
+    let local = h.network(&name).ok();
+    if let Some(c) = h.cluster.get().cloned() {
+        // Global, or not joined here (yet): the cluster's to remove.
+        if local.as_ref().is_none_or(|n| n.overlay.is_some()) {
+            return c.remove_network(&name, q.force).await.map(Json);
+        }
+    }
     blocking(move || h.remove_network(&name, q.force)).await
+}
+
+async fn status(State(h): State<Host>) -> Reply<StatusView> {
+    blocking(move || Ok(h.status())).await
+}
+
+async fn leave(State(h): State<Host>) -> Reply<()> {
+    let c = h.cluster.get().cloned().ok_or_else(no_cluster)?;
+    c.leave().await.map(Json)
 }
 
 async fn prune_networks(State(h): State<Host>) -> Reply<Vec<RemovedNetwork>> {

@@ -16,7 +16,7 @@ use weft_model::{Endpoint, Network};
 /// sub-interface weft made.
 pub(crate) fn ensure(nl: &mut Netlink, net: &mut Network) -> Result<(u32, Option<u32>, bool)> {
     match net.driver {
-        Driver::Bridge => ensure_network(nl, net).map(|(i, c)| (i, None, c)),
+        Driver::Bridge | Driver::Overlay => ensure_network(nl, net).map(|(i, c)| (i, None, c)),
         Driver::Macvlan => ensure_macvlan(nl, net),
     }
 }
@@ -91,7 +91,7 @@ fn ensure_macvlan(nl: &mut Netlink, net: &mut Network) -> Result<(u32, Option<u3
 /// Undoes `ensure`: the bridge, or the host-access interface and a parent weft made.
 pub(crate) fn remove(nl: &mut Netlink, net: &Network) -> Result<()> {
     match net.driver {
-        Driver::Bridge => {
+        Driver::Bridge | Driver::Overlay => {
             nl.delete_link(&net.bridge)?;
         }
         Driver::Macvlan => {

@@ -14,7 +14,7 @@ use tracing::info;
 use weft_kernel::{netns, Netns};
 use weft_model::api::{CniAdd, CniAttachment, CniGc, CniRef};
 use weft_model::sandbox::{host_veth_name, EndpointKind, External};
-use weft_model::{keys, ports, Attachment, Driver, Endpoint, PortMapping, Published, Sandbox};
+use weft_model::{keys, ports, Attachment, Endpoint, PortMapping, Published, Sandbox};
 use weft_store::{Store, StoreJson};
 
 fn mac_string(mac: [u8; 6]) -> String {
@@ -141,7 +141,7 @@ impl Host {
             mappings.push(p.parse::<PortMapping>().map_err(|e| bad(e.to_string()))?);
         }
         ports::check_own(&mappings).map_err(|e| bad(e.to_string()))?;
-        if !mappings.is_empty() && (state.net.driver != Driver::Bridge || state.net.internal) {
+        if !mappings.is_empty() && (!state.net.uses_bridge() || state.net.internal) {
             return Err(bad(format!(
                 "portMappings: network {} cannot publish ports",
                 req.network

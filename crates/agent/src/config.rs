@@ -13,6 +13,23 @@ pub struct AgentConfig {
     pub netns_pool: usize,
     /// The host's resolver configuration: upstream servers, search domains.
     pub resolv_conf: PathBuf,
+    /// Set when the host is part of a cluster (etcd); single-host otherwise.
+    pub cluster: Option<ClusterConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub etcd_endpoints: Vec<String>,
+    /// Every key weft writes lives under this prefix.
+    pub etcd_prefix: String,
+    /// Where other hosts reach this one; found from `iface` or the default
+    /// route when absent.
+    pub public_ip: Option<std::net::Ipv4Addr>,
+    pub iface: Option<String>,
+    /// This host's name in leases and `weft status` (default: hostname).
+    pub node_name: String,
+    /// TTL of the etcd lease behind this host's subnet leases; renewed every third of it.
+    pub lease_ttl: std::time::Duration,
 }
 
 impl AgentConfig {
@@ -36,5 +53,13 @@ impl AgentConfig {
     }
     pub fn network_db(&self) -> PathBuf {
         self.data_dir.join("networks.redb")
+    }
+    /// The host's identity and its last leases, kept across restarts.
+    pub fn cluster_file(&self) -> PathBuf {
+        self.data_dir.join("cluster.json")
+    }
+    /// flannel's subnet file for an overlay network.
+    pub fn subnet_file(&self, network: &str) -> PathBuf {
+        self.state_dir.join(format!("{network}.env"))
     }
 }

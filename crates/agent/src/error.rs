@@ -17,6 +17,9 @@ pub enum AgentError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Internal(String),
+    /// A dependency (etcd) cannot be reached now; retrying later may work.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl AgentError {
@@ -25,6 +28,7 @@ impl AgentError {
             AgentError::BadRequest(_) => 400,
             AgentError::NotFound(_) => 404,
             AgentError::Conflict(_) => 409,
+            AgentError::Unavailable(_) => 503,
             _ => 500,
         }
     }

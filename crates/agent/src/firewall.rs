@@ -22,11 +22,12 @@ fn spec(inner: &Inner) -> FirewallSpec {
         networks: inner
             .networks
             .values()
-            .filter(|n| n.net.driver == weft_model::Driver::Bridge)
+            .filter(|n| n.net.uses_bridge())
             .map(|n| NetworkRule {
                 bridge: n.net.bridge.clone(),
                 subnet: n.net.subnet,
                 internal: n.net.internal,
+                overlay_range: n.net.overlay.as_ref().map(|o| o.range),
             })
             .collect(),
         ports: inner

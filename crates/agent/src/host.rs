@@ -37,6 +37,8 @@ pub(crate) struct Inner {
 #[derive(Clone)]
 pub struct Host {
     inner: Arc<Mutex<Inner>>,
+    /// Set once the cluster has started (agents with --etcd-endpoints).
+    pub(crate) cluster: Arc<std::sync::OnceLock<Arc<crate::cluster::Cluster>>>,
 }
 
 impl Host {
@@ -48,6 +50,7 @@ impl Host {
         inner.pool.start();
         let host = Host {
             inner: Arc::new(Mutex::new(inner)),
+            cluster: Default::default(),
         };
         for (id, p) in watch {
             host.remove_when_exited(id, p);

@@ -3,7 +3,9 @@
 //! a root-only unix socket.
 
 mod api;
+mod backend;
 mod bridge;
+mod cluster;
 mod cni;
 pub mod config;
 mod dns;
@@ -12,11 +14,13 @@ mod firewall;
 mod host;
 mod netns_pool;
 mod networks;
+mod overlay;
 mod reconcile;
 mod sandboxes;
 mod server;
 
-pub use config::AgentConfig;
+pub use cluster::Cluster;
+pub use config::{AgentConfig, ClusterConfig};
 pub use error::AgentError;
 pub use host::Host;
 pub use server::serve;

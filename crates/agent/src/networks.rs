@@ -14,7 +14,6 @@ use weft_model::api::{
 };
 use weft_model::network::{self, DEFAULT_NETWORK};
 use weft_model::sandbox::{host_veth_name, EndpointKind};
-use weft_model::Driver;
 use weft_model::{keys, AddressPool, Attachment, Endpoint, Network, NetworkSpec, Sandbox};
 use weft_store::{Store, StoreJson};
 
@@ -62,6 +61,7 @@ impl Inner {
             labels: net.labels.clone(),
             options: net.options.clone(),
             endpoints,
+            overlay: net.overlay.clone(),
         }
     }
 
@@ -129,7 +129,7 @@ impl Host {
         let mut net = network::plan(&spec, &random_id(), &existing, &routes)
             .map_err(|e| AgentError::BadRequest(e.to_string()))?;
         let pool = pool_for(&net)?;
-        if net.driver == Driver::Bridge && inner.nl.link_by_name(&net.bridge)?.is_some() {
+        if net.uses_bridge() && inner.nl.link_by_name(&net.bridge)?.is_some() {
             return Err(AgentError::Conflict(format!(
                 "a link named {} already exists on this host; choose another with -o bridge.name=NAME",
                 net.bridge
@@ -221,6 +221,8 @@ impl Host {
             g.networks
                 .keys()
                 .filter(|n| n.as_str() != DEFAULT_NETWORK && g.attached_to(n).is_empty())
+                // Global networks belong to the cluster, not to one host's prune.
+                .filter(|n| !g.networks[*n].net.is_global())
                 .cloned()
                 .collect()
         };

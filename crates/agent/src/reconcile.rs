@@ -83,6 +83,7 @@ fn default_network(
         internal: false,
         labels: Default::default(),
         options: Default::default(),
+        overlay: None,
     };
     Ok((net, true))
 }

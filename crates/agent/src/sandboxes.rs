@@ -698,6 +698,19 @@ impl Host {
         });
     }
 
+    pub fn status(&self) -> weft_model::api::StatusView {
+        let (networks, sandboxes) = {
+            let g = self.lock();
+            (g.networks.len(), g.sandboxes.len())
+        };
+        weft_model::api::StatusView {
+            version: env!("CARGO_PKG_VERSION").into(),
+            networks,
+            sandboxes,
+            cluster: self.cluster.get().map(|c| c.status()),
+        }
+    }
+
     /// Stops the namespace pool and removes its entries (graceful shutdown).
     pub fn shutdown(&self) {
         self.lock().pool.drain();

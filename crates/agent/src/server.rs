@@ -29,6 +29,11 @@ pub async fn serve(cfg: AgentConfig) -> Result<()> {
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))??;
 
+    if let Some(cc) = cfg.cluster.clone() {
+        let cluster = crate::cluster::Cluster::start(cc, host.clone()).await?;
+        let _ = host.cluster.set(cluster);
+    }
+
     let sock = cfg.socket_path();
     let _ = std::fs::remove_file(&sock);
     let listener = tokio::net::UnixListener::bind(&sock)

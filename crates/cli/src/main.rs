@@ -3,10 +3,12 @@
 
 mod client;
 mod cni;
+mod lab;
 mod network_cmds;
 mod output;
 mod sandbox_cmds;
 mod spawn;
+mod status_cmd;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -66,6 +68,15 @@ enum Command {
     /// Create, list, inspect and remove networks; connect and disconnect sandboxes
     #[command(subcommand)]
     Network(network_cmds::NetworkCommand),
+    /// The agent's view: networks, sandboxes, and in a cluster the etcd
+    /// health, this host's leases, its peers and what is programmed for each
+    Status,
+    /// Leave the cluster now: revoke this host's leases so every other host
+    /// removes its routes at once (then stop the agent)
+    Leave,
+    /// Several simulated hosts on this machine, with etcd and an agent each
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
 }
 
 #[derive(Args)]
@@ -83,6 +94,27 @@ struct AgentArgs {
     /// Where the host's upstream name servers and search domains are (reread when it changes)
     #[arg(long, default_value = "/etc/resolv.conf")]
     resolv_conf: PathBuf,
+    /// Join a cluster: etcd URLs (comma-separated), e.g. http://10.0.0.1:2379.
+    /// Without them the agent is single-host and overlay networks are refused
+    #[arg(long, value_delimiter = ',', env = "WEFT_ETCD_ENDPOINTS")]
+    etcd_endpoints: Vec<String>,
+    /// Prefix of every key weft keeps in etcd
+    #[arg(long, default_value = "/weft")]
+    etcd_prefix: String,
+    /// This host's address that other hosts reach it on (default: from --iface,
+    /// else the interface of the default route)
+    #[arg(long)]
+    public_ip: Option<std::net::Ipv4Addr>,
+    /// The interface whose first address is this host's public address
+    #[arg(long, conflicts_with = "public_ip")]
+    iface: Option<String>,
+    /// This host's name in the cluster (default: the hostname)
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Seconds before this host's subnet leases expire if the agent stops
+    /// renewing them (it renews every third of it)
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(2..=86400))]
+    lease_ttl: u64,
 }
 
 /// An error of weft itself, with the exit code to leave with.
@@ -139,6 +171,13 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Cni => Ok(cni::run()),
         Command::Port { sandbox } => sandbox_cmds::port(&ctx, &sandbox),
         Command::Network(n) => network_cmds::dispatch(&ctx, n),
+        Command::Status => status_cmd::status(&ctx),
+        Command::Leave => {
+            let () = ctx.client.post_empty("/v1/cluster/leave")?;
+            eprintln!("weft: left the cluster; stop the agent now");
+            Ok(0)
+        }
+        Command::Lab(l) => lab::dispatch(cli.format, l),
     }
 }
 
@@ -155,6 +194,14 @@ fn run_agent(state_dir: PathBuf, a: AgentArgs) -> Result<i32, Failure> {
         bridge_subnet: a.bridge_subnet,
         netns_pool: a.netns_pool.into(),
         resolv_conf: a.resolv_conf,
+        cluster: (!a.etcd_endpoints.is_empty()).then(|| weft_agent::ClusterConfig {
+            etcd_endpoints: a.etcd_endpoints,
+            etcd_prefix: a.etcd_prefix,
+            public_ip: a.public_ip,
+            iface: a.iface,
+            node_name: a.node_name.unwrap_or_else(hostname),
+            lease_ttl: std::time::Duration::from_secs(a.lease_ttl),
+        }),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -162,4 +209,10 @@ fn run_agent(state_dir: PathBuf, a: AgentArgs) -> Result<i32, Failure> {
         .build()?;
     rt.block_on(weft_agent::serve(cfg))?;
     Ok(0)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }

@@ -12,7 +12,9 @@ use weft_model::NetworkSpec;
 
 #[derive(Subcommand)]
 pub enum NetworkCommand {
-    /// Create a network: a Linux bridge with its own subnet, isolated from other networks
+    /// Create a network: a Linux bridge with its own subnet, isolated from other
+    /// networks (-d bridge); a LAN through macvlan (-d macvlan); or one network
+    /// across every host of the cluster (-d overlay, needs an agent with --etcd-endpoints)
     Create(CreateArgs),
     /// List networks
     #[command(alias = "list")]
@@ -49,12 +51,25 @@ pub enum NetworkCommand {
 
 #[derive(Args)]
 pub struct CreateArgs {
-    /// Driver (only bridge for now)
+    /// Driver: bridge, macvlan or overlay
     #[arg(short = 'd', long, default_value = "bridge")]
     driver: String,
-    /// Subnet in CIDR form (default: a free one from 172.17.0.0/16-172.31.0.0/16, then 192.168.0.0/16 in /20s)
+    /// Subnet in CIDR form (default: a free one from 172.17.0.0/16-172.31.0.0/16, then 192.168.0.0/16 in /20s).
+    /// For -d overlay: the whole range across hosts, e.g. 10.40.0.0/16
     #[arg(long)]
     subnet: Option<Ipv4Net>,
+    /// -d overlay: prefix length of each host's subnet (default 24)
+    #[arg(long)]
+    host_subnet_len: Option<u8>,
+    /// -d overlay: how packets cross hosts: host-gw (the default: plain routes,
+    /// all hosts on one L2 segment), vxlan, udp or secure (those that this
+    /// build has; an unavailable one is an error, never replaced by another)
+    #[arg(long)]
+    backend: Option<String>,
+    /// -d overlay: take range, host subnet length and backend from a flannel
+    /// network config, e.g. '{"Network":"10.40.0.0/16","SubnetLen":24,"Backend":{"Type":"host-gw"}}'
+    #[arg(long, value_name = "JSON")]
+    from_flannel_config: Option<String>,
     /// Gateway address, the bridge's (default: the subnet's first address)
     #[arg(long)]
     gateway: Option<Ipv4Addr>,
@@ -93,7 +108,17 @@ fn names<T>(items: &[T], name: impl Fn(&T) -> &str) -> String {
 pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
     match cmd {
         NetworkCommand::Create(a) => {
+            let backend_given = a.backend.is_some()
+                || a.from_flannel_config
+                    .as_deref()
+                    .is_some_and(|c| c.contains("\"Backend\""));
             let spec = NetworkSpec {
+                overlay: weft_model::overlay::OverlayRequest {
+                    range: None,
+                    host_subnet_len: a.host_subnet_len,
+                    backend: a.backend,
+                    flannel_config: a.from_flannel_config,
+                },
                 name: a.name,
                 driver: Some(a.driver),
                 subnet: a.subnet,
@@ -105,6 +130,14 @@ pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
                 labels: a.labels.into_iter().collect(),
             };
             let v: NetworkView = ctx.client.post("/v1/networks", &spec)?;
+            if let (Some(o), false, crate::Format::Table) = (&v.overlay, backend_given, ctx.format)
+            {
+                // Say which backend was chosen: never a silent default.
+                eprintln!(
+                    "weft: no backend given; using {} (the default for -d overlay)",
+                    o.backend
+                );
+            }
             emit(ctx.format, &v, || v.id.clone());
             Ok(0)
         }
@@ -223,8 +256,14 @@ pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
                         let kv = |m: &std::collections::BTreeMap<String, String>| {
                             m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
                         };
+                        let overlay = n.overlay.as_ref().map_or(String::new(), |o| {
+                            format!(
+                                "overlay:   {} (host subnets /{}), backend {}, vni {}, port {}\n",
+                                o.range, o.host_subnet_len, o.backend, o.vni, o.port
+                            )
+                        });
                         format!(
-                            "name:      {}\nid:        {}\ndriver:    {}\nsubnet:    {}\ngateway:   {}\nip range:  {}\nbridge:    {}\nmtu:       {}\ninternal:  {}\noptions:   {}\nlabels:    {}\nendpoints:\n{}",
+                            "name:      {}\nid:        {}\ndriver:    {}\n{overlay}subnet:    {}\ngateway:   {}\nip range:  {}\nbridge:    {}\nmtu:       {}\ninternal:  {}\noptions:   {}\nlabels:    {}\nendpoints:\n{}",
                             n.name,
                             n.id,
                             n.driver,

@@ -7,8 +7,10 @@ pub mod netlink;
 pub mod netns;
 pub mod nft;
 pub mod process;
+pub mod routes;
 pub mod sysctl;
 
 pub use error::KernelError;
 pub use netlink::{Link, Netlink};
 pub use netns::Netns;
+pub use routes::{Route, OVERLAY_ROUTE_PROTOCOL};

@@ -26,7 +26,7 @@ use std::os::fd::RawFd;
 /// can find and remove its own routes and never anyone else's.
 pub const WEFT_ROUTE_PROTOCOL: u8 = 0x77;
 
-const RT_TABLE_MAIN: u8 = 254;
+pub(crate) const RT_TABLE_MAIN: u8 = 254;
 
 /// A link as seen in a dump.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,7 +66,7 @@ impl Netlink {
     }
 
     /// Sends one request and collects the replies until the ack or the end of a dump.
-    fn request(
+    pub(crate) fn request(
         &mut self,
         op: &str,
         msg: RouteNetlinkMessage,
@@ -127,7 +127,7 @@ impl Netlink {
         }
     }
 
-    fn ack(&mut self, op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<()> {
+    pub(crate) fn ack(&mut self, op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<()> {
         self.request(op, msg, NLM_F_ACK | flags).map(|_| ())
     }
 

@@ -127,6 +127,57 @@ pub struct NetworkView {
     pub labels: std::collections::BTreeMap<String, String>,
     pub options: std::collections::BTreeMap<String, String>,
     pub endpoints: Vec<EndpointView>,
+    /// Overlay networks: the range across hosts, backend, VNI.
+    #[serde(default)]
+    pub overlay: Option<crate::overlay::Overlay>,
+}
+
+/// The agent's view of its cluster, for `weft status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusView {
+    pub version: String,
+    pub networks: usize,
+    pub sandboxes: usize,
+    /// Absent on a single-host agent.
+    pub cluster: Option<ClusterView>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub etcd_endpoints: Vec<String>,
+    pub etcd_healthy: bool,
+    /// The last error talking to etcd, while unhealthy.
+    pub etcd_error: Option<String>,
+    pub host_id: String,
+    pub node: String,
+    pub public_ip: Option<Ipv4Addr>,
+    /// The etcd lease behind this host's subnet leases, and its TTL in seconds.
+    pub etcd_lease: Option<i64>,
+    pub lease_ttl_secs: u64,
+    pub networks: Vec<OverlayStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OverlayStatus {
+    pub name: String,
+    pub range: Ipv4Net,
+    pub backend: String,
+    /// This host's leased subnet, once it has one.
+    pub subnet: Option<Ipv4Net>,
+    pub problem: Option<String>,
+    pub peers: Vec<PeerView>,
+}
+
+/// One other host of an overlay network and what is programmed for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerView {
+    pub node: String,
+    pub subnet: Ipv4Net,
+    pub public_ip: Ipv4Addr,
+    /// e.g. "route 10.40.3.0/24 via 198.51.100.12".
+    pub programmed: Option<String>,
+    /// Why nothing is programmed, when nothing is.
+    pub problem: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

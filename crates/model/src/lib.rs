@@ -7,11 +7,13 @@ pub mod keys;
 pub mod names;
 pub mod network;
 pub mod nft;
+pub mod overlay;
 pub mod ports;
 pub mod sandbox;
 pub mod subnet;
 
 pub use ipam::{AddressPool, IpamError};
 pub use network::{Driver, Network, NetworkSpec};
+pub use overlay::{BackendKind, Lease, Overlay};
 pub use ports::{PortMapping, Protocol};
 pub use sandbox::{Attachment, Endpoint, NetMode, NetRequest, ProcessRef, Published, Sandbox};

@@ -2,6 +2,7 @@
 //! new one must pass before anything is made.
 
 use crate::names;
+use crate::overlay::{Overlay, OverlayError, OverlayRequest};
 use crate::subnet;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,9 @@ pub enum Driver {
     Bridge,
     /// Sandboxes straight on a physical LAN, through macvlan interfaces of a parent.
     Macvlan,
+    /// One network across hosts (global scope, kept in etcd): a bridge per
+    /// host on the subnet that host leases, joined by a backend.
+    Overlay,
 }
 
 impl std::fmt::Display for Driver {
@@ -33,6 +37,7 @@ impl std::fmt::Display for Driver {
         f.write_str(match self {
             Driver::Bridge => "bridge",
             Driver::Macvlan => "macvlan",
+            Driver::Overlay => "overlay",
         })
     }
 }
@@ -66,11 +71,32 @@ pub struct Network {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+    /// Overlay networks: the cluster-wide range and backend. `subnet` and
+    /// `gateway` are then this host's leased subnet and its gateway (in
+    /// etcd, where no host is meant, they are the whole range).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<Overlay>,
 }
 
 impl Network {
     pub fn masquerade(&self) -> bool {
-        !self.internal && self.driver == Driver::Bridge
+        !self.internal && self.uses_bridge()
+    }
+
+    /// Whether sandboxes attach through a Linux bridge of weft's (bridge and
+    /// overlay drivers; macvlan attaches to its parent).
+    pub fn uses_bridge(&self) -> bool {
+        matches!(self.driver, Driver::Bridge | Driver::Overlay)
+    }
+
+    /// Global networks live in etcd and exist on every host.
+    pub fn is_global(&self) -> bool {
+        self.driver == Driver::Overlay
+    }
+
+    /// The addresses the network spans across all hosts.
+    pub fn range(&self) -> Ipv4Net {
+        self.overlay.as_ref().map_or(self.subnet, |o| o.range)
     }
 
     /// The host's macvlan interface for host access.
@@ -80,7 +106,7 @@ impl Network {
 
     /// Whether weft's resolver serves this network (bridge networks but the default).
     pub fn has_resolver(&self) -> bool {
-        self.driver == Driver::Bridge && self.name != DEFAULT_NETWORK
+        self.uses_bridge() && self.name != DEFAULT_NETWORK
     }
 }
 
@@ -107,6 +133,9 @@ pub struct NetworkSpec {
     pub options: BTreeMap<String, String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// `-d overlay`: range, host subnet length, backend, flannel config.
+    #[serde(default)]
+    pub overlay: OverlayRequest,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -117,7 +146,7 @@ pub enum NetworkError {
     Duplicate(String),
     #[error("the name {0:?} is reserved for `--net {0}`; pick another name")]
     Reserved(String),
-    #[error("unknown driver {0:?}: weft has the bridge driver (-d bridge)")]
+    #[error("unknown driver {0:?}: weft has -d bridge, -d macvlan and -d overlay")]
     UnknownDriver(String),
     #[error("--subnet {given} has host bits set; did you mean {net}?")]
     HostBits { given: Ipv4Net, net: Ipv4Net },
@@ -161,6 +190,12 @@ pub enum NetworkError {
     ParentTaken { parent: String, other: String },
     #[error("--{0} is not supported with -d macvlan")]
     NotForMacvlan(&'static str),
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+    #[error("--{0} is not supported with -d overlay (each host's gateway is the first address of its subnet)")]
+    NotForOverlay(&'static str),
+    #[error("--{0} applies to -d overlay only")]
+    OnlyForOverlay(&'static str),
 }
 
 const KNOWN_OPTIONS: &str = "com.docker.network.bridge.name (or bridge.name), com.docker.network.driver.mtu (or mtu); for macvlan parent, macvlan_mode=bridge and host_access=ADDR";
@@ -191,8 +226,39 @@ pub fn plan(
     let driver = match spec.driver.as_deref() {
         None | Some("bridge") => Driver::Bridge,
         Some("macvlan") => Driver::Macvlan,
+        Some("overlay") => Driver::Overlay,
         Some(other) => return Err(NetworkError::UnknownDriver(other.to_string())),
     };
+    let overlay = if driver == Driver::Overlay {
+        if spec.gateway.is_some() {
+            return Err(NetworkError::NotForOverlay("gateway"));
+        }
+        if spec.ip_range.is_some() {
+            return Err(NetworkError::NotForOverlay("ip-range"));
+        }
+        let used = existing
+            .iter()
+            .filter_map(|n| n.overlay.as_ref().map(|o| o.vni))
+            .collect();
+        let req = OverlayRequest {
+            range: spec.subnet.or(spec.overlay.range),
+            ..spec.overlay.clone()
+        };
+        Some(crate::overlay::plan(&req, &used)?)
+    } else {
+        let o = &spec.overlay;
+        if o.host_subnet_len.is_some() {
+            return Err(NetworkError::OnlyForOverlay("host-subnet-len"));
+        }
+        if o.backend.is_some() {
+            return Err(NetworkError::OnlyForOverlay("backend"));
+        }
+        if o.flannel_config.is_some() {
+            return Err(NetworkError::OnlyForOverlay("from-flannel-config"));
+        }
+        None
+    };
+    let spec_subnet = overlay.as_ref().map(|o| o.range).or(spec.subnet);
     let (mut parent, mut host_access) = (None, None);
 
     let mut bridge = format!("{BRIDGE_PREFIX}{}", &id[..10.min(id.len())]);
@@ -283,7 +349,7 @@ pub fn plan(
         });
     }
 
-    let subnet = match spec.subnet {
+    let subnet = match spec_subnet {
         Some(given) => {
             if given.addr() != given.network() {
                 return Err(NetworkError::HostBits {
@@ -296,12 +362,12 @@ pub fn plan(
             }
             if let Some(o) = existing
                 .iter()
-                .find(|n| subnet::overlaps(&n.subnet, &given))
+                .find(|n| subnet::overlaps(&n.range(), &given))
             {
                 return Err(NetworkError::Overlap {
                     subnet: given,
                     other: o.name.clone(),
-                    other_subnet: o.subnet,
+                    other_subnet: o.range(),
                 });
             }
             given
@@ -315,7 +381,7 @@ pub fn plan(
             }
             let taken: Vec<Ipv4Net> = existing
                 .iter()
-                .map(|n| n.subnet)
+                .map(|n| n.range())
                 .chain(routes.iter().copied())
                 .collect();
             subnet::pick_free(subnet::default_bridge_pool(), &taken)
@@ -359,6 +425,7 @@ pub fn plan(
         internal: spec.internal,
         labels: spec.labels.clone(),
         options: spec.options.clone(),
+        overlay,
     })
 }
 
@@ -454,6 +521,39 @@ mod tests {
             s.options.insert("bridge.name".into(), taken.clone());
         })
         .contains("already used by network a"));
+    }
+
+    #[test]
+    fn overlay_networks_span_their_range() {
+        let existing = [net("a", "10.1.0.0/16")];
+        let mut s = spec("ov");
+        s.driver = Some("overlay".into());
+        s.subnet = Some("10.40.0.0/16".parse().unwrap());
+        let n = plan(&s, ID, &existing, &[]).unwrap();
+        assert_eq!(n.range().to_string(), "10.40.0.0/16");
+        assert!(n.is_global() && n.uses_bridge() && n.masquerade());
+        assert_eq!(n.overlay.as_ref().unwrap().vni, 1);
+        // A local network may not overlap an overlay's range, nor the reverse.
+        let mut b = spec("b");
+        b.subnet = Some("10.40.5.0/24".parse().unwrap());
+        let err = plan(&b, "fedcba9876543210", &[n.clone()], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("overlaps 10.40.0.0/16 of network ov"), "{err}");
+        s.subnet = Some("10.1.0.0/20".parse().unwrap());
+        assert!(plan(&s, ID, &existing, &[]).is_err());
+        s.subnet = Some("10.40.0.0/16".parse().unwrap());
+        s.gateway = Some("10.40.0.1".parse().unwrap());
+        assert!(plan(&s, ID, &[], &[])
+            .unwrap_err()
+            .to_string()
+            .contains("not supported with -d overlay"));
+        let mut b = spec("b");
+        b.overlay.backend = Some("host-gw".into());
+        assert!(plan(&b, ID, &[], &[])
+            .unwrap_err()
+            .to_string()
+            .contains("-d overlay only"));
     }
 
     #[test]

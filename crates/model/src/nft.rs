@@ -19,6 +19,10 @@ pub struct NetworkRule {
     pub bridge: String,
     pub subnet: Ipv4Net,
     pub internal: bool,
+    /// Overlay networks: the whole range across hosts. Traffic inside it is
+    /// never masqueraded (sandboxes see each other's real addresses), and
+    /// traffic between two different overlay ranges is dropped.
+    pub overlay_range: Option<Ipv4Net>,
 }
 
 /// One published port and the sandbox address it leads to.
@@ -54,6 +58,7 @@ const RULES: &str = r#"	chain prerouting {
 
 	chain postrouting {
 		type nat hook postrouting priority srcnat; policy accept;
+		ip saddr . ip daddr @overlay_same accept
 		ip saddr @masq_nets oifname != @bridges masquerade
 		ct status dnat ip saddr 127.0.0.0/8 oifname @bridges masquerade
 		ct status dnat iifname . oifname @same_bridge masquerade
@@ -66,6 +71,7 @@ const RULES: &str = r#"	chain prerouting {
 		iifname @bridges oifname @bridges drop
 		iifname @internal_bridges drop
 		oifname @internal_bridges drop
+		ip saddr @overlay_nets ip daddr @overlay_nets ip saddr . ip daddr != @overlay_same drop
 	}
 "#;
 
@@ -150,6 +156,15 @@ pub fn render(spec: &FirewallSpec) -> String {
         .filter(|n| !n.internal)
         .map(|n| n.subnet.to_string())
         .collect();
+    let mut ranges: Vec<Ipv4Net> = spec
+        .networks
+        .iter()
+        .filter_map(|n| n.overlay_range)
+        .collect();
+    ranges.sort();
+    ranges.dedup();
+    let overlay_nets: Vec<String> = ranges.iter().map(|r| r.to_string()).collect();
+    let overlay_same: Vec<String> = ranges.iter().map(|r| format!("{r} . {r}")).collect();
     let elements: Vec<(&str, String)> = spec.ports.iter().map(port_element).collect();
     let mut out = format!(
         "add table {TABLE_FAMILY} {TABLE_NAME}\ndelete table {TABLE_FAMILY} {TABLE_NAME}\n"
@@ -162,6 +177,16 @@ pub fn render(spec: &FirewallSpec) -> String {
         &mut out,
         "set masq_nets { type ipv4_addr; flags interval;",
         &masq,
+    );
+    set(
+        &mut out,
+        "set overlay_nets { type ipv4_addr; flags interval;",
+        &overlay_nets,
+    );
+    set(
+        &mut out,
+        "set overlay_same { type ipv4_addr . ipv4_addr; flags interval;",
+        &overlay_same,
     );
     for (map, decl) in PORT_MAPS {
         let mine: Vec<String> = elements
@@ -214,6 +239,7 @@ mod tests {
             bridge: bridge.into(),
             subnet: subnet.parse().unwrap(),
             internal,
+            overlay_range: None,
         }
     }
 

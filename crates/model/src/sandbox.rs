@@ -140,7 +140,7 @@ impl EndpointKind {
     /// How a network's driver plugs endpoints in.
     pub fn of(driver: crate::network::Driver) -> Self {
         match driver {
-            crate::network::Driver::Bridge => EndpointKind::Veth,
+            crate::network::Driver::Bridge | crate::network::Driver::Overlay => EndpointKind::Veth,
             crate::network::Driver::Macvlan => EndpointKind::Macvlan,
         }
     }

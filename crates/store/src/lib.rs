@@ -9,12 +9,15 @@
 //!   whose namespaces vanish with a reboot anyway. No fsync, so attaching a
 //!   sandbox costs no disk flush. Lives in the state dir.
 //!
-//! A later etcd implementation serves global state across hosts.
+//! - [`Etcd`] for global state shared by the hosts of a cluster: overlay
+//!   networks and per-host subnet leases. Async, with leases and watches.
 
 mod disk;
+mod etcd;
 mod runtime;
 
 pub use disk::DiskStore;
+pub use etcd::{Change, Etcd, EtcdError, EtcdResult, Watch};
 pub use runtime::RuntimeStore;
 
 use serde::{de::DeserializeOwned, Serialize};

@@ -1,0 +1,581 @@
+//! The cluster: global networks and per-host subnet leases in etcd.
+//!
+//! One task lists everything under the prefix, makes this host match it
+//! (its own lease for every overlay network, the local bridge, and each
+//! backend programmed with the other hosts' leases), then watches from the
+//! listed revision and does the same after every batch of changes. Any
+//! watch error, compaction included, goes back to listing: state is
+//! reconciled, never replayed, so no event can be lost. A second task keeps
+//! the etcd lease alive. While etcd is unreachable nothing is torn down:
+//! what is programmed stays, and new sandboxes use the subnet already held.
+
+mod identity;
+mod state;
+
+use crate::backend::{self, Backend};
+use crate::config::ClusterConfig;
+use crate::error::{AgentError, Result};
+use crate::host::Host;
+use identity::Identity;
+use ipnet::Ipv4Net;
+use state::Global;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+use weft_kernel::{Netlink, OVERLAY_ROUTE_PROTOCOL};
+use weft_model::api::{ClusterView, NetworkView, OverlayStatus, RemovedNetwork};
+use weft_model::overlay::{pick_host_subnet, seed_of, subnet_key};
+use weft_model::{network, Lease, Network, NetworkSpec};
+use weft_store::{Etcd, EtcdError};
+
+/// How often the backends re-read the kernel to heal what was changed
+/// behind weft's back.
+const VERIFY_EVERY: Duration = Duration::from_secs(2);
+const ETCD_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub(crate) fn network_key(name: &str) -> String {
+    format!("networks/{name}")
+}
+fn vni_key(vni: u32) -> String {
+    format!("vnis/{vni}")
+}
+fn lease_dir(network: &str) -> String {
+    format!("leases/{network}/")
+}
+fn lease_key(network: &str, subnet: &Ipv4Net) -> String {
+    format!("leases/{network}/{}", subnet_key(subnet))
+}
+
+pub struct Cluster {
+    cfg: ClusterConfig,
+    host: Host,
+    etcd: Etcd,
+    me: Mutex<Identity>,
+    /// The etcd lease every key of this host is bound to (0: none yet).
+    lease: AtomicI64,
+    wake: Notify,
+    status: Mutex<ClusterView>,
+    /// Set by `weft leave`: stop claiming subnets.
+    left: std::sync::atomic::AtomicBool,
+}
+
+impl Cluster {
+    /// Starts the cluster tasks. The agent serves its API at once; the
+    /// cluster catches up as soon as etcd answers.
+    pub async fn start(cfg: ClusterConfig, host: Host) -> Result<Arc<Cluster>> {
+        let data = host.lock().cfg.clone();
+        let mut nl = Netlink::open()?;
+        let me = Identity::load_or_create(&data.cluster_file(), &cfg, &mut nl)?;
+        let etcd = Etcd::connect(&cfg.etcd_endpoints, &cfg.etcd_prefix, ETCD_TIMEOUT)
+            .await
+            .map_err(|e| AgentError::BadRequest(format!("--etcd-endpoints: {e}")))?;
+        info!(node = %me.node, public_ip = %me.public_ip, host_id = %me.host_id, "joining the cluster");
+        let status = ClusterView {
+            etcd_endpoints: cfg.etcd_endpoints.clone(),
+            host_id: me.host_id.clone(),
+            node: me.node.clone(),
+            public_ip: Some(me.public_ip),
+            lease_ttl_secs: cfg.lease_ttl.as_secs(),
+            ..Default::default()
+        };
+        let c = Arc::new(Cluster {
+            lease: AtomicI64::new(me.etcd_lease),
+            cfg,
+            host,
+            etcd,
+            me: Mutex::new(me),
+            wake: Notify::new(),
+            status: Mutex::new(status),
+            left: Default::default(),
+        });
+        tokio::spawn(c.clone().keep_lease_alive());
+        tokio::spawn(c.clone().sync_forever(nl));
+        Ok(c)
+    }
+
+    pub fn status(&self) -> ClusterView {
+        let mut v = self.status.lock().unwrap().clone();
+        let l = self.lease.load(Ordering::Relaxed);
+        v.etcd_lease = (l != 0).then_some(l);
+        v
+    }
+
+    fn set_health(&self, err: Option<String>) {
+        let mut s = self.status.lock().unwrap();
+        if s.etcd_healthy != err.is_none() {
+            match &err {
+                None => info!("etcd reachable"),
+                Some(e) => {
+                    warn!(error = %e, "etcd unreachable; what is programmed stays, retrying")
+                }
+            }
+        }
+        s.etcd_healthy = err.is_none();
+        s.etcd_error = err;
+    }
+
+    fn unavailable(e: EtcdError) -> AgentError {
+        AgentError::Unavailable(format!(
+            "cannot reach etcd ({e}); global networks cannot change now, local ones still work"
+        ))
+    }
+
+    // ---- the etcd lease -------------------------------------------------
+
+    /// Renews the etcd lease every third of its TTL; when it is gone (etcd
+    /// was unreachable longer than the TTL) takes a new one and wakes the
+    /// sync task to rebind this host's keys to it.
+    async fn keep_lease_alive(self: Arc<Self>) {
+        let ttl = self.cfg.lease_ttl;
+        loop {
+            if self.left.load(Ordering::Relaxed) {
+                return;
+            }
+            let id = self.lease.load(Ordering::Relaxed);
+            let ok = if id == 0 {
+                false
+            } else {
+                match self.etcd.keep_alive(id).await {
+                    Ok(_) => true,
+                    Err(EtcdError::LeaseGone(_)) => {
+                        warn!(lease = id, "the etcd lease expired; taking a new one");
+                        false
+                    }
+                    Err(e) => {
+                        self.set_health(Some(e.to_string()));
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            };
+            if !ok {
+                match self.etcd.grant(ttl.as_secs().max(1) as i64).await {
+                    Ok(new) => {
+                        self.lease.store(new, Ordering::Relaxed);
+                        self.save_identity(|me| me.etcd_lease = new);
+                        self.wake.notify_one();
+                    }
+                    Err(e) => {
+                        self.set_health(Some(e.to_string()));
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
+            tokio::time::sleep(ttl / 3).await;
+        }
+    }
+
+    fn save_identity(&self, f: impl FnOnce(&mut Identity)) {
+        let path = self.host.lock().cfg.cluster_file();
+        let mut me = self.me.lock().unwrap();
+        f(&mut me);
+        if let Err(e) = me.save(&path) {
+            warn!(error = %e, "cannot record the cluster identity");
+        }
+    }
+
+    // ---- list, watch, reconcile ----------------------------------------
+
+    async fn sync_forever(self: Arc<Self>, mut nl: Netlink) {
+        let mut backends: HashMap<String, Box<dyn Backend>> = HashMap::new();
+        let mut bound: HashMap<String, i64> = HashMap::new();
+        let mut backoff = Duration::from_millis(200);
+        let mut cleaned = false;
+        loop {
+            let r = self
+                .sync_once(&mut nl, &mut backends, &mut bound, &mut cleaned)
+                .await;
+            if let Err(e) = r {
+                self.set_health(Some(e.to_string()));
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = self.wake.notified() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(3));
+            } else {
+                backoff = Duration::from_millis(200);
+            }
+        }
+    }
+
+    async fn sync_once(
+        &self,
+        nl: &mut Netlink,
+        backends: &mut HashMap<String, Box<dyn Backend>>,
+        bound: &mut HashMap<String, i64>,
+        cleaned: &mut bool,
+    ) -> std::result::Result<(), EtcdError> {
+        let (kvs, rev) = self.etcd.list("").await?;
+        let mut global = Global::from_list(kvs);
+        self.set_health(None);
+        self.reconcile(nl, &mut global, backends, bound, true)
+            .await?;
+        if !*cleaned {
+            self.remove_stale_routes(nl, backends);
+            *cleaned = true;
+        }
+        let mut watch = self.etcd.watch("", rev + 1).await?;
+        let mut verify = tokio::time::interval(VERIFY_EVERY);
+        verify.tick().await;
+        loop {
+            let verify_now = tokio::select! {
+                batch = watch.next() => {
+                    match batch? {
+                        None => return Err(EtcdError::Cancelled("watch stream ended".into())),
+                        Some(changes) if changes.is_empty() => continue,
+                        Some(changes) => {
+                            for c in changes {
+                                global.apply(&c);
+                            }
+                            false
+                        }
+                    }
+                }
+                _ = verify.tick() => true,
+                _ = self.wake.notified() => false,
+            };
+            self.reconcile(nl, &mut global, backends, bound, verify_now)
+                .await?;
+        }
+    }
+
+    /// Makes this host match `global`: a lease of its own on every overlay
+    /// network, the local network on it, and the backend programmed with
+    /// every other host's lease. Networks gone from etcd go from the host.
+    async fn reconcile(
+        &self,
+        nl: &mut Netlink,
+        global: &mut Global,
+        backends: &mut HashMap<String, Box<dyn Backend>>,
+        bound: &mut HashMap<String, i64>,
+        verify: bool,
+    ) -> std::result::Result<(), EtcdError> {
+        let me = self.me.lock().unwrap().clone();
+        let mut views = Vec::new();
+        let names: Vec<String> = global.networks.keys().cloned().collect();
+        for name in names {
+            let net = global.networks[&name].clone();
+            let Some(overlay) = net.overlay.clone() else {
+                continue;
+            };
+            let mut view = OverlayStatus {
+                name: name.clone(),
+                range: overlay.range,
+                backend: overlay.backend.to_string(),
+                subnet: None,
+                problem: None,
+                peers: Vec::new(),
+            };
+            if self.left.load(Ordering::Relaxed) {
+                view.problem = Some("this host left the cluster (`weft leave`)".into());
+                views.push(view);
+                continue;
+            }
+            if !weft_model::overlay::IMPLEMENTED.contains(&overlay.backend) {
+                // Never another backend in its place.
+                view.problem = Some(format!(
+                    "backend {} is not available in this build of weft; the network is not joined",
+                    overlay.backend
+                ));
+                views.push(view);
+                continue;
+            }
+            let own = match self.own_lease(&net, global, bound, &me).await {
+                Ok(l) => l,
+                Err(LeaseError::Etcd(e)) => return Err(e),
+                Err(LeaseError::Full) => {
+                    view.problem = Some(format!(
+                        "no free subnet of {} left for this host",
+                        overlay.range
+                    ));
+                    views.push(view);
+                    continue;
+                }
+            };
+            view.subnet = Some(own.subnet);
+            let host = self.host.clone();
+            let (n2, l2) = (net.clone(), own.clone());
+            let ensured = tokio::task::spawn_blocking(move || host.ensure_overlay(&n2, &l2, None))
+                .await
+                .unwrap_or_else(|e| Err(AgentError::Internal(e.to_string())));
+            if let Err(e) = ensured {
+                view.problem = Some(format!("cannot set the network up on this host: {e}"));
+                views.push(view);
+                continue;
+            }
+            let backend = backends
+                .entry(name.clone())
+                .or_insert_with(|| backend::new(overlay.backend).expect("implemented"));
+            let peers: Vec<Lease> = global
+                .leases_of(&name)
+                .filter(|l| l.host_id != me.host_id)
+                .cloned()
+                .collect();
+            view.peers = backend.program(nl, &net, &peers, verify);
+            views.push(view);
+        }
+        // Networks removed from the cluster.
+        let gone: Vec<String> = backends
+            .keys()
+            .filter(|n| !global.networks.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(mut b) = backends.remove(&name) {
+                b.teardown(nl);
+            }
+            bound.remove(&name);
+        }
+        for net in self.host.local_overlays() {
+            if !global.networks.contains_key(&net.name) {
+                let host = self.host.clone();
+                let name = net.name.clone();
+                let r = tokio::task::spawn_blocking(move || host.drop_overlay(&name)).await;
+                if let Ok(Err(e)) = r {
+                    warn!(network = %net.name, error = %e, "cannot remove the overlay network");
+                }
+                self.save_identity(|me| {
+                    me.leases.remove(&net.name);
+                });
+            }
+        }
+        self.status.lock().unwrap().networks = views;
+        Ok(())
+    }
+
+    /// This host's lease on `net`: the one in etcd (rebound to the current
+    /// etcd lease once per process or after the etcd lease changed), or a
+    /// new one, preferring the subnet recorded locally.
+    async fn own_lease(
+        &self,
+        net: &Network,
+        global: &mut Global,
+        bound: &mut HashMap<String, i64>,
+        me: &Identity,
+    ) -> std::result::Result<Lease, LeaseError> {
+        let lease_id = self.lease.load(Ordering::Relaxed);
+        if lease_id == 0 {
+            // The lease task has not got one yet; it wakes us when it has.
+            return Err(LeaseError::Etcd(EtcdError::LeaseGone(0)));
+        }
+        let name = &net.name;
+        let wanted = |subnet: Ipv4Net| Lease {
+            network: name.clone(),
+            subnet,
+            host_id: me.host_id.clone(),
+            node: me.node.clone(),
+            public_ip: me.public_ip,
+            vtep_mac: None,
+            public_key: None,
+        };
+        if let Some((key, raw, have)) = global.own(name, &me.host_id) {
+            let want = wanted(have.subnet);
+            if bound.get(name) == Some(&lease_id) && have == want {
+                return Ok(have);
+            }
+            let bytes = serde_json::to_vec(&want).expect("serializable");
+            if self
+                .etcd
+                .replace(&key, &raw, bytes.clone(), Some(lease_id))
+                .await?
+            {
+                bound.insert(name.clone(), lease_id);
+                global.put_raw(&key, bytes);
+                return Ok(want);
+            }
+            // Changed under us: the next list sorts it out.
+            return Err(LeaseError::Etcd(EtcdError::Cancelled(format!(
+                "lease {key} changed while rebinding"
+            ))));
+        }
+        let overlay = net.overlay.as_ref().expect("overlay network");
+        let mut prefer = me.leases.get(name).copied();
+        for attempt in 0..16u64 {
+            let taken: BTreeSet<Ipv4Net> = global.leases_of(name).map(|l| l.subnet).collect();
+            let Some(subnet) = pick_host_subnet(
+                overlay,
+                &taken,
+                prefer,
+                seed_of(&me.host_id) + attempt * 7919,
+            ) else {
+                return Err(LeaseError::Full);
+            };
+            let key = lease_key(name, &subnet);
+            let bytes = serde_json::to_vec(&wanted(subnet)).expect("serializable");
+            if self
+                .etcd
+                .create(&[(key.clone(), bytes.clone())], Some(lease_id))
+                .await?
+            {
+                info!(network = %name, subnet = %subnet, "leased a subnet");
+                bound.insert(name.clone(), lease_id);
+                global.put_raw(&key, bytes);
+                self.save_identity(|me| {
+                    me.leases.insert(name.clone(), subnet);
+                });
+                return Ok(wanted(subnet));
+            }
+            // Someone was faster: read the leases again and pick another.
+            prefer = None;
+            let (kvs, _) = self.etcd.list(&lease_dir(name)).await?;
+            for (k, v) in kvs {
+                global.put_raw(&k, v);
+            }
+        }
+        Err(LeaseError::Full)
+    }
+
+    /// Once per process, after the first full sync: routes marked as
+    /// weft's overlay routes that no backend wants (a peer that left while
+    /// this agent was down) go. Nobody else's routes are touched.
+    fn remove_stale_routes(&self, nl: &mut Netlink, backends: &HashMap<String, Box<dyn Backend>>) {
+        let wanted: BTreeSet<Ipv4Net> = backends.values().flat_map(|b| b.owned_routes()).collect();
+        match nl.routes_of(OVERLAY_ROUTE_PROTOCOL) {
+            Ok(routes) => {
+                for r in routes.into_iter().filter(|r| !wanted.contains(&r.dst)) {
+                    info!(subnet = %r.dst, "removing a stale overlay route");
+                    let _ = nl.delete_route(r.dst, OVERLAY_ROUTE_PROTOCOL);
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list routes"),
+        }
+    }
+
+    // ---- API -------------------------------------------------------------
+
+    /// Creates a global network in etcd; returns once this host has it.
+    pub async fn create_network(&self, spec: NetworkSpec) -> Result<NetworkView> {
+        let (kvs, _) = self
+            .etcd
+            .list("networks/")
+            .await
+            .map_err(Self::unavailable)?;
+        let global = Global::from_list(kvs);
+        let mut existing: Vec<Network> = global.networks.values().cloned().collect();
+        existing.extend(self.host.local_networks());
+        let net = network::plan(&spec, &crate::sandboxes::random_id(), &existing, &[])
+            .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        let vni = net.overlay.as_ref().expect("overlay").vni;
+        let created = self
+            .etcd
+            .create(
+                &[
+                    (
+                        network_key(&net.name),
+                        serde_json::to_vec(&net).expect("serializable"),
+                    ),
+                    (vni_key(vni), net.name.clone().into_bytes()),
+                ],
+                None,
+            )
+            .await
+            .map_err(Self::unavailable)?;
+        if !created {
+            return Err(AgentError::Conflict(format!(
+                "a network named {:?} (or VNI {vni}) was just created on another host; pick another name, or try again",
+                net.name
+            )));
+        }
+        info!(network = %net.name, range = %net.subnet, "global network created");
+        self.wake.notify_one();
+        self.wait_local(&net.name, true).await?;
+        self.host.network(&net.name)
+    }
+
+    /// Removes a global network from the cluster (every host drops it).
+    pub async fn remove_network(&self, name: &str, force: bool) -> Result<RemovedNetwork> {
+        let raw = self
+            .etcd
+            .get(&network_key(name))
+            .await
+            .map_err(Self::unavailable)?;
+        let Some(raw) = raw else {
+            return Err(AgentError::NotFound(format!(
+                "no global network named {name:?}: `weft network ls` lists the networks"
+            )));
+        };
+        let net: Network = serde_json::from_slice(&raw)
+            .map_err(|e| AgentError::Internal(format!("network {name} in etcd: {e}")))?;
+        let attached = self.host.sandboxes_on(name);
+        if !attached.is_empty() && !force {
+            return Err(AgentError::Conflict(format!(
+                "network {name} has sandboxes attached on this host ({}); disconnect or remove them, or use `weft network rm -f {name}`",
+                attached.join(", ")
+            )));
+        }
+        let err = Self::unavailable;
+        if !self
+            .etcd
+            .delete_if(&network_key(name), &raw)
+            .await
+            .map_err(err)?
+        {
+            return Err(AgentError::Conflict(format!(
+                "network {name} changed while removing it; try again"
+            )));
+        }
+        if let Some(o) = &net.overlay {
+            self.etcd.delete(&vni_key(o.vni)).await.map_err(err)?;
+        }
+        self.etcd
+            .delete_prefix(&lease_dir(name))
+            .await
+            .map_err(err)?;
+        info!(network = %name, "global network removed");
+        self.wake.notify_one();
+        self.wait_local(name, false).await?;
+        Ok(RemovedNetwork {
+            name: name.to_string(),
+            id: net.id,
+        })
+    }
+
+    async fn wait_local(&self, name: &str, present: bool) -> Result<()> {
+        for _ in 0..250 {
+            if self.host.network(name).is_ok() == present {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let why = self
+            .status()
+            .networks
+            .into_iter()
+            .find(|n| n.name == name)
+            .and_then(|n| n.problem)
+            .unwrap_or_else(|| "the agent has not caught up yet; see `weft status`".into());
+        Err(AgentError::Unavailable(format!(
+            "network {name} is {} in etcd but not yet on this host: {why}",
+            if present { "created" } else { "removed" }
+        )))
+    }
+
+    /// Leaves the cluster: revokes the etcd lease, so every other host
+    /// removes what it programmed for this one at once.
+    pub async fn leave(&self) -> Result<()> {
+        self.left.store(true, Ordering::Relaxed);
+        let id = self.lease.swap(0, Ordering::Relaxed);
+        if id != 0 {
+            self.etcd.revoke(id).await.map_err(Self::unavailable)?;
+        }
+        self.save_identity(|me| me.etcd_lease = 0);
+        info!("left the cluster: leases revoked");
+        self.wake.notify_one();
+        Ok(())
+    }
+}
+
+enum LeaseError {
+    Etcd(EtcdError),
+    Full,
+}
+
+impl From<EtcdError> for LeaseError {
+    fn from(e: EtcdError) -> Self {
+        LeaseError::Etcd(e)
+    }
+}

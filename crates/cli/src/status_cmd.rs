@@ -1,0 +1,75 @@
+//! weft status: the agent's own view, cluster included.
+
+use crate::output::{emit, table};
+use crate::sandbox_cmds::Context;
+use crate::Failure;
+use weft_model::api::StatusView;
+
+pub fn status(ctx: &Context) -> Result<i32, Failure> {
+    let v: StatusView = ctx.client.get("/v1/status")?;
+    emit(ctx.format, &v, || render(&v));
+    Ok(0)
+}
+
+fn render(v: &StatusView) -> String {
+    let mut out = format!(
+        "weft {}: {} networks, {} sandboxes\n",
+        v.version, v.networks, v.sandboxes
+    );
+    let Some(c) = &v.cluster else {
+        out.push_str(
+            "cluster: none (single host; start the agent with --etcd-endpoints to join one)",
+        );
+        return out;
+    };
+    let health = if c.etcd_healthy {
+        "healthy".to_string()
+    } else {
+        format!(
+            "UNREACHABLE ({})",
+            c.etcd_error.as_deref().unwrap_or("not contacted yet")
+        )
+    };
+    out.push_str(&format!(
+        "etcd:    {} {}\nnode:    {} ({}), public address {}\nlease:   {} (ttl {} s)\n",
+        c.etcd_endpoints.join(","),
+        health,
+        c.node,
+        c.host_id,
+        c.public_ip.map_or("-".into(), |i| i.to_string()),
+        c.etcd_lease.map_or("none".into(), |l| format!("{l:x}")),
+        c.lease_ttl_secs
+    ));
+    for n in &c.networks {
+        out.push_str(&format!(
+            "\nnetwork {} ({}, backend {}): this host {}{}\n",
+            n.name,
+            n.range,
+            n.backend,
+            n.subnet.map_or("has no subnet".into(), |s| s.to_string()),
+            n.problem
+                .as_ref()
+                .map_or(String::new(), |p| format!(" -- {p}"))
+        ));
+        let rows: Vec<Vec<String>> = n
+            .peers
+            .iter()
+            .map(|p| {
+                vec![
+                    p.node.clone(),
+                    p.subnet.to_string(),
+                    p.public_ip.to_string(),
+                    p.programmed
+                        .clone()
+                        .or_else(|| p.problem.as_ref().map(|e| format!("NOT PROGRAMMED: {e}")))
+                        .unwrap_or_default(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["PEER", "SUBNET", "PUBLIC IP", "PROGRAMMED"],
+            &rows,
+        ));
+    }
+    out
+}

@@ -1,0 +1,636 @@
+//! `weft lab`: several simulated hosts on one machine.
+//!
+//! A lab is a directory (`<root>/<name>`) and everything in it: an underlay
+//! namespace with one bridge (the "switch"), a namespace per host with an
+//! `eth0` on that switch, a namespace for etcd, and the processes: etcd and
+//! one `weft agent` per host, each with its own state and data dirs. Nothing
+//! touches the machine's own network. `down` removes all of it from the
+//! directory alone (it finds the lab's processes by their network
+//! namespace), so it works after a crash half-way through `up` too.
+//! The end-to-end tests use this same code as their harness.
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use weft_kernel::{netns, process, Netns};
+use weft_model::ProcessRef;
+
+/// The lab's underlay: every host's `eth0` is on it.
+pub const UNDERLAY_PREFIX: u8 = 24;
+const ETCD_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+const SWITCH: &str = "ul0";
+pub const MAX_HOSTS: usize = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("{0}")]
+    Bad(String),
+    #[error("kernel: {0}")]
+    Kernel(#[from] weft_kernel::KernelError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub type Result<T> = std::result::Result<T, LabError>;
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
+    let what = what.into();
+    move |source| LabError::Io { what, source }
+}
+
+/// What `weft lab up` asks for.
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    pub name: String,
+    /// Labs live in `<root>/<name>`.
+    pub root: PathBuf,
+    pub hosts: usize,
+    /// Backend of the lab's overlay network (None: weft's default).
+    pub backend: Option<String>,
+    /// The overlay network made at start (None: no network).
+    pub network: Option<(String, Ipv4Net)>,
+    pub lease_ttl: u64,
+    /// The weft binary the agents run.
+    pub weft_bin: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabHost {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub agent: Option<ProcessRef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Lab {
+    pub name: String,
+    pub dir: PathBuf,
+    pub weft_bin: PathBuf,
+    pub backend: Option<String>,
+    pub lease_ttl: u64,
+    pub etcd: Option<ProcessRef>,
+    pub hosts: Vec<LabHost>,
+}
+
+/// What `down` removed.
+#[derive(Debug, Default, Serialize)]
+pub struct DownReport {
+    pub processes_killed: usize,
+    pub namespaces_removed: usize,
+    pub existed: bool,
+}
+
+pub fn host_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, 10 + i as u8)
+}
+
+pub fn etcd_url() -> String {
+    format!("http://{ETCD_IP}:2379")
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl Lab {
+    pub fn path(root: &Path, name: &str) -> PathBuf {
+        root.join(name)
+    }
+
+    fn netns_path(&self, what: &str) -> PathBuf {
+        self.dir.join("netns").join(what)
+    }
+
+    pub fn host_netns(&self, i: usize) -> PathBuf {
+        self.netns_path(&self.hosts[i].name)
+    }
+
+    pub fn state_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(&self.hosts[i].name).join("state")
+    }
+
+    fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(&self.hosts[i].name).join("data")
+    }
+
+    pub fn agent_log(&self, i: usize) -> PathBuf {
+        self.dir.join(&self.hosts[i].name).join("agent.log")
+    }
+
+    pub fn index_of(&self, host: &str) -> Result<usize> {
+        self.hosts
+            .iter()
+            .position(|h| h.name == host)
+            .ok_or_else(|| {
+                LabError::Bad(format!(
+                    "lab {} has no host {host:?}; it has {}",
+                    self.name,
+                    self.hosts
+                        .iter()
+                        .map(|h| h.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
+    }
+
+    fn save(&self) -> Result<()> {
+        let p = self.dir.join("lab.json");
+        let tmp = self.dir.join("lab.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("serializable"))
+            .and_then(|_| std::fs::rename(&tmp, &p))
+            .map_err(io(format!("write {}", p.display())))
+    }
+
+    pub fn load(root: &Path, name: &str) -> Result<Lab> {
+        let p = Lab::path(root, name).join("lab.json");
+        let b = std::fs::read(&p).map_err(|_| {
+            LabError::Bad(format!(
+                "no lab named {name:?} under {} (`weft lab up --name {name}` makes one)",
+                root.display()
+            ))
+        })?;
+        serde_json::from_slice(&b)
+            .map_err(|e| LabError::Failed(format!("{} is damaged: {e}", p.display())))
+    }
+
+    /// Builds the lab. On any failure everything made so far is removed.
+    pub fn up(spec: &LabSpec, progress: &mut dyn FnMut(&str)) -> Result<Lab> {
+        if !valid_name(&spec.name) {
+            return Err(LabError::Bad(format!(
+                "lab name {:?} is not valid: use 1 to 32 letters, digits, '-' or '_'",
+                spec.name
+            )));
+        }
+        if spec.hosts == 0 || spec.hosts > MAX_HOSTS {
+            return Err(LabError::Bad(format!(
+                "--hosts {}: use 1 to {MAX_HOSTS}",
+                spec.hosts
+            )));
+        }
+        let dir = Lab::path(&spec.root, &spec.name);
+        if dir.exists() {
+            return Err(LabError::Bad(format!(
+                "lab {} already exists ({}); remove it first with `weft lab down --name {}`",
+                spec.name,
+                dir.display(),
+                spec.name
+            )));
+        }
+        let mut lab = Lab {
+            name: spec.name.clone(),
+            dir: dir.clone(),
+            weft_bin: spec.weft_bin.clone(),
+            backend: spec.backend.clone(),
+            lease_ttl: spec.lease_ttl,
+            etcd: None,
+            hosts: Vec::new(),
+        };
+        let built = lab.build(spec, progress);
+        if let Err(e) = built {
+            let _ = down(&dir);
+            return Err(e);
+        }
+        Ok(lab)
+    }
+
+    fn build(&mut self, spec: &LabSpec, progress: &mut dyn FnMut(&str)) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).map_err(io(format!("create {}", self.dir.display())))?;
+        self.save()?;
+        netns::prepare_dir(&self.dir.join("netns"))?;
+        progress("underlay switch");
+        let (_, mut ul) = Netns::create(&self.netns_path("underlay"), &[])?;
+        ul.ensure_bridge(SWITCH, [0x02, 0x77, 0xff, 0, 0, 1], None)?;
+        progress("etcd");
+        self.plug("etcd", ETCD_IP)?;
+        self.start_etcd()?;
+        for i in 0..spec.hosts {
+            progress(&format!("host h{} of {} and its agent", i + 1, spec.hosts));
+            self.add_host()?;
+        }
+        if let Some((net, range)) = &spec.network {
+            progress(&format!("overlay network {net} ({range})"));
+            let mut args = vec![
+                "network".to_string(),
+                "create".into(),
+                "-d".into(),
+                "overlay".into(),
+                "--subnet".into(),
+                range.to_string(),
+            ];
+            if let Some(b) = &spec.backend {
+                args.extend(["--backend".into(), b.clone()]);
+            }
+            args.push(net.clone());
+            let out = self
+                .weft(0, &args)
+                .output()
+                .map_err(io("run weft network create"))?;
+            if !out.status.success() {
+                return Err(LabError::Failed(format!(
+                    "weft network create: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            progress("every host joins the network");
+            for i in 0..self.hosts.len() {
+                self.wait_for(
+                    Duration::from_secs(10),
+                    &format!("{} to join {net}", self.hosts[i].name),
+                    |lab| {
+                        lab.weft(i, &["network", "inspect", net.as_str()])
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .status()
+                            .is_ok_and(|s| s.success())
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A namespace of the lab plugged into the switch with address `ip`.
+    fn plug(&self, what: &str, ip: Ipv4Addr) -> Result<()> {
+        let path = self.netns_path(what);
+        let (ns, mut inside) = Netns::create(&path, &[("net.ipv4.ip_forward", "1")])?;
+        let ul = Netns::open(&self.netns_path("underlay"))?;
+        let mut ul_nl = ul.netlink()?;
+        let sw = ul_nl
+            .link_by_name(SWITCH)?
+            .ok_or_else(|| LabError::Failed("the lab's switch is gone".into()))?;
+        ul_nl.add_veth(what, Some(sw.index), "eth0", ns.fd(), None)?;
+        let eth0 = inside
+            .link_by_name("eth0")?
+            .ok_or_else(|| LabError::Failed(format!("eth0 missing in {what}")))?;
+        inside.set_up(eth0.index)?;
+        inside.add_address(
+            eth0.index,
+            Ipv4Net::new(ip, UNDERLAY_PREFIX).expect("valid prefix"),
+        )?;
+        Ok(())
+    }
+
+    /// Adds one more host (plugged in, agent started); returns its index.
+    pub fn add_host(&mut self) -> Result<usize> {
+        let i = self.hosts.len();
+        if i >= MAX_HOSTS {
+            return Err(LabError::Bad(format!(
+                "a lab has at most {MAX_HOSTS} hosts"
+            )));
+        }
+        let name = format!("h{}", i + 1);
+        let ip = host_ip(i + 1);
+        self.hosts.push(LabHost {
+            name: name.clone(),
+            ip,
+            agent: None,
+        });
+        self.save()?;
+        self.plug(&name, ip)?;
+        for d in [self.state_dir(i), self.data_dir(i)] {
+            std::fs::create_dir_all(&d).map_err(io(format!("create {}", d.display())))?;
+        }
+        self.start_agent(i)?;
+        Ok(i)
+    }
+
+    /// A command run inside the namespace at `ns`, in a new session when
+    /// `detach` (so it outlives the caller), with output to `log`.
+    fn command_in(ns: &Path, program: &Path, detach: bool) -> Result<Command> {
+        let f = File::open(ns).map_err(io(format!("open {}", ns.display())))?;
+        let mut cmd = Command::new(program);
+        // SAFETY: setns and setsid are async-signal-safe; `f` outlives spawn
+        // because the closure owns it.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if detach && libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
+    fn spawn_logged(mut cmd: Command, log: &Path) -> Result<ProcessRef> {
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(io(format!("open {}", log.display())))?;
+        let err = out.try_clone().map_err(io("dup log"))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(io(format!("start {:?}", cmd.get_program())))?;
+        let pid = child.id() as i32;
+        // Not waited for here: `down` (or stop_*) ends it; the lab owns it.
+        std::mem::forget(child);
+        process::identify(pid).ok_or_else(|| {
+            LabError::Failed(format!(
+                "process {pid} exited at once; see {}",
+                log.display()
+            ))
+        })
+    }
+
+    pub fn start_etcd(&mut self) -> Result<()> {
+        let data = self.dir.join("etcd");
+        std::fs::create_dir_all(&data).map_err(io("create etcd dir"))?;
+        let etcd = which("etcd").ok_or_else(|| {
+            LabError::Bad(
+                "etcd is not installed: apt-get install etcd-server (scripts/install-deps.sh does)"
+                    .into(),
+            )
+        })?;
+        let mut cmd = Self::command_in(&self.netns_path("etcd"), &etcd, true)?;
+        cmd.args([
+            "--name",
+            "lab",
+            "--data-dir",
+            &data.join("data").display().to_string(),
+            "--listen-client-urls",
+            &etcd_url(),
+            "--advertise-client-urls",
+            &etcd_url(),
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "lab=http://127.0.0.1:2380",
+        ]);
+        self.etcd = Some(Self::spawn_logged(cmd, &data.join("etcd.log"))?);
+        self.save()?;
+        let ns = Netns::open(&self.netns_path("etcd"))?;
+        let addr = SocketAddr::from((ETCD_IP, 2379));
+        self.wait_for(Duration::from_secs(20), "etcd to listen", |_| {
+            ns.run_in(move || {
+                Ok(TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+            })
+            .unwrap_or(false)
+        })
+    }
+
+    /// Stops etcd (SIGKILL: as if its machine died); `start_etcd` brings it back with its data.
+    pub fn stop_etcd(&mut self) -> Result<()> {
+        if let Some(p) = self.etcd.take() {
+            kill_and_wait(&p, libc::SIGKILL);
+        }
+        self.save()
+    }
+
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let mut cmd = Self::command_in(&self.host_netns(i), &self.weft_bin, true)?;
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .arg("--state-dir")
+        .arg(self.state_dir(i))
+        .arg("agent")
+        .arg("--data-dir")
+        .arg(self.data_dir(i))
+        .args(["--etcd-endpoints", &etcd_url()])
+        .args(["--public-ip", &self.hosts[i].ip.to_string()])
+        .args(["--node-name", &self.hosts[i].name])
+        .args(["--lease-ttl", &self.lease_ttl.to_string()])
+        .args(["--netns-pool", "2"]);
+        let p = Self::spawn_logged(cmd, &self.agent_log(i))?;
+        self.hosts[i].agent = Some(p);
+        self.save()?;
+        let log = self.agent_log(i);
+        self.wait_for(
+            Duration::from_secs(20),
+            &format!(
+                "the agent of {} (log: {})",
+                self.hosts[i].name,
+                log.display()
+            ),
+            |lab| {
+                if !lab.hosts[i].agent.as_ref().is_some_and(process::is_alive) {
+                    return false;
+                }
+                lab.weft(i, &["status"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            },
+        )
+    }
+
+    /// Stops a host's agent with `signal` (SIGTERM: a clean stop; SIGKILL: a crash).
+    pub fn stop_agent(&mut self, i: usize, signal: i32) -> Result<()> {
+        if let Some(p) = self.hosts[i].agent.take() {
+            kill_and_wait(&p, signal);
+        }
+        self.save()
+    }
+
+    /// `weft ARGS` as host `i`: in its namespace, talking to its agent.
+    pub fn weft<S: AsRef<std::ffi::OsStr>>(&self, i: usize, args: &[S]) -> Command {
+        let mut cmd = Self::command_in(&self.host_netns(i), &self.weft_bin, false)
+            .expect("the host's namespace exists");
+        cmd.env("WEFT_STATE_DIR", self.state_dir(i)).args(args);
+        cmd
+    }
+
+    /// Any command as host `i` (`weft` means this lab's weft binary).
+    pub fn exec(&self, i: usize, argv: &[String]) -> Result<Command> {
+        let (first, rest) = argv
+            .split_first()
+            .ok_or_else(|| LabError::Bad("give a command after --".into()))?;
+        let program = if first == "weft" {
+            self.weft_bin.clone()
+        } else {
+            PathBuf::from(first)
+        };
+        let mut cmd = Self::command_in(&self.host_netns(i), &program, false)?;
+        cmd.env("WEFT_STATE_DIR", self.state_dir(i)).args(rest);
+        Ok(cmd)
+    }
+
+    fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut ready: impl FnMut(&Lab) -> bool,
+    ) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if ready(self) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(LabError::Failed(format!(
+            "timed out after {} s waiting for {what}",
+            timeout.as_secs()
+        )))
+    }
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["/usr/bin".into(), "/usr/sbin".into()])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+fn kill_and_wait(p: &ProcessRef, signal: i32) {
+    if !process::is_alive(p) {
+        return;
+    }
+    unsafe {
+        libc::kill(p.pid, signal);
+    }
+    let start = Instant::now();
+    while process::is_alive(p) && start.elapsed() < Duration::from_secs(10) {
+        reap(p.pid);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    reap(p.pid);
+}
+
+/// Collects the exit status if the process is our child (else a no-op).
+fn reap(pid: i32) {
+    unsafe {
+        libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG);
+    }
+}
+
+/// Inode numbers of every namespace file mounted under `dir`.
+fn namespaces_under(dir: &Path) -> Vec<(PathBuf, u64)> {
+    mounts_under(dir)
+        .into_iter()
+        .filter(|p| netns::is_netns(p))
+        .filter_map(|p| std::fs::metadata(&p).ok().map(|m| (p, m.ino())))
+        .collect()
+}
+
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(canon) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut out: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(&canon))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Processes whose network namespace is one of `inodes`.
+fn processes_in(inodes: &HashSet<u64>) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|m| inodes.contains(&m.ino()))
+        })
+        .collect()
+}
+
+/// Removes a lab completely: kills every process in any of its namespaces
+/// (agents, etcd, sandboxes' processes), unmounts every namespace and mount
+/// under its directory, then deletes the directory. Needs only the
+/// directory, so it also cleans up a lab whose `up` crashed half-way.
+pub fn down(dir: &Path) -> Result<DownReport> {
+    let mut report = DownReport {
+        existed: dir.exists(),
+        ..Default::default()
+    };
+    if !report.existed {
+        return Ok(report);
+    }
+    let spaces = namespaces_under(dir);
+    let inodes: HashSet<u64> = spaces.iter().map(|(_, i)| *i).collect();
+    let start = Instant::now();
+    loop {
+        let pids = processes_in(&inodes);
+        if pids.is_empty() {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(15) {
+            return Err(LabError::Failed(format!(
+                "processes {pids:?} in the lab's namespaces do not die"
+            )));
+        }
+        for pid in pids {
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            reap(pid);
+            report.processes_killed += 1;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    report.namespaces_removed = spaces.len();
+    // Deepest first: sandbox namespaces inside an agent's netns dir, then
+    // the dirs themselves.
+    let mut mounts = mounts_under(dir);
+    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for m in mounts {
+        let c = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()).expect("no NUL");
+        unsafe {
+            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+        }
+    }
+    std::fs::remove_dir_all(dir).map_err(io(format!("remove {}", dir.display())))?;
+    Ok(report)
+}
+
+/// Every lab under `root`.
+pub fn list(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Whether a process the lab started still runs.
+pub fn is_alive(p: &ProcessRef) -> bool {
+    process::is_alive(p)
+}
