@@ -2,6 +2,8 @@
 //! agent and directories. Everything a test makes is named `wft…`, lives in
 //! namespaces the test created, and is removed on drop, pass or fail.
 
+pub mod lab;
+
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;

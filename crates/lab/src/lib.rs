@@ -250,19 +250,16 @@ impl Lab {
                     String::from_utf8_lossy(&out.stderr).trim()
                 )));
             }
-            progress("every host joins the network");
+            progress("every host joins the network and routes to every other");
+            let others = self.hosts.len() - 1;
             for i in 0..self.hosts.len() {
-                self.wait_for(
-                    Duration::from_secs(10),
-                    &format!("{} to join {net}", self.hosts[i].name),
-                    |lab| {
-                        lab.weft(i, &["network", "inspect", net.as_str()])
-                            .stdout(Stdio::null())
-                            .stderr(Stdio::null())
-                            .status()
-                            .is_ok_and(|s| s.success())
-                    },
-                )?;
+                let what = format!(
+                    "{} to join {net} and program {others} peers",
+                    self.hosts[i].name
+                );
+                self.wait_for(Duration::from_secs(10), &what, |lab| {
+                    lab.programmed_peers(i, net) == Some(others)
+                })?;
             }
         }
         Ok(())
@@ -473,6 +470,26 @@ impl Lab {
         let mut cmd = Self::command_in(&self.host_netns(i), &program, false)?;
         cmd.env("WEFT_STATE_DIR", self.state_dir(i)).args(rest);
         Ok(cmd)
+    }
+
+    /// How many peers host `i` has programmed on `network` (None: not joined).
+    pub fn programmed_peers(&self, i: usize, network: &str) -> Option<usize> {
+        let out = self
+            .weft(i, &["--format", "json", "status"])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let net = v["cluster"]["networks"]
+            .as_array()?
+            .iter()
+            .find(|n| n["name"] == network && n["subnet"].is_string())?;
+        Some(
+            net["peers"]
+                .as_array()?
+                .iter()
+                .filter(|p| p["programmed"].is_string())
+                .count(),
+        )
     }
 
     fn wait_for(

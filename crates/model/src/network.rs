@@ -536,7 +536,7 @@ mod tests {
         // A local network may not overlap an overlay's range, nor the reverse.
         let mut b = spec("b");
         b.subnet = Some("10.40.5.0/24".parse().unwrap());
-        let err = plan(&b, "fedcba9876543210", &[n.clone()], &[])
+        let err = plan(&b, "fedcba9876543210", std::slice::from_ref(&n), &[])
             .unwrap_err()
             .to_string();
         assert!(err.contains("overlaps 10.40.0.0/16 of network ov"), "{err}");

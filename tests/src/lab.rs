@@ -1,0 +1,152 @@
+//! A `weft lab` for a test: simulated hosts with etcd and an agent each,
+//! under a directory of the test's own, removed on drop (pass or fail).
+
+use crate::{text, unique, weft_bin};
+use std::net::Ipv4Addr;
+use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::{Duration, Instant};
+use weft_kernel::{Netns, OVERLAY_ROUTE_PROTOCOL};
+use weft_lab::{Lab, LabSpec};
+
+pub const ROOT: &str = "/dev/shm/wft-labs";
+pub const NET: &str = "lab";
+
+pub struct TestLab {
+    pub lab: Lab,
+}
+
+impl Deref for TestLab {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        &self.lab
+    }
+}
+
+impl DerefMut for TestLab {
+    fn deref_mut(&mut self) -> &mut Lab {
+        &mut self.lab
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for i in 0..self.lab.hosts.len() {
+                let log = std::fs::read_to_string(self.lab.agent_log(i)).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                eprintln!(
+                    "--- agent log of h{} (last lines, newest first) ---\n{}",
+                    i + 1,
+                    tail.join("\n")
+                );
+            }
+        }
+        weft_lab::down(&self.lab.dir).expect("lab down");
+    }
+}
+
+impl TestLab {
+    /// A lab of `hosts` hosts with the overlay network `lab` on 10.40.0.0/16.
+    pub fn up(hosts: usize, backend: Option<&str>, lease_ttl: u64) -> TestLab {
+        let spec = LabSpec {
+            name: unique("wftl"),
+            root: PathBuf::from(ROOT),
+            hosts,
+            backend: backend.map(String::from),
+            network: Some((NET.into(), "10.40.0.0/16".parse().unwrap())),
+            lease_ttl,
+            weft_bin: weft_bin(),
+        };
+        let lab = Lab::up(&spec, &mut |_| {}).unwrap_or_else(|e| panic!("lab up: {e}"));
+        TestLab { lab }
+    }
+
+    /// `weft ARGS` as host `i`.
+    pub fn weft(&self, i: usize, args: &[&str]) -> Output {
+        self.lab.weft(i, args).output().expect("run weft")
+    }
+
+    pub fn weft_ok(&self, i: usize, args: &[&str]) -> String {
+        let out = self.weft(i, args);
+        assert!(
+            out.status.success(),
+            "weft {args:?} on h{}: {}",
+            i + 1,
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `weft run -d --net lab --name NAME -- sleep 1d` on host `i`; returns its address.
+    pub fn sandbox(&self, i: usize, name: &str) -> Ipv4Addr {
+        self.sandbox_on(i, name, NET)
+    }
+
+    pub fn sandbox_on(&self, i: usize, name: &str, net: &str) -> Ipv4Addr {
+        let v: serde_json::Value = serde_json::from_str(&self.weft_ok(
+            i,
+            &[
+                "--format", "json", "run", "-d", "--name", name, "--net", net, "--", "sleep", "1d",
+            ],
+        ))
+        .expect("run prints JSON");
+        v["attachment"]["endpoints"][0]["ip"]
+            .as_str()
+            .expect("an address")
+            .parse()
+            .unwrap()
+    }
+
+    /// A shell script inside sandbox `name` on host `i`.
+    pub fn exec(&self, i: usize, name: &str, script: &str) -> Output {
+        self.weft(i, &["exec", name, "--", "sh", "-c", script])
+    }
+
+    pub fn ping(&self, i: usize, from: &str, to: Ipv4Addr) -> bool {
+        self.exec(i, from, &format!("ping -c 1 -W 1 {to}"))
+            .status
+            .success()
+    }
+
+    pub fn status(&self, i: usize) -> serde_json::Value {
+        serde_json::from_str(&self.weft_ok(i, &["--format", "json", "status"]))
+            .expect("status JSON")
+    }
+
+    /// Host `i`'s leased subnet of the lab network.
+    pub fn subnet(&self, i: usize) -> ipnet::Ipv4Net {
+        let s = self.status(i);
+        s["cluster"]["networks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == NET)
+            .and_then(|n| n["subnet"].as_str())
+            .expect("a subnet")
+            .parse()
+            .unwrap()
+    }
+
+    /// The overlay routes weft programmed in host `i` (destination, gateway).
+    pub fn routes(&self, i: usize) -> Vec<(ipnet::Ipv4Net, Option<Ipv4Addr>)> {
+        let ns = Netns::open(&self.lab.host_netns(i)).expect("host namespace");
+        let mut nl = ns.netlink().expect("netlink");
+        nl.routes_of(OVERLAY_ROUTE_PROTOCOL)
+            .expect("routes")
+            .into_iter()
+            .map(|r| (r.dst, r.gateway))
+            .collect()
+    }
+
+    /// Waits until `cond` holds, polling every 5 ms; returns how long it took.
+    pub fn wait(&self, timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+        let start = Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        start.elapsed()
+    }
+}
