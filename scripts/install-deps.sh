@@ -10,6 +10,8 @@ pkgs=(iproute2 nftables iputils-ping socat procps util-linux ca-certificates dns
 # tests/tests/podman.rs: podman 4 with its CNI backend (runc: crun cannot run on
 # hybrid cgroup hosts), containers from a busybox-static root file system.
 pkgs+=(podman crun runc conmon busybox-static)
+# The cluster: etcd (and etcdctl for tests), protoc to build the etcd client.
+pkgs+=(etcd-server etcd-client protobuf-compiler)
 if [ "${1:-}" = "--bench" ]; then
     pkgs+=(docker.io containernetworking-plugins busybox-static iperf3)
 fi
