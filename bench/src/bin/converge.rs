@@ -147,7 +147,7 @@ fn sockets(lab: &Lab) -> Result<Vec<Netlink>> {
         .map(|i| {
             Netns::open(&lab.host_netns(i))
                 .and_then(|ns| ns.netlink())
-                .map_err(|e| format!("netlink in h{}: {e}", i + 1).into())
+                .map_err(|e| format!("netlink in h{}: {e}", i + 1))
         })
         .collect()
 }
