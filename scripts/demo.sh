@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# weft's main job, end to end, on a simulated host so that nothing of this
+# weft's main job, end to end, on simulated hosts so that nothing of this
 # machine's own network is touched: installs what is needed, builds weft,
-# starts an agent in a "host" namespace with an "outside" network behind it,
-# runs two sandboxes and shows them reaching each other, the host and the
-# outside world (through masquerade). Removes everything on exit.
+# (1) starts a lab of three hosts (namespaces on one underlay switch, etcd,
+# an agent each) joined by an overlay network, and shows sandboxes on
+# different hosts talking by their own addresses; (2) starts an agent in a
+# "host" namespace with an "outside" network behind it, runs two sandboxes
+# and shows them reaching each other, the host and the outside world
+# (through masquerade). Removes everything on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
@@ -12,8 +15,11 @@ weft=$PWD/target/release/weft
 
 host=wftdemo-host outside=wftdemo-out dir=/dev/shm/wftdemo
 export WEFT_STATE_DIR=$dir/state
+export WEFT_LAB_ROOT=/dev/shm/wftdemo-labs
 cleanup() {
     set +e
+    "$weft" lab down --name wftdemo >/dev/null 2>&1
+    rm -rf "$WEFT_LAB_ROOT"
     "$weft" rm -f web client >/dev/null 2>&1
     [ -n "${agent:-}" ] && kill "$agent" 2>/dev/null && wait "$agent" 2>/dev/null
     umount -l "$dir/state/netns" 2>/dev/null
@@ -25,6 +31,20 @@ cleanup
 trap cleanup EXIT
 in_host() { nsenter --net="/run/netns/$host" "$@"; }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "a lab: three hosts on one switch, etcd, an agent per host, overlay network 'lab' (host-gw)"
+"$weft" lab up --name wftdemo --hosts 3 --backend host-gw
+lab() { "$weft" lab exec --name wftdemo "$@"; }
+lab h1 -- weft run -d --name a --net lab -- sleep infinity >/dev/null
+lab h3 -- weft run -d --name c --net lab -- socat TCP-LISTEN:80,fork,reuseaddr SYSTEM:'echo hello from h3 - you are $SOCAT_PEERADDR' >/dev/null
+c=$(lab h3 -- weft --format json ps | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["attachment"]["endpoints"][0]["ip"])')
+"$weft" lab status --name wftdemo
+lab h1 -- weft status
+
+step "a on h1 -> c on h3, across hosts, by their own addresses"
+lab h1 -- weft exec a -- ping -c 2 "$c"
+lab h1 -- weft exec a -- socat -T 2 - "TCP:$c:80"
+"$weft" lab down --name wftdemo
 
 step "a simulated host, with an outside network (203.0.113.0/24) behind it"
 ip netns add "$host"; ip netns add "$outside"

@@ -58,10 +58,10 @@ const RULES: &str = r#"	chain prerouting {
 
 	chain postrouting {
 		type nat hook postrouting priority srcnat; policy accept;
-		ip saddr . ip daddr @overlay_same accept
-		ip saddr @masq_nets oifname != @bridges masquerade
 		ct status dnat ip saddr 127.0.0.0/8 oifname @bridges masquerade
 		ct status dnat iifname . oifname @same_bridge masquerade
+		ip saddr . ip daddr @overlay_same accept
+		ip saddr @masq_nets oifname != @bridges masquerade
 	}
 
 	chain forward {
