@@ -286,14 +286,29 @@ fn collect_garbage(inner: &mut Inner) -> Result<()> {
         .filter(|n| n.net.host_access.is_some())
         .map(|n| n.net.shim())
         .collect();
+    // VXLAN devices of the overlay networks this host has joined stay:
+    // traffic keeps flowing through an agent restart.
+    let vxlans: Vec<String> = inner
+        .networks
+        .values()
+        .filter(|n| {
+            n.net
+                .overlay
+                .as_ref()
+                .is_some_and(|o| o.backend == weft_model::BackendKind::Vxlan)
+        })
+        .map(|n| weft_model::overlay::vxlan_device(&n.net.id))
+        .collect();
     let wanted: HashSet<&str> = wanted
         .into_iter()
         .chain(shims.iter().map(String::as_str))
+        .chain(vxlans.iter().map(String::as_str))
         .collect();
     let owned = |name: &str| {
         name.starts_with(HOST_VETH_PREFIX)
             || name.starts_with(BRIDGE_PREFIX)
             || name.starts_with(SHIM_PREFIX)
+            || name.starts_with(weft_model::overlay::VXLAN_PREFIX)
     };
     let stale: Vec<String> = inner
         .nl

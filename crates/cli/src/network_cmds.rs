@@ -61,9 +61,10 @@ pub struct CreateArgs {
     /// -d overlay: prefix length of each host's subnet (default 24)
     #[arg(long)]
     host_subnet_len: Option<u8>,
-    /// -d overlay: how packets cross hosts: host-gw (the default: plain routes,
-    /// all hosts on one L2 segment), vxlan, udp or secure (those that this
-    /// build has; an unavailable one is an error, never replaced by another)
+    /// -d overlay: how packets cross hosts: vxlan (the default: kernel VXLAN,
+    /// UDP port 8472), host-gw (plain routes, all hosts on one L2 segment),
+    /// udp or secure (those that this build has; an unavailable one is an
+    /// error, never replaced by another)
     #[arg(long)]
     backend: Option<String>,
     /// -d overlay: take range, host subnet length and backend from a flannel

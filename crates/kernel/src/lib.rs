@@ -9,8 +9,10 @@ pub mod nft;
 pub mod process;
 pub mod routes;
 pub mod sysctl;
+pub mod vxlan;
 
 pub use error::KernelError;
 pub use netlink::{Link, Netlink};
 pub use netns::Netns;
 pub use routes::{Route, OVERLAY_ROUTE_PROTOCOL};
+pub use vxlan::VxlanSpec;

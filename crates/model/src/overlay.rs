@@ -24,11 +24,11 @@ pub enum BackendKind {
 
 /// The backends this build of weft can program. A backend that is named but
 /// not here is refused, never replaced by another one.
-pub const IMPLEMENTED: &[BackendKind] = &[BackendKind::HostGw];
+pub const IMPLEMENTED: &[BackendKind] = &[BackendKind::Vxlan, BackendKind::HostGw];
 
 /// Used when `network create -d overlay` names no backend. Said in the
 /// command's output and in `--help`.
-pub const DEFAULT_BACKEND: BackendKind = BackendKind::HostGw;
+pub const DEFAULT_BACKEND: BackendKind = BackendKind::Vxlan;
 
 impl BackendKind {
     pub fn name(self) -> &'static str {
@@ -293,6 +293,38 @@ pub fn pick_host_subnet(
         .find(|s| !taken.contains(s))
 }
 
+/// Linux's VXLAN devices of overlay networks are `wvx-<id>`, owned by that name.
+pub const VXLAN_PREFIX: &str = "wvx-";
+
+/// The VXLAN device of an overlay network on every host.
+pub fn vxlan_device(network_id: &str) -> String {
+    format!("{VXLAN_PREFIX}{}", &network_id[..10.min(network_id.len())])
+}
+
+/// The MAC of a host's VTEP on an overlay network: derived from the host's
+/// id and the VNI, so it is the same after every restart and peers never
+/// need reprogramming. Locally administered (0x06), unlike sandbox MACs (0x02).
+pub fn vtep_mac(host_id: &str, vni: u32) -> [u8; 6] {
+    let h = seed_of(&format!("{host_id}/{vni}"));
+    let b = h.to_be_bytes();
+    [0x06, 0x77, b[0], b[1], b[2], b[3]]
+}
+
+pub fn format_mac(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).ok())
+        .collect::<Option<_>>()?;
+    v.try_into().ok()
+}
+
 /// A simple stable hash of a host id, to seed [`pick_host_subnet`].
 pub fn seed_of(host_id: &str) -> u64 {
     // FNV-1a: stable across builds, unlike std's RandomState.
@@ -335,6 +367,7 @@ mod tests {
         let o = plan(&req("10.40.0.0/16"), &BTreeSet::new()).unwrap();
         assert_eq!(o.host_subnet_len, 24);
         assert_eq!(o.backend, DEFAULT_BACKEND);
+        assert_eq!(o.port, VXLAN_PORT);
         assert_eq!(o.vni, 1);
         let o = plan(&req("10.40.0.0/16"), &[1, 2].into_iter().collect()).unwrap();
         assert_eq!(o.vni, 3);
@@ -414,6 +447,18 @@ mod tests {
             .map(|s| s.parse().unwrap())
             .collect();
         assert_eq!(pick_host_subnet(&small, &all, None, 3), None);
+    }
+
+    #[test]
+    fn vtep_macs_are_stable_and_distinct() {
+        let a = vtep_mac("host-a", 1);
+        assert_eq!(a, vtep_mac("host-a", 1));
+        assert_ne!(a, vtep_mac("host-b", 1));
+        assert_ne!(a, vtep_mac("host-a", 2));
+        assert_eq!(parse_mac(&format_mac(&a)), Some(a));
+        assert_eq!(a[0] & 0x03, 0x02, "locally administered unicast");
+        assert_eq!(parse_mac("zz:00"), None);
+        assert_eq!(vxlan_device("0123456789abcdef"), "wvx-0123456789");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! peer that is not on a connected subnet is reported, not routed (a route
 //! via an unreachable gateway would blackhole, or be refused by the kernel).
 
-use super::{Backend, PeerState};
+use super::{on_link, Backend, Local, PeerState};
 use ipnet::Ipv4Net;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -17,17 +17,12 @@ pub(crate) struct HostGw {
     routes: BTreeMap<Ipv4Net, Ipv4Addr>,
 }
 
-fn on_link(connected: &[Route], ip: Ipv4Addr) -> bool {
-    connected
-        .iter()
-        .any(|r| r.dst.prefix_len() > 0 && r.dst.contains(&ip))
-}
-
 impl Backend for HostGw {
     fn program(
         &mut self,
         nl: &mut Netlink,
         net: &Network,
+        _me: &Local,
         peers: &[Lease],
         verify: bool,
     ) -> Vec<PeerState> {

@@ -4,13 +4,35 @@
 //! event or a restart is healed by the next call. One backend per file.
 
 mod hostgw;
+mod vxlan;
 
 pub(crate) use hostgw::HostGw;
+pub(crate) use vxlan::Vxlan;
 
 use ipnet::Ipv4Net;
+use std::net::Ipv4Addr;
 use weft_kernel::Netlink;
 pub(crate) use weft_model::api::PeerView as PeerState;
 use weft_model::{BackendKind, Lease, Network};
+
+/// This host as the backends need it.
+#[derive(Debug, Clone)]
+pub(crate) struct Local {
+    pub host_id: String,
+    pub public_ip: Ipv4Addr,
+    /// The interface that carries `public_ip`, and its MTU.
+    pub underlay: u32,
+    pub underlay_mtu: u32,
+    /// This host's leased subnet of the network being programmed.
+    pub subnet: Ipv4Net,
+}
+
+/// Whether `ip` is on one of the connected subnets in `connected`.
+pub(crate) fn on_link(connected: &[weft_kernel::Route], ip: Ipv4Addr) -> bool {
+    connected
+        .iter()
+        .any(|r| r.dst.prefix_len() > 0 && r.dst.contains(&ip))
+}
 
 pub(crate) trait Backend: Send {
     /// Makes the kernel hold exactly what `peers` need (adds, replaces and
@@ -21,6 +43,7 @@ pub(crate) trait Backend: Send {
         &mut self,
         nl: &mut Netlink,
         net: &Network,
+        me: &Local,
         peers: &[Lease],
         verify: bool,
     ) -> Vec<PeerState>;
@@ -34,6 +57,7 @@ pub(crate) trait Backend: Send {
 pub(crate) fn new(kind: BackendKind) -> Option<Box<dyn Backend>> {
     match kind {
         BackendKind::HostGw => Some(Box::new(HostGw::default())),
+        BackendKind::Vxlan => Some(Box::new(Vxlan::default())),
         _ => None,
     }
 }

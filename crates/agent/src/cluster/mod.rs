@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 use weft_kernel::{Netlink, OVERLAY_ROUTE_PROTOCOL};
 use weft_model::api::{ClusterView, NetworkView, OverlayStatus, RemovedNetwork};
-use weft_model::overlay::{pick_host_subnet, seed_of, subnet_key};
+use weft_model::overlay::{format_mac, pick_host_subnet, seed_of, subnet_key, vtep_mac};
 use weft_model::{network, Lease, Network, NetworkSpec};
 use weft_store::{Etcd, EtcdError};
 
@@ -60,6 +60,8 @@ pub struct Cluster {
     status: Mutex<ClusterView>,
     /// Set by `weft leave`: stop claiming subnets.
     left: std::sync::atomic::AtomicBool,
+    /// The interface that carries the public address, and its MTU.
+    underlay: (u32, u32),
 }
 
 impl Cluster {
@@ -69,6 +71,15 @@ impl Cluster {
         let data = host.lock().cfg.clone();
         let mut nl = Netlink::open()?;
         let me = Identity::load_or_create(&data.cluster_file(), &cfg, &mut nl)?;
+        let underlay = nl
+            .ipv4_addresses()?
+            .into_iter()
+            .find(|(_, a)| a.addr() == me.public_ip)
+            .map(|(i, _)| i)
+            .ok_or_else(|| {
+                AgentError::Internal(format!("{} vanished from this host", me.public_ip))
+            })?;
+        let underlay_mtu = nl.link_mtu(underlay)?.unwrap_or(1500);
         let etcd = Etcd::connect(&cfg.etcd_endpoints, &cfg.etcd_prefix, ETCD_TIMEOUT)
             .await
             .map_err(|e| AgentError::BadRequest(format!("--etcd-endpoints: {e}")))?;
@@ -90,6 +101,7 @@ impl Cluster {
             wake: Notify::new(),
             status: Mutex::new(status),
             left: Default::default(),
+            underlay: (underlay, underlay_mtu),
         });
         tokio::spawn(c.clone().keep_lease_alive());
         tokio::spawn(c.clone().sync_forever(nl));
@@ -299,7 +311,9 @@ impl Cluster {
             view.subnet = Some(own.subnet);
             let host = self.host.clone();
             let (n2, l2) = (net.clone(), own.clone());
-            let ensured = tokio::task::spawn_blocking(move || host.ensure_overlay(&n2, &l2, None))
+            let overhead = overlay.backend.overhead();
+            let mtu = (overhead > 0).then(|| self.underlay.1.saturating_sub(overhead));
+            let ensured = tokio::task::spawn_blocking(move || host.ensure_overlay(&n2, &l2, mtu))
                 .await
                 .unwrap_or_else(|e| Err(AgentError::Internal(e.to_string())));
             if let Err(e) = ensured {
@@ -315,7 +329,14 @@ impl Cluster {
                 .filter(|l| l.host_id != me.host_id)
                 .cloned()
                 .collect();
-            view.peers = backend.program(nl, &net, &peers, verify);
+            let local = backend::Local {
+                host_id: me.host_id.clone(),
+                public_ip: me.public_ip,
+                underlay: self.underlay.0,
+                underlay_mtu: self.underlay.1,
+                subnet: own.subnet,
+            };
+            view.peers = backend.program(nl, &net, &local, &peers, verify);
             views.push(view);
         }
         // Networks removed from the cluster.
@@ -363,13 +384,16 @@ impl Cluster {
             return Err(LeaseError::Etcd(EtcdError::LeaseGone(0)));
         }
         let name = &net.name;
+        let overlay = net.overlay.as_ref().expect("overlay network");
+        let vtep = (overlay.backend == weft_model::BackendKind::Vxlan)
+            .then(|| format_mac(&vtep_mac(&me.host_id, overlay.vni)));
         let wanted = |subnet: Ipv4Net| Lease {
             network: name.clone(),
             subnet,
             host_id: me.host_id.clone(),
             node: me.node.clone(),
             public_ip: me.public_ip,
-            vtep_mac: None,
+            vtep_mac: vtep.clone(),
             public_key: None,
         };
         if let Some((key, raw, have)) = global.own(name, &me.host_id) {
@@ -392,7 +416,6 @@ impl Cluster {
                 "lease {key} changed while rebinding"
             ))));
         }
-        let overlay = net.overlay.as_ref().expect("overlay network");
         let mut prefer = me.leases.get(name).copied();
         for attempt in 0..16u64 {
             let taken: BTreeSet<Ipv4Net> = global.leases_of(name).map(|l| l.subnet).collect();
