@@ -140,6 +140,24 @@ impl TestLab {
             .collect()
     }
 
+    /// A shell script in host `i`'s namespace (for `ip`, `bridge`, `tcpdump`).
+    pub fn sh(&self, i: usize, script: &str) -> Output {
+        self.in_netns(&self.lab.host_netns(i), script)
+    }
+
+    /// A shell script in the lab's underlay namespace (the switch).
+    pub fn sh_underlay(&self, script: &str) -> Output {
+        self.in_netns(&self.lab.dir.join("netns/underlay"), script)
+    }
+
+    fn in_netns(&self, ns: &std::path::Path, script: &str) -> Output {
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={}", ns.display()))
+            .args(["sh", "-c", script])
+            .output()
+            .expect("nsenter")
+    }
+
     /// Waits until `cond` holds, polling every 5 ms; returns how long it took.
     pub fn wait(&self, timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
         let start = Instant::now();
