@@ -1,0 +1,467 @@
+//! The UDP side: a socket per worker (SO_REUSEPORT on the listen port),
+//! batched sends with UDP GSO (UDP_SEGMENT) and batched receives with
+//! UDP GRO, through sendmmsg/recvmmsg.
+
+use crate::error::{Error, Result};
+use std::io;
+use std::mem;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+// Not in the libc crate for glibc targets (linux/udp.h).
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+
+/// The kernel's limit of segments in one UDP GSO send (UDP_MAX_SEGMENTS).
+pub(crate) const MAX_GSO_SEGMENTS: usize = 64;
+/// Largest UDP payload in one GSO send: an IPv4 datagram is at most 65535
+/// bytes with its 20-byte IP and 8-byte UDP headers.
+const MAX_GSO_BYTES: usize = 65535 - 28;
+/// Size of a receive buffer: a GRO'd batch is at most 64 KB.
+pub(crate) const RX_BUF: usize = 65536;
+/// Room for one control message carrying an int (UDP_SEGMENT, UDP_GRO).
+const CMSG_ROOM: usize = 64;
+
+pub(crate) struct UdpSocket {
+    fd: OwnedFd,
+    /// The kernel accepted UDP_SEGMENT on this socket.
+    pub gso: bool,
+}
+
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: fd is a socket we own; the value is a plain int.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            &v as *const _ as *const libc::c_void,
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+pub(crate) fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr)),
+        u16::from_be(s.sin_port),
+    )
+}
+
+impl UdpSocket {
+    /// A non-blocking socket bound to `addr`, in the calling thread's
+    /// network namespace, with SO_REUSEPORT so that every worker has its
+    /// own socket on the same port (the kernel spreads incoming flows over
+    /// them), large buffers, and UDP GRO.
+    pub fn bind(addr: SocketAddrV4) -> Result<UdpSocket> {
+        let err = |what: &'static str| {
+            let source = io::Error::last_os_error();
+            Error::Socket { addr, what, source }
+        };
+        // SAFETY: plain socket(2); the result is checked before use.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
+        if raw < 0 {
+            return Err(err("socket"));
+        }
+        // SAFETY: raw is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let with = |what: &'static str, r: io::Result<()>| {
+            r.map_err(|source| Error::Socket { addr, what, source })
+        };
+        with(
+            "SO_REUSEPORT",
+            setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1),
+        )?;
+        // Bursts of 64 KB GSO batches overflow the default ~200 KB buffers
+        // at once; the *FORCE variants pass the sysctl caps (we are root),
+        // the plain ones are the fallback within them.
+        for (force, plain) in [
+            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        ] {
+            if setsockopt_int(raw, libc::SOL_SOCKET, force, 8 << 20).is_err() {
+                let _ = setsockopt_int(raw, libc::SOL_SOCKET, plain, 8 << 20);
+            }
+        }
+        // GRO: the kernel hands over runs of same-sized datagrams of one
+        // sender as one buffer (with their size in a control message).
+        if let Err(e) = setsockopt_int(raw, SOL_UDP, UDP_GRO, 1) {
+            tracing::warn!(error = %e, "UDP_GRO unavailable; receiving one datagram per message");
+        }
+        // Probing UDP_SEGMENT with 0 (off) tells whether the kernel knows it.
+        let gso = setsockopt_int(raw, SOL_UDP, UDP_SEGMENT, 0).is_ok();
+        if !gso {
+            tracing::warn!("UDP_SEGMENT unavailable; sending one datagram per message");
+        }
+        let sa = sockaddr(addr);
+        // SAFETY: sa is a valid sockaddr_in of the given length.
+        let rc = unsafe {
+            libc::bind(
+                raw,
+                &sa as *const _ as *const libc::sockaddr,
+                mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(err("bind"));
+        }
+        Ok(UdpSocket { fd, gso })
+    }
+
+    /// One datagram (handshakes, keepalives, flushed queues): rare, so no
+    /// batching; a full buffer drops it like any lossy link would.
+    pub fn send_to(&self, buf: &[u8], dst: SocketAddrV4) -> io::Result<()> {
+        let sa = sockaddr(dst);
+        // SAFETY: buf and sa are valid for the call.
+        let rc = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                buf.as_ptr() as *const libc::c_void,
+                buf.len(),
+                0,
+                &sa as *const _ as *const libc::sockaddr,
+                mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl AsRawFd for UdpSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Waits until `fd` has one of `events`, or `timeout_ms` passes; EINTR is
+/// retried. Returns the revents (0 on timeout).
+pub(crate) fn wait_fd(
+    fd: RawFd,
+    events: libc::c_short,
+    timeout_ms: i32,
+) -> io::Result<libc::c_short> {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+        if rc >= 0 {
+            return Ok(p.revents);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// One message of a send batch: datagrams for one destination, all the
+/// same length but the last, sent with UDP_SEGMENT when there are several.
+struct TxMsg {
+    dst: SocketAddrV4,
+    /// Range in `TxBatch::parts`.
+    first: usize,
+    count: usize,
+    seg: usize,
+    bytes: usize,
+    /// A shorter datagram ended the run: nothing more may be appended.
+    closed: bool,
+}
+
+/// Outcome of a flush, for the counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Sent {
+    pub datagrams: u64,
+    pub failed: u64,
+}
+
+/// A batch of datagrams to send with one sendmmsg. Datagrams are ranges of
+/// a caller's buffer (no copy); consecutive ones to the same destination
+/// with the same length are grouped into one GSO message.
+pub(crate) struct TxBatch {
+    parts: Vec<(usize, usize)>,
+    msgs: Vec<TxMsg>,
+    // Scratch for the system call, kept to avoid allocating per batch.
+    iovs: Vec<libc::iovec>,
+    addrs: Vec<libc::sockaddr_in>,
+    cmsgs: Vec<[u64; CMSG_ROOM / 8]>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+// SAFETY: the raw pointers in the scratch vectors are only set and used
+// within one flush call; between calls they are dangling and never read.
+unsafe impl Send for TxBatch {}
+
+impl TxBatch {
+    pub fn new() -> TxBatch {
+        TxBatch {
+            parts: Vec::with_capacity(512),
+            msgs: Vec::with_capacity(512),
+            iovs: Vec::with_capacity(512),
+            addrs: Vec::with_capacity(512),
+            cmsgs: Vec::with_capacity(512),
+            hdrs: Vec::with_capacity(512),
+        }
+    }
+
+    /// Adds the datagram at `buf[start..start + len]` (of the buffer later
+    /// given to [`TxBatch::flush`]) for `dst`.
+    pub fn push(&mut self, dst: SocketAddrV4, start: usize, len: usize, gso: bool) {
+        if gso {
+            if let Some(m) = self.msgs.last_mut() {
+                if m.dst == dst
+                    && !m.closed
+                    && len <= m.seg
+                    && m.count < MAX_GSO_SEGMENTS
+                    && m.bytes + len <= MAX_GSO_BYTES
+                {
+                    m.count += 1;
+                    m.bytes += len;
+                    m.closed = len < m.seg;
+                    self.parts.push((start, len));
+                    return;
+                }
+            }
+        }
+        self.msgs.push(TxMsg {
+            dst,
+            first: self.parts.len(),
+            count: 1,
+            seg: len,
+            bytes: len,
+            closed: false,
+        });
+        self.parts.push((start, len));
+    }
+
+    /// Sends everything with as few sendmmsg calls as the kernel allows,
+    /// then empties the batch. A full socket buffer is waited for (up to
+    /// `stall_ms`) rather than dropped: that is how backpressure reaches
+    /// the TCP flows inside, as it would on a real link.
+    pub fn flush(&mut self, sock: &UdpSocket, buf: &[u8], stall_ms: i32) -> Sent {
+        let mut sent = Sent::default();
+        if self.msgs.is_empty() {
+            return sent;
+        }
+        self.iovs.clear();
+        self.addrs.clear();
+        self.cmsgs.clear();
+        self.hdrs.clear();
+        for &(start, len) in &self.parts {
+            let part = &buf[start..start + len];
+            self.iovs.push(libc::iovec {
+                iov_base: part.as_ptr() as *mut libc::c_void,
+                iov_len: len,
+            });
+        }
+        for m in &self.msgs {
+            self.addrs.push(sockaddr(m.dst));
+            self.cmsgs.push([0; CMSG_ROOM / 8]);
+        }
+        for (i, m) in self.msgs.iter().enumerate() {
+            // SAFETY: zeroed msghdr is a valid empty header.
+            let mut h: libc::msghdr = unsafe { mem::zeroed() };
+            h.msg_name = &mut self.addrs[i] as *mut _ as *mut libc::c_void;
+            h.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_iov = &mut self.iovs[m.first] as *mut libc::iovec;
+            h.msg_iovlen = m.count;
+            if m.count > 1 {
+                let space = unsafe { libc::CMSG_SPACE(mem::size_of::<u16>() as u32) } as usize;
+                h.msg_control = self.cmsgs[i].as_mut_ptr() as *mut libc::c_void;
+                h.msg_controllen = space;
+                // SAFETY: the control buffer is CMSG_ROOM bytes, aligned,
+                // and larger than one cmsg carrying a u16.
+                unsafe {
+                    let c = libc::CMSG_FIRSTHDR(&h);
+                    (*c).cmsg_level = SOL_UDP;
+                    (*c).cmsg_type = UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as u32) as usize;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, m.seg as u16);
+                }
+            }
+            self.hdrs.push(libc::mmsghdr {
+                msg_hdr: h,
+                msg_len: 0,
+            });
+        }
+        let mut at = 0;
+        let mut stalled = false;
+        while at < self.hdrs.len() {
+            let n = (self.hdrs.len() - at).min(1024);
+            // SAFETY: every header points into vectors that live, unmoved,
+            // until the end of this function, and into `buf`.
+            let rc = unsafe {
+                libc::sendmmsg(sock.as_raw_fd(), self.hdrs[at..].as_mut_ptr(), n as u32, 0)
+            };
+            if rc > 0 {
+                for m in &self.msgs[at..at + rc as usize] {
+                    sent.datagrams += m.count as u64;
+                }
+                at += rc as usize;
+                stalled = false;
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) | Some(libc::ENOBUFS) if !stalled => {
+                    // Wait once for room; a second refusal in a row drops.
+                    stalled = true;
+                    let _ = wait_fd(sock.as_raw_fd(), libc::POLLOUT, stall_ms);
+                }
+                _ => {
+                    let m = &self.msgs[at];
+                    tracing::debug!(error = %e, dst = %m.dst, datagrams = m.count, "send failed");
+                    sent.failed += m.count as u64;
+                    at += 1;
+                    stalled = false;
+                }
+            }
+        }
+        self.parts.clear();
+        self.msgs.clear();
+        sent
+    }
+}
+
+/// Receive side: up to `RX_MSGS` messages of up to 64 KB each per
+/// recvmmsg; each may hold several datagrams coalesced by UDP GRO.
+pub(crate) struct RxBatch {
+    pub bufs: Vec<u8>,
+    iovs: Vec<libc::iovec>,
+    addrs: Vec<libc::sockaddr_in>,
+    cmsgs: Vec<[u64; CMSG_ROOM / 8]>,
+    hdrs: Vec<libc::mmsghdr>,
+    /// Per received message: (source, length, GRO segment size or 0).
+    pub got: Vec<(SocketAddrV4, usize, usize)>,
+}
+
+// SAFETY: as for TxBatch, pointers are only live within one recv call.
+unsafe impl Send for RxBatch {}
+
+pub(crate) const RX_MSGS: usize = 16;
+
+impl RxBatch {
+    pub fn new() -> RxBatch {
+        RxBatch {
+            bufs: vec![0; RX_MSGS * RX_BUF],
+            iovs: Vec::with_capacity(RX_MSGS),
+            addrs: vec![sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); RX_MSGS],
+            cmsgs: vec![[0; CMSG_ROOM / 8]; RX_MSGS],
+            hdrs: Vec::with_capacity(RX_MSGS),
+            got: Vec::with_capacity(RX_MSGS),
+        }
+    }
+
+    /// One recvmmsg without waiting. Ok(0) when nothing is queued.
+    pub fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
+        self.got.clear();
+        self.iovs.clear();
+        self.hdrs.clear();
+        for chunk in self.bufs.chunks_mut(RX_BUF) {
+            self.iovs.push(libc::iovec {
+                iov_base: chunk.as_mut_ptr() as *mut libc::c_void,
+                iov_len: RX_BUF,
+            });
+        }
+        for i in 0..RX_MSGS {
+            // SAFETY: zeroed msghdr is a valid empty header.
+            let mut h: libc::msghdr = unsafe { mem::zeroed() };
+            h.msg_name = &mut self.addrs[i] as *mut _ as *mut libc::c_void;
+            h.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_iov = &mut self.iovs[i] as *mut libc::iovec;
+            h.msg_iovlen = 1;
+            h.msg_control = self.cmsgs[i].as_mut_ptr() as *mut libc::c_void;
+            h.msg_controllen = CMSG_ROOM;
+            self.hdrs.push(libc::mmsghdr {
+                msg_hdr: h,
+                msg_len: 0,
+            });
+        }
+        let rc = loop {
+            // SAFETY: headers point into our own vectors, unmoved during the call.
+            let rc = unsafe {
+                libc::recvmmsg(
+                    sock.as_raw_fd(),
+                    self.hdrs.as_mut_ptr(),
+                    RX_MSGS as u32,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if rc >= 0 {
+                break rc as usize;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(0),
+                _ => return Err(e),
+            }
+        };
+        for i in 0..rc {
+            let h = &self.hdrs[i].msg_hdr;
+            let mut seg = 0usize;
+            // SAFETY: the kernel filled msg_control within msg_controllen.
+            unsafe {
+                let mut c = libc::CMSG_FIRSTHDR(h);
+                while !c.is_null() {
+                    if (*c).cmsg_level == SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                        seg = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int)
+                            as usize;
+                    }
+                    c = libc::CMSG_NXTHDR(h, c);
+                }
+            }
+            self.got.push((
+                from_sockaddr(&self.addrs[i]),
+                self.hdrs[i].msg_len as usize,
+                seg,
+            ));
+        }
+        Ok(rc)
+    }
+
+    /// The datagrams of received message `i`.
+    pub fn datagrams(&self, i: usize) -> impl Iterator<Item = &[u8]> {
+        let (_, len, seg) = self.got[i];
+        let data = &self.bufs[i * RX_BUF..i * RX_BUF + len];
+        let step = if seg == 0 { len.max(1) } else { seg };
+        data.chunks(step)
+    }
+}
