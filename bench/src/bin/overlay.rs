@@ -8,6 +8,7 @@
 //!     with learning off, permanent neighbour and FDB entries, onlink
 //!     route; or a plain route via the peer),
 //!   - the wire: the bare veth between the two host namespaces.
+//!
 //! Prints Gbit/s, ratios against the hand-built peers and the wire, and
 //! round-trip times. Everything lives in the lab (under /dev/shm) and in
 //! namespaces named `wftbo…`, all removed on every exit path.
@@ -25,7 +26,9 @@ use weft_lab::{Lab, LabSpec};
 type Result<T> = std::result::Result<T, String>;
 
 #[derive(Parser, Debug)]
-#[command(about = "Overlay throughput and latency: weft vxlan/host-gw vs hand-built VXLAN/host-gw vs the wire")]
+#[command(
+    about = "Overlay throughput and latency: weft vxlan/host-gw vs hand-built VXLAN/host-gw vs the wire"
+)]
 struct Args {
     /// Seconds per iperf3 run
     #[arg(long, default_value_t = 5)]
@@ -91,8 +94,19 @@ struct Way {
 
 /// A hand-built endpoint on host `h` (namespace path `host`): a namespace
 /// with a veth into bridge `br` (gateway `gw`), address `ip`/24.
-fn endpoint(host: &Path, ns: &str, br: &str, gw: Ipv4Addr, ip: Ipv4Addr, mtu: u32, tag: &str) -> Result<()> {
-    let st = Command::new("ip").args(["netns", "add", ns]).status().map_err(|e| e.to_string())?;
+fn endpoint(
+    host: &Path,
+    ns: &str,
+    br: &str,
+    gw: Ipv4Addr,
+    ip: Ipv4Addr,
+    mtu: u32,
+    tag: &str,
+) -> Result<()> {
+    let st = Command::new("ip")
+        .args(["netns", "add", ns])
+        .status()
+        .map_err(|e| e.to_string())?;
     if !st.success() {
         return Err(format!("ip netns add {ns}"));
     }
@@ -121,8 +135,24 @@ fn hand_built(lab: &Lab, names: &mut NamedNs, pid: u32) -> Result<(Way, Way)> {
         names.0.push(n(s));
     }
     // Kernel VXLAN as flannel makes it: 10.77.1.0/24 on h1, 10.77.2.0/24 on h2.
-    endpoint(&h1, &n("va"), "hbrv", "10.77.1.1".parse().unwrap(), "10.77.1.2".parse().unwrap(), 1450, "hvv0")?;
-    endpoint(&h2, &n("vb"), "hbrv", "10.77.2.1".parse().unwrap(), "10.77.2.2".parse().unwrap(), 1450, "hvv0")?;
+    endpoint(
+        &h1,
+        &n("va"),
+        "hbrv",
+        "10.77.1.1".parse().unwrap(),
+        "10.77.1.2".parse().unwrap(),
+        1450,
+        "hvv0",
+    )?;
+    endpoint(
+        &h2,
+        &n("vb"),
+        "hbrv",
+        "10.77.2.1".parse().unwrap(),
+        "10.77.2.2".parse().unwrap(),
+        1450,
+        "hvv0",
+    )?;
     let vx = |local: Ipv4Addr, mine: u8, peer: u8, remote: Ipv4Addr| {
         format!(
             "ip link add hvx0 type vxlan id 77 local {local} dev eth0 dstport 4789 nolearning
@@ -136,8 +166,24 @@ fn hand_built(lab: &Lab, names: &mut NamedNs, pid: u32) -> Result<(Way, Way)> {
     sh(&h1, &vx(p1, 1, 2, p2))?;
     sh(&h2, &vx(p2, 2, 1, p1))?;
     // host-gw by hand: 10.78.1.0/24 and 10.78.2.0/24, routes via the peer.
-    endpoint(&h1, &n("ga"), "hbrg", "10.78.1.1".parse().unwrap(), "10.78.1.2".parse().unwrap(), 1500, "hvg0")?;
-    endpoint(&h2, &n("gb"), "hbrg", "10.78.2.1".parse().unwrap(), "10.78.2.2".parse().unwrap(), 1500, "hvg0")?;
+    endpoint(
+        &h1,
+        &n("ga"),
+        "hbrg",
+        "10.78.1.1".parse().unwrap(),
+        "10.78.1.2".parse().unwrap(),
+        1500,
+        "hvg0",
+    )?;
+    endpoint(
+        &h2,
+        &n("gb"),
+        "hbrg",
+        "10.78.2.1".parse().unwrap(),
+        "10.78.2.2".parse().unwrap(),
+        1500,
+        "hvg0",
+    )?;
     sh(&h1, &format!("ip route replace 10.78.2.0/24 via {p2}"))?;
     sh(&h2, &format!("ip route replace 10.78.1.0/24 via {p1}"))?;
     let path = |s: &str| PathBuf::from(format!("/run/netns/{}", n(s)));
@@ -163,14 +209,27 @@ fn weft_way(lab: &Lab, net: &str, name: &'static str) -> Result<Way> {
     for (i, who) in [(0usize, "c"), (1usize, "s")] {
         let sb = format!("{who}{net}");
         let out = lab
-            .weft(i, &["--format", "json", "run", "-d", "--name", &sb, "--net", net, "--", "sleep", "1d"])
+            .weft(
+                i,
+                &[
+                    "--format", "json", "run", "-d", "--name", &sb, "--net", net, "--", "sleep",
+                    "1d",
+                ],
+            )
             .output()
             .map_err(|e| e.to_string())?;
         if !out.status.success() {
-            return Err(format!("weft run: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "weft run: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-        let ns = v["netns"].as_str().ok_or("sandbox without netns")?.to_string();
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        let ns = v["netns"]
+            .as_str()
+            .ok_or("sandbox without netns")?
+            .to_string();
         let ip: Ipv4Addr = v["attachment"]["endpoints"][0]["ip"]
             .as_str()
             .ok_or("no address")?
@@ -201,7 +260,16 @@ fn iperf(way: &Way, streams: u32, seconds: u32) -> Result<f64> {
         std::thread::sleep(Duration::from_millis(100));
         let out = Command::new("nsenter")
             .arg(format!("--net={}", way.client.display()))
-            .args(["iperf3", "-c", &way.server_ip.to_string(), "-p", "5301", "-C", "cubic", "-J"])
+            .args([
+                "iperf3",
+                "-c",
+                &way.server_ip.to_string(),
+                "-p",
+                "5301",
+                "-C",
+                "cubic",
+                "-J",
+            ])
             .args(["-t", &seconds.to_string(), "-P", &streams.to_string()])
             .output()
             .map_err(|e| e.to_string())?;
@@ -219,7 +287,15 @@ fn iperf(way: &Way, streams: u32, seconds: u32) -> Result<f64> {
 fn ping_ms(way: &Way) -> Result<f64> {
     let out = Command::new("nsenter")
         .arg(format!("--net={}", way.client.display()))
-        .args(["ping", "-q", "-c", "200", "-i", "0.005", &way.server_ip.to_string()])
+        .args([
+            "ping",
+            "-q",
+            "-c",
+            "200",
+            "-i",
+            "0.005",
+            &way.server_ip.to_string(),
+        ])
         .output()
         .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -279,11 +355,27 @@ fn run(base: &Path, args: &Args, pid: u32) -> Result<bool> {
     );
     let l = &lab.0;
     let out = l
-        .weft(0, &["network", "create", "-d", "overlay", "--backend", "host-gw", "--subnet", "10.41.0.0/16", "hg"])
+        .weft(
+            0,
+            &[
+                "network",
+                "create",
+                "-d",
+                "overlay",
+                "--backend",
+                "host-gw",
+                "--subnet",
+                "10.41.0.0/16",
+                "hg",
+            ],
+        )
         .output()
         .map_err(|e| e.to_string())?;
     if !out.status.success() {
-        return Err(format!("network create: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "network create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     for i in 0..2 {
         for _ in 0..100 {
@@ -346,7 +438,10 @@ fn run(base: &Path, args: &Args, pid: u32) -> Result<bool> {
         );
     }
     let mut ok = true;
-    for (weft, hand) in [("weft vxlan", "hand-built VXLAN"), ("weft host-gw", "hand-built host-gw")] {
+    for (weft, hand) in [
+        ("weft vxlan", "hand-built VXLAN"),
+        ("weft host-gw", "hand-built host-gw"),
+    ] {
         let (w, h) = (by(weft), by(hand));
         let (r1, r4, lat) = (w.one / h.one, w.four / h.four, w.rtt / h.rtt);
         let met = r1 >= 0.95 && r4 >= 0.95 && lat <= 1.10;
