@@ -70,6 +70,29 @@ fn render(v: &StatusView) -> String {
             &["PEER", "SUBNET", "PUBLIC IP", "PROGRAMMED"],
             &rows,
         ));
+        if !n.counters.is_empty() {
+            // Userspace datapath: traffic, and every drop by its cause.
+            let c = &n.counters;
+            let get = |k: &str| c.get(k).copied().unwrap_or(0);
+            out.push_str(&format!(
+                "\ndatapath: {} packets / {} bytes out, {} packets / {} bytes in; handshakes {} done, {} rejected",
+                get("tx_packets"), get("tx_bytes"), get("rx_packets"), get("rx_bytes"),
+                get("handshakes_completed"), get("handshakes_rejected")
+            ));
+            let drops: Vec<String> = c
+                .iter()
+                .filter(|(k, v)| k.starts_with("dropped_") && **v > 0)
+                .map(|(k, v)| format!("{}={v}", k.trim_start_matches("dropped_")))
+                .collect();
+            out.push_str(&format!(
+                "\ndropped:  {}",
+                if drops.is_empty() {
+                    "none".to_string()
+                } else {
+                    drops.join(" ")
+                }
+            ));
+        }
     }
     out
 }

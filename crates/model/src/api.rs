@@ -166,6 +166,9 @@ pub struct OverlayStatus {
     pub subnet: Option<Ipv4Net>,
     pub problem: Option<String>,
     pub peers: Vec<PeerView>,
+    /// Datapath counters of userspace backends (packets, drops by cause).
+    #[serde(default)]
+    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// One other host of an overlay network and what is programmed for it.

@@ -24,7 +24,12 @@ pub enum BackendKind {
 
 /// The backends this build of weft can program. A backend that is named but
 /// not here is refused, never replaced by another one.
-pub const IMPLEMENTED: &[BackendKind] = &[BackendKind::Vxlan, BackendKind::HostGw];
+pub const IMPLEMENTED: &[BackendKind] = &[
+    BackendKind::Vxlan,
+    BackendKind::HostGw,
+    BackendKind::Udp,
+    BackendKind::Secure,
+];
 
 /// Used when `network create -d overlay` names no backend. Said in the
 /// command's output and in `--help`.
@@ -222,8 +227,10 @@ pub fn plan(req: &OverlayRequest, used_vnis: &BTreeSet<u32>) -> Result<Overlay, 
             .find(|v| !used_vnis.contains(v))
             .ok_or(OverlayError::NoVni)?,
     };
+    // A userspace tunnel binds its own port, so each such network gets one
+    // (8285 for the first); VXLAN devices share 8472 and differ by VNI.
     let port = port.unwrap_or(match backend {
-        BackendKind::Udp | BackendKind::Secure => UDP_PORT,
+        BackendKind::Udp | BackendKind::Secure => UDP_PORT + (vni.min(1000) as u16 - 1),
         _ => VXLAN_PORT,
     });
     Ok(Overlay {

@@ -4,9 +4,11 @@
 //! event or a restart is healed by the next call. One backend per file.
 
 mod hostgw;
+mod userspace;
 mod vxlan;
 
 pub(crate) use hostgw::HostGw;
+pub(crate) use userspace::{key_file, Userspace};
 pub(crate) use vxlan::Vxlan;
 
 use ipnet::Ipv4Net;
@@ -25,6 +27,8 @@ pub(crate) struct Local {
     pub underlay_mtu: u32,
     /// This host's leased subnet of the network being programmed.
     pub subnet: Ipv4Net,
+    /// The agent's data dir (the secure backend's key lives there).
+    pub data_dir: std::path::PathBuf,
 }
 
 /// Whether `ip` is on one of the connected subnets in `connected`.
@@ -52,12 +56,17 @@ pub(crate) trait Backend: Send {
     /// Route destinations this backend owns (marked with the overlay
     /// protocol), so the agent can remove stale ones nobody wants.
     fn owned_routes(&self) -> Vec<Ipv4Net>;
+    /// Datapath counters for `weft status` (userspace backends).
+    fn counters(&self) -> std::collections::BTreeMap<String, u64> {
+        Default::default()
+    }
 }
 
 pub(crate) fn new(kind: BackendKind) -> Option<Box<dyn Backend>> {
     match kind {
         BackendKind::HostGw => Some(Box::new(HostGw::default())),
         BackendKind::Vxlan => Some(Box::new(Vxlan::default())),
-        _ => None,
+        BackendKind::Udp => Some(Box::new(Userspace::new(false))),
+        BackendKind::Secure => Some(Box::new(Userspace::new(true))),
     }
 }

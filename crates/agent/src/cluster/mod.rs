@@ -62,6 +62,7 @@ pub struct Cluster {
     left: std::sync::atomic::AtomicBool,
     /// The interface that carries the public address, and its MTU.
     underlay: (u32, u32),
+    data_dir: std::path::PathBuf,
 }
 
 impl Cluster {
@@ -102,6 +103,7 @@ impl Cluster {
             status: Mutex::new(status),
             left: Default::default(),
             underlay: (underlay, underlay_mtu),
+            data_dir: data.data_dir.clone(),
         });
         tokio::spawn(c.clone().keep_lease_alive());
         tokio::spawn(c.clone().sync_forever(nl));
@@ -281,6 +283,7 @@ impl Cluster {
                 subnet: None,
                 problem: None,
                 peers: Vec::new(),
+                counters: Default::default(),
             };
             if self.left.load(Ordering::Relaxed) {
                 view.problem = Some("this host left the cluster (`weft leave`)".into());
@@ -299,6 +302,11 @@ impl Cluster {
             let own = match self.own_lease(&net, global, bound, &me).await {
                 Ok(l) => l,
                 Err(LeaseError::Etcd(e)) => return Err(e),
+                Err(LeaseError::Key(e)) => {
+                    view.problem = Some(format!("no key for the secure backend, not joining: {e}"));
+                    views.push(view);
+                    continue;
+                }
                 Err(LeaseError::Full) => {
                     view.problem = Some(format!(
                         "no free subnet of {} left for this host",
@@ -335,8 +343,10 @@ impl Cluster {
                 underlay: self.underlay.0,
                 underlay_mtu: self.underlay.1,
                 subnet: own.subnet,
+                data_dir: self.data_dir.clone(),
             };
             view.peers = backend.program(nl, &net, &local, &peers, verify);
+            view.counters = backend.counters();
             views.push(view);
         }
         // Networks removed from the cluster.
@@ -387,6 +397,15 @@ impl Cluster {
         let overlay = net.overlay.as_ref().expect("overlay network");
         let vtep = (overlay.backend == weft_model::BackendKind::Vxlan)
             .then(|| format_mac(&vtep_mac(&me.host_id, overlay.vni)));
+        // secure: the host's public key, from the key the backend will use.
+        let public_key = if overlay.backend == weft_model::BackendKind::Secure {
+            match weft_tunnel::Keys::load_or_create(&backend::key_file(&self.data_dir)) {
+                Ok(k) => Some(weft_tunnel::encode_key(&k.public_key())),
+                Err(e) => return Err(LeaseError::Key(e.to_string())),
+            }
+        } else {
+            None
+        };
         let wanted = |subnet: Ipv4Net| Lease {
             network: name.clone(),
             subnet,
@@ -394,7 +413,7 @@ impl Cluster {
             node: me.node.clone(),
             public_ip: me.public_ip,
             vtep_mac: vtep.clone(),
-            public_key: None,
+            public_key: public_key.clone(),
         };
         if let Some((key, raw, have)) = global.own(name, &me.host_id) {
             let want = wanted(have.subnet);
@@ -595,6 +614,8 @@ impl Cluster {
 enum LeaseError {
     Etcd(EtcdError),
     Full,
+    /// secure: this host has no usable key, so it must not join.
+    Key(String),
 }
 
 impl From<EtcdError> for LeaseError {
