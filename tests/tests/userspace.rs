@@ -217,7 +217,7 @@ fn secure_backend_shows_no_plaintext_on_the_wire() {
 
 #[test]
 fn secure_backend_drops_and_counts_modified_and_replayed_datagrams() {
-    let lab = TestLab::up(2, Some("secure"), 60);
+    let lab = TestLab::up(3, Some("secure"), 60);
     lab.sandbox(0, "a");
     let b = lab.sandbox(1, "b");
     assert!(lab.ping(0, "a", b));
@@ -311,7 +311,7 @@ fn secure_backend_drops_and_counts_modified_and_replayed_datagrams() {
 
 #[test]
 fn a_host_with_the_wrong_key_cannot_join_the_traffic() {
-    let mut lab = TestLab::up(2, Some("secure"), 60);
+    let mut lab = TestLab::up(3, Some("secure"), 60);
     let a = lab.sandbox(0, "a");
     let s1 = lab.subnet(0);
     let s2 = lab.subnet(1);

@@ -93,7 +93,7 @@ fn traffic_crosses_hosts_inside_vxlan_on_port_8472_only() {
 
 #[test]
 fn two_vxlan_networks_have_their_own_vni_and_cannot_reach_each_other() {
-    let lab = TestLab::up(2, Some("vxlan"), 60);
+    let lab = TestLab::up(3, Some("vxlan"), 60);
     lab.weft_ok(
         0,
         &[
@@ -138,7 +138,7 @@ fn two_vxlan_networks_have_their_own_vni_and_cannot_reach_each_other() {
 
 #[test]
 fn a_deleted_device_or_fdb_entry_heals_within_5_seconds() {
-    let lab = TestLab::up(2, Some("vxlan"), 60);
+    let lab = TestLab::up(3, Some("vxlan"), 60);
     let _a = lab.sandbox(0, "a");
     let b = lab.sandbox(1, "b");
     assert!(lab.ping(0, "a", b));
@@ -179,7 +179,7 @@ fn a_deleted_device_or_fdb_entry_heals_within_5_seconds() {
 
 #[test]
 fn mtu_is_the_underlays_minus_vxlan_overhead() {
-    let lab = TestLab::up(2, Some("vxlan"), 60);
+    let lab = TestLab::up(3, Some("vxlan"), 60);
     let _a = lab.sandbox(0, "a");
     let b = lab.sandbox(1, "b");
     let dev = device(&lab, 0);
