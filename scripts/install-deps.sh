@@ -12,8 +12,11 @@ pkgs=(iproute2 nftables iputils-ping socat procps util-linux ca-certificates dns
 pkgs+=(podman crun runc conmon busybox-static)
 # The cluster: etcd (and etcdctl for tests), protoc to build the etcd client.
 pkgs+=(etcd-server etcd-client protobuf-compiler)
+# tests/tests/docker.rs: dockerd (with the containerd it starts) using weft as
+# its network and IPAM driver.
+pkgs+=(docker.io)
 if [ "${1:-}" = "--bench" ]; then
-    pkgs+=(docker.io containernetworking-plugins busybox-static iperf3)
+    pkgs+=(containernetworking-plugins iperf3)
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq

@@ -13,7 +13,7 @@ use std::path::Path;
 use tracing::info;
 use weft_kernel::{netns, Netns};
 use weft_model::api::{CniAdd, CniAttachment, CniGc, CniRef};
-use weft_model::sandbox::{host_veth_name, EndpointKind, External};
+use weft_model::sandbox::{host_veth_name, EndpointKind, External, Runtime};
 use weft_model::{keys, ports, Attachment, Endpoint, PortMapping, Published, Sandbox};
 use weft_store::{Store, StoreJson};
 
@@ -27,9 +27,9 @@ fn mac_string(mac: [u8; 6]) -> String {
 impl Inner {
     fn find_external(&self, container_id: &str, ifname: &str) -> Option<&Sandbox> {
         self.sandboxes.values().find(|s| {
-            s.external
-                .as_ref()
-                .is_some_and(|e| e.container_id == container_id && e.ifname == ifname)
+            s.external.as_ref().is_some_and(|e| {
+                e.runtime == Runtime::Cni && e.container_id == container_id && e.ifname == ifname
+            })
         })
     }
 
@@ -197,6 +197,7 @@ impl Host {
             external: Some(External {
                 container_id: req.container_id.clone(),
                 ifname: req.ifname.clone(),
+                runtime: Runtime::Cni,
             }),
         };
         let made = (|| {
@@ -309,6 +310,8 @@ impl Host {
                     .any(|e| e.network == gc.network)
             })
             .filter_map(|s| s.external.as_ref().map(|e| (s.id.clone(), e)))
+            // Docker's endpoints are Docker's to remove.
+            .filter(|(_, e)| e.runtime == Runtime::Cni)
             .filter(|(_, e)| {
                 !gc.valid
                     .iter()

@@ -1,6 +1,9 @@
 use ipnet::Ipv4Net;
 use std::path::PathBuf;
 
+/// Where dockerd looks for plugin sockets; `weft` is the driver's name.
+pub const DOCKER_PLUGIN_SOCKET: &str = "/run/docker/plugins/weft.sock";
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// Runtime state: socket, namespace files, sandbox records, logs.
@@ -15,6 +18,9 @@ pub struct AgentConfig {
     pub resolv_conf: PathBuf,
     /// Set when the host is part of a cluster (etcd); single-host otherwise.
     pub cluster: Option<ClusterConfig>,
+    /// Where to serve Docker's network and IPAM plugin protocols (the
+    /// socket's name is the driver's name); not served when absent.
+    pub docker_plugin: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]

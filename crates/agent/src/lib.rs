@@ -9,6 +9,7 @@ mod cluster;
 mod cni;
 pub mod config;
 mod dns;
+mod docker;
 mod error;
 mod firewall;
 mod host;

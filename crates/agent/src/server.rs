@@ -34,6 +34,12 @@ pub async fn serve(cfg: AgentConfig) -> Result<()> {
         let _ = host.cluster.set(cluster);
     }
 
+    // Before the API: dockerd may be waiting for the plugin already.
+    let docker = match &cfg.docker_plugin {
+        Some(path) => Some(crate::docker::listen(host.clone(), path).await?),
+        None => None,
+    };
+
     let sock = cfg.socket_path();
     let _ = std::fs::remove_file(&sock);
     let listener = tokio::net::UnixListener::bind(&sock)
@@ -53,6 +59,9 @@ pub async fn serve(cfg: AgentConfig) -> Result<()> {
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|e| AgentError::Internal(format!("serve: {e}")))?;
+    if let Some(d) = docker {
+        d.stop();
+    }
     tokio::task::spawn_blocking(move || host.shutdown())
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))?;

@@ -115,6 +115,14 @@ struct AgentArgs {
     /// renewing them (it renews every third of it)
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(2..=86400))]
     lease_ttl: u64,
+    /// Be Docker's network and IPAM driver `weft` (`docker network create -d weft`),
+    /// on /run/docker/plugins/weft.sock
+    #[arg(long)]
+    docker_plugin: bool,
+    /// Serve the Docker plugin on this socket instead (implies --docker-plugin);
+    /// Docker names the driver after the file, without .sock
+    #[arg(long, value_name = "PATH")]
+    docker_plugin_socket: Option<PathBuf>,
 }
 
 /// An error of weft itself, with the exit code to leave with.
@@ -201,6 +209,10 @@ fn run_agent(state_dir: PathBuf, a: AgentArgs) -> Result<i32, Failure> {
             iface: a.iface,
             node_name: a.node_name.unwrap_or_else(hostname),
             lease_ttl: std::time::Duration::from_secs(a.lease_ttl),
+        }),
+        docker_plugin: a.docker_plugin_socket.or_else(|| {
+            a.docker_plugin
+                .then(|| PathBuf::from(weft_agent::config::DOCKER_PLUGIN_SOCKET))
         }),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -240,8 +240,37 @@ pub struct Sandbox {
 /// An attachment made for a container runtime in a namespace weft does not own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct External {
+    /// CNI: the runtime's container id. Docker: libnetwork's endpoint id.
     pub container_id: String,
+    /// CNI: the interface inside the namespace. Docker: the name the
+    /// container's end has in the host namespace until Docker moves it.
     pub ifname: String,
+    /// Records written before Docker support have none: they are CNI's.
+    #[serde(default)]
+    pub runtime: Runtime,
+}
+
+/// Which runtime interface made an external attachment; each answers only
+/// for its own (a CNI GC must not sweep away Docker's endpoints).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    #[default]
+    Cni,
+    Docker(DockerEndpoint),
+}
+
+/// What weft keeps of an endpoint that Docker's remote driver protocol made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerEndpoint {
+    /// libnetwork's network id.
+    pub network_id: String,
+    /// The address came from weft's IPAM driver, so it stays held after the
+    /// endpoint goes, until Docker releases it through that driver.
+    pub address_from_ipam: bool,
+    /// Docker's namespace of the container, set while the endpoint is joined.
+    #[serde(default)]
+    pub sandbox_key: Option<String>,
 }
 
 impl Sandbox {
