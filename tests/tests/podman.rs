@@ -29,11 +29,11 @@
 //!   /dev/shm/libpod_lock that every root podman would share.
 //! - names: podman's CNI backend passes the container name only as
 //!   `K8S_POD_NAME` in CNI_ARGS and, as `aliases`, the short id and any
-//!   `--network-alias`; weft's plugin reads the aliases, so a container is
-//!   found by its `--network-alias` and by its short id, not by `--name`.
+//!   `--network-alias`; weft's plugin reads both, so a container is found
+//!   by its `--name`, its `--network-alias` and its short id.
 //! - static addresses: podman passes one `--ip` (and `--mac-address`) as
 //!   `IP=` (`MAC=`) in CNI_ARGS, only several as the `ips` capability;
-//!   weft's plugin reads the capabilities only, so this test sets none.
+//!   weft's plugin reads both.
 
 use std::cell::RefCell;
 use std::os::unix::fs::symlink;
@@ -454,8 +454,19 @@ fn podman_cni_containers_reach_each_other_and_a_published_port() {
     let outside = h.outside();
     let p = Podman::new(&h, "pmnet");
 
-    let web = p.run_server("web", &["--network-alias", "web", "-p", "18080:80"]);
-    let client = p.run_server("client", &["--network-alias", "client"]);
+    // web by --name and a static --ip/--mac-address; client also by an alias.
+    let web = p.run_server(
+        "web",
+        &[
+            "--ip",
+            "10.187.0.50",
+            "--mac-address",
+            "02:42:0a:bb:00:32",
+            "-p",
+            "18080:80",
+        ],
+    );
+    let client = p.run_server("client", &["--network-alias", "front"]);
 
     // Podman's view and weft's agree: two external sandboxes on pmnet.
     let ip_of = |name: &str| {
@@ -473,6 +484,12 @@ fn podman_cni_containers_reach_each_other_and_a_published_port() {
     for ip in [&web_ip, &client_ip] {
         assert!(ip.starts_with("10.187.0."), "{ip}");
     }
+    assert_eq!(web_ip, "10.187.0.50", "podman's --ip reached weft");
+    assert!(
+        p.exec_ok("web", "ip link show eth0")
+            .contains("02:42:0a:bb:00:32"),
+        "podman's --mac-address reached weft"
+    );
     let mut sandboxes = weft_sandboxes(&h);
     sandboxes.sort();
     let mut want = vec![
@@ -508,6 +525,7 @@ fn podman_cni_containers_reach_each_other_and_a_published_port() {
     assert_eq!(get("web", &client_ip), "hello from client");
     assert_eq!(get("client", "web"), "hello from web");
     assert_eq!(get("web", "client"), "hello from client");
+    assert_eq!(get("web", "front"), "hello from client");
     // The short id, which podman always passes as an alias.
     assert_eq!(get("client", &web[..12]), "hello from web");
     let ns = p.exec_ok("client", "nslookup web 10.187.0.1");

@@ -207,10 +207,27 @@ fn handle(command: &str, conf: &Value, version: &str) -> Result<Option<String>, 
     }
 }
 
+/// CNI_ARGS (`K=V;K=V`), the runtime's older channel: podman sends a
+/// single `--ip` and `--mac-address` as IP= and MAC=, and the container's
+/// name as K8S_POD_NAME.
+fn cni_args(raw: &str) -> std::collections::HashMap<String, String> {
+    raw.split(';')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(_, v)| !v.is_empty())
+        .collect()
+}
+
 fn add_request(conf: &Value) -> Result<CniAdd, CniError> {
     let rc = &conf["runtimeConfig"];
     let bad = |m: String| CniError::new(INVALID_CONFIG, m);
-    let ip = match rc["ips"].as_array().and_then(|a| a.first()) {
+    let args = cni_args(&std::env::var("CNI_ARGS").unwrap_or_default());
+    let ip_arg = args.get("IP").map(|s| Value::String(s.clone()));
+    let ip = match rc["ips"]
+        .as_array()
+        .and_then(|a| a.first())
+        .or(ip_arg.as_ref())
+    {
         None => None,
         Some(v) => {
             let s = v.as_str().unwrap_or("");
@@ -239,7 +256,7 @@ fn add_request(conf: &Value) -> Result<CniAdd, CniError> {
     }
     let net = network(conf)?;
     // Podman passes aliases per network name: {"aliases": {"net": ["a", "b"]}}.
-    let aliases = rc["aliases"][conf["name"].as_str().unwrap_or("")]
+    let mut aliases: Vec<String> = rc["aliases"][conf["name"].as_str().unwrap_or("")]
         .as_array()
         .or_else(|| rc["aliases"][&net].as_array())
         .map(|a| {
@@ -248,13 +265,23 @@ fn add_request(conf: &Value) -> Result<CniAdd, CniError> {
                 .collect()
         })
         .unwrap_or_default();
+    // The container's name, so others reach it by name as on Docker.
+    // (Skipped if weft could not use it as a name, rather than failing ADD.)
+    if let Some(name) = args.get("K8S_POD_NAME") {
+        if !aliases.contains(name) && weft_model::names::validate("alias", name).is_ok() {
+            aliases.push(name.clone());
+        }
+    }
     Ok(CniAdd {
         container_id: need("CNI_CONTAINERID")?,
         netns: need("CNI_NETNS")?,
         ifname: need("CNI_IFNAME")?,
         network: net,
         ip,
-        mac: rc["mac"].as_str().map(String::from),
+        mac: rc["mac"]
+            .as_str()
+            .map(String::from)
+            .or_else(|| args.get("MAC").cloned()),
         ports,
         aliases,
     })
@@ -292,6 +319,16 @@ fn result(a: &CniAttachment, version: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cni_args_are_read() {
+        let a =
+            cni_args("IgnoreUnknown=1;K8S_POD_NAME=web;IP=10.1.0.5;MAC=02:42:0a:01:00:05;EMPTY=");
+        assert_eq!(a["K8S_POD_NAME"], "web");
+        assert_eq!(a["IP"], "10.1.0.5");
+        assert_eq!(a["MAC"], "02:42:0a:01:00:05");
+        assert!(!a.contains_key("EMPTY"));
+    }
 
     fn attachment() -> CniAttachment {
         CniAttachment {
