@@ -300,7 +300,8 @@ fn reach(h: &TestHost, from: &str, to: &str) -> [bool; 3] {
     )
     .contains("tcp-ok");
     let udp = String::from_utf8_lossy(
-        &h.exec(from, &format!("echo ping | socat -T 1 - UDP:{to}:7002"))
+        // -T 3: the server forks a shell per datagram, slow on a busy machine.
+        &h.exec(from, &format!("echo ping | socat -T 3 - UDP:{to}:7002"))
             .stdout,
     )
     .contains("udp-ok");
