@@ -76,6 +76,24 @@ fn parse_route(m: &RouteMessage) -> Option<Route> {
 }
 
 impl Netlink {
+    /// Every IPv4 route of every table, as the kernel reports them.
+    fn dump_routes(&mut self) -> Result<Vec<RouteMessage>> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        let replies = self.request(
+            "list routes",
+            RouteNetlinkMessage::GetRoute(msg),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => Some(r),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Adds or replaces a main-table route marked with `protocol`.
     pub fn replace_route(&mut self, r: &Route, protocol: u8, onlink: bool) -> Result<()> {
         self.ack(
@@ -106,24 +124,14 @@ impl Netlink {
 
     /// The main-table IPv4 routes marked with `protocol`.
     pub fn routes_of(&mut self, protocol: u8) -> Result<Vec<Route>> {
-        let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet;
-        let replies = self.request(
-            "list routes",
-            RouteNetlinkMessage::GetRoute(msg),
-            NLM_F_DUMP,
-        )?;
-        Ok(replies
+        Ok(self
+            .dump_routes()?
             .iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r)
-                    if r.header.table == RT_TABLE_MAIN
-                        && r.header.protocol == RouteProtocol::Other(protocol) =>
-                {
-                    parse_route(r)
-                }
-                _ => None,
+            .filter(|r| {
+                r.header.table == RT_TABLE_MAIN
+                    && r.header.protocol == RouteProtocol::Other(protocol)
             })
+            .filter_map(parse_route)
             .collect())
     }
 
@@ -131,46 +139,27 @@ impl Netlink {
     /// gateway (scope link), with their interface. A peer inside one of them
     /// is reachable without a router.
     pub fn connected_subnets(&mut self) -> Result<Vec<Route>> {
-        let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet;
-        let replies = self.request(
-            "list routes",
-            RouteNetlinkMessage::GetRoute(msg),
-            NLM_F_DUMP,
-        )?;
-        Ok(replies
+        Ok(self
+            .dump_routes()?
             .iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r)
-                    if r.header.table == RT_TABLE_MAIN
-                        && r.header.scope == RouteScope::Link
-                        && r.header.kind == RouteType::Unicast
-                        && r.header.protocol != RouteProtocol::Other(OVERLAY_ROUTE_PROTOCOL) =>
-                {
-                    parse_route(r).filter(|r| r.gateway.is_none())
-                }
-                _ => None,
+            .filter(|r| {
+                r.header.table == RT_TABLE_MAIN
+                    && r.header.scope == RouteScope::Link
+                    && r.header.kind == RouteType::Unicast
+                    && r.header.protocol != RouteProtocol::Other(OVERLAY_ROUTE_PROTOCOL)
             })
+            .filter_map(parse_route)
+            .filter(|r| r.gateway.is_none())
             .collect())
     }
 
     /// The interface of the main table's default route, if there is one.
     pub fn default_route_oif(&mut self) -> Result<Option<u32>> {
-        let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet;
-        let replies = self.request(
-            "list routes",
-            RouteNetlinkMessage::GetRoute(msg),
-            NLM_F_DUMP,
-        )?;
-        Ok(replies.iter().find_map(|m| match m {
-            RouteNetlinkMessage::NewRoute(r)
-                if r.header.table == RT_TABLE_MAIN && r.header.destination_prefix_length == 0 =>
-            {
-                parse_route(r).and_then(|r| r.oif)
-            }
-            _ => None,
-        }))
+        Ok(self
+            .dump_routes()?
+            .iter()
+            .filter(|r| r.header.table == RT_TABLE_MAIN && r.header.destination_prefix_length == 0)
+            .find_map(|r| parse_route(r).and_then(|r| r.oif)))
     }
 
     /// Every IPv4 address of this namespace with its interface index.
