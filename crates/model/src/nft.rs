@@ -66,6 +66,7 @@ const RULES: &str = r#"	chain prerouting {
 
 	chain forward {
 		type filter hook forward priority filter; policy accept;
+		ct state established,related accept
 		iifname . oifname @same_bridge accept
 		ct status dnat oifname @bridges accept
 		iifname @bridges oifname @bridges drop
