@@ -417,7 +417,13 @@ fn run(base: &Path, args: &Args, pid: u32) -> Result<bool> {
     let mut four = vec![Vec::new(); ways.len()];
     let mut rtt = vec![Vec::new(); ways.len()];
     for run in 0..args.runs {
-        for (k, w) in ways.iter().enumerate() {
+        // Every other round in reverse, so no way always follows the same one.
+        let mut order: Vec<usize> = (0..ways.len()).collect();
+        if run % 2 == 1 {
+            order.reverse();
+        }
+        for k in order {
+            let w = &ways[k];
             eprintln!("overlay: run {} of {}: {}...", run + 1, args.runs, w.name);
             rtt[k].push(ping_ms(w)? * 1000.0);
             one[k].push(iperf(w, 1, args.seconds)?);
@@ -437,7 +443,7 @@ fn run(base: &Path, args: &Args, pid: u32) -> Result<bool> {
     let by = |n: &str| rows.iter().find(|r| r.name == n).unwrap();
     let wire = by("wire (bare veth)");
     println!(
-        "iperf3 -C cubic, {} s, median of {} interleaved runs; RTT: median of the runs' mean of 200 pings at 5 ms",
+        "iperf3 -C cubic, {} s, median of {} interleaved runs (every other one in reverse order); RTT: median of the runs' mean of 200 pings at 5 ms",
         args.seconds, args.runs
     );
     println!(
