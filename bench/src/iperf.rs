@@ -60,9 +60,15 @@ pub fn parse_result(json: &[u8]) -> Result<IperfResult> {
     })
 }
 
-/// `iperf3 -c HOST -p PORT -t SECS -C CC -J` inside `ns`. A server still
-/// busy with the previous test is retried for a while.
-pub fn run_client(ns: &Netns, opts: &IperfOpts, host: Ipv4Addr, port: u16) -> Result<IperfResult> {
+/// `iperf3 -c HOST -p PORT -t SECS -C CC -J [-B BIND]` inside `ns`. A
+/// server still busy with the previous test is retried for a while.
+pub fn run_client(
+    ns: &Netns,
+    opts: &IperfOpts,
+    host: Ipv4Addr,
+    port: u16,
+    bind: Option<Ipv4Addr>,
+) -> Result<IperfResult> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         sys::check_interrupted()?;
@@ -71,6 +77,9 @@ pub fn run_client(ns: &Netns, opts: &IperfOpts, host: Ipv4Addr, port: u16) -> Re
             .args(["-t", &opts.seconds.to_string()])
             .args(["-C", &opts.congestion])
             .args(["--connect-timeout", "5000", "-J"]);
+        if let Some(b) = bind {
+            cmd.args(["-B", &b.to_string()]);
+        }
         let out = run(&mut cmd, Duration::from_secs(u64::from(opts.seconds) + 40))?;
         let res = parse_result(&out.stdout);
         match res {

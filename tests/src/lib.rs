@@ -128,6 +128,8 @@ pub struct TestHost {
     pub subnet: Option<String>,
     /// More `weft agent` arguments.
     pub agent_args: Vec<String>,
+    /// More environment variables for `weft agent`.
+    pub agent_env: Vec<(String, String)>,
     agent: Option<Child>,
 }
 
@@ -138,6 +140,11 @@ impl TestHost {
     }
 
     pub fn with_agent_args(subnet: Option<&str>, args: &[&str]) -> TestHost {
+        TestHost::with_agent_env(subnet, args, &[])
+    }
+
+    /// A host whose agent also gets these environment variables.
+    pub fn with_agent_env(subnet: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> TestHost {
         let ns = TestNs::new("wfth");
         let dir = PathBuf::from(format!("/dev/shm/{}", ns.name));
         std::fs::create_dir_all(&dir).expect("test dir");
@@ -146,6 +153,10 @@ impl TestHost {
             dir,
             subnet: subnet.map(String::from),
             agent_args: args.iter().map(|a| a.to_string()).collect(),
+            agent_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             agent: None,
         };
         host.start_agent();
@@ -181,6 +192,7 @@ impl TestHost {
             cmd.args(["--bridge-subnet", s]);
         }
         cmd.args(&self.agent_args);
+        cmd.envs(self.agent_env.iter().map(|(k, v)| (k, v)));
         self.agent = Some(cmd.spawn().expect("start agent"));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -197,6 +209,11 @@ impl TestHost {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The running agent's pid.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
     }
 
     pub fn agent_log(&self) -> String {

@@ -307,6 +307,8 @@ struct Target<'a> {
     ns: &'a Netns,
     addr: Ipv4Addr,
     port: u16,
+    /// The client's own address (iperf3 -B), when it matters to the path.
+    bind: Option<Ipv4Addr>,
 }
 
 fn path(label: &str, t: &Target) -> PathResult {
@@ -340,7 +342,7 @@ fn measure(
                     &what,
                 )?;
                 p.load.push(load);
-                match iperf::run_client(t.ns, iperf, t.addr, t.port) {
+                match iperf::run_client(t.ns, iperf, t.addr, t.port, t.bind) {
                     Ok(r) => {
                         eprintln!("  {what}: {:.2} Gbit/s (load {:.2})", r.gbps, load.at_start);
                         p.gbps.push(r.gbps);
@@ -408,6 +410,18 @@ fn weft_throughput(
             h.sandbox_output(&server.id)
         ));
     }
+    // The agent says at start whether its connect-time redirect is on
+    // (off: WEFT_CONNECT_REDIRECT=off, or BPF unavailable; nft serves all).
+    let redirect = h.agent_log_tail(500).contains("connect redirect attached");
+    let localhost_way = if redirect {
+        "connect-time redirect (BPF)"
+    } else {
+        "DNAT + masquerade; the agent's connect redirect is OFF"
+    };
+    notes.push(format!(
+        "weft: host → 127.0.0.1 uses the {}; the same with the client bound to 127.0.0.1 (iperf3 -B) is left to nft DNAT + masquerade, the path every localhost connection took before the redirect",
+        if redirect { "connect-time redirect (BPF programs of the agent attached)" } else { "nft path: the agent did NOT attach its connect redirect (see its log)" }
+    ));
     notes.push(format!(
         "weft: iperf3 -s in sandbox {} at {ip}, published with -p {port}:{port} (network_setup {} µs); agent namespace {}, outside namespace {}",
         &server.id[..12.min(server.id.len())],
@@ -421,11 +435,13 @@ fn weft_throughput(
                 ns: out.netns(),
                 addr: outside::HOST_ADDR,
                 port,
+                bind: None,
             },
             Target {
                 ns: out.netns(),
                 addr: ip,
                 port,
+                bind: None,
             },
         ),
         (
@@ -433,11 +449,27 @@ fn weft_throughput(
                 ns: h.netns(),
                 addr: Ipv4Addr::LOCALHOST,
                 port,
+                bind: None,
             },
             Target {
                 ns: h.netns(),
                 addr: ip,
                 port,
+                bind: None,
+            },
+        ),
+        (
+            Target {
+                ns: h.netns(),
+                addr: Ipv4Addr::LOCALHOST,
+                port,
+                bind: Some(Ipv4Addr::LOCALHOST),
+            },
+            Target {
+                ns: h.netns(),
+                addr: ip,
+                port,
+                bind: None,
             },
         ),
     ];
@@ -459,8 +491,21 @@ fn weft_throughput(
         Pair {
             way: "weft".into(),
             scenario: "from the host namespace itself".into(),
-            published: path(&format!("published 127.0.0.1:{port} (DNAT)"), &targets[1].0),
+            published: path(
+                &format!("published 127.0.0.1:{port} ({localhost_way})"),
+                &targets[1].0,
+            ),
             direct: path(&format!("direct {ip}:{port}"), &targets[1].1),
+            ratio: None,
+        },
+        Pair {
+            way: "weft".into(),
+            scenario: "from the host, client bound to 127.0.0.1 (nft path)".into(),
+            published: path(
+                &format!("published 127.0.0.1:{port} from 127.0.0.1 (DNAT + masquerade)"),
+                &targets[2].0,
+            ),
+            direct: path(&format!("direct {ip}:{port}"), &targets[2].1),
             ratio: None,
         },
     ];
@@ -622,11 +667,13 @@ fn docker_throughput(
                 ns: outside.netns(),
                 addr: outside::HOST_ADDR,
                 port,
+                bind: None,
             },
             Target {
                 ns: outside.netns(),
                 addr: ip,
                 port,
+                bind: None,
             },
         ),
         (
@@ -634,11 +681,13 @@ fn docker_throughput(
                 ns: h.netns(),
                 addr: Ipv4Addr::LOCALHOST,
                 port,
+                bind: None,
             },
             Target {
                 ns: h.netns(),
                 addr: ip,
                 port,
+                bind: None,
             },
         ),
     ];

@@ -169,6 +169,8 @@ pub(crate) fn start(cfg: AgentConfig) -> Result<Inner> {
             warn!(error = %e, "names on this network will not resolve");
         }
     }
+    // Before the table: apply_all fills the redirect's map too.
+    firewall::start_redirect(&inner.cfg.state_dir);
     // After adoption: the table holds every network and published port.
     firewall::apply_all(&inner)?;
     info!(

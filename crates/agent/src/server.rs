@@ -65,6 +65,7 @@ pub async fn serve(cfg: AgentConfig) -> Result<()> {
     tokio::task::spawn_blocking(move || host.shutdown())
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))?;
+    crate::firewall::stop_redirect();
     let _ = std::fs::remove_file(&sock);
     drop(lock);
     Ok(())

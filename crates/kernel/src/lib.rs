@@ -2,6 +2,7 @@
 //! namespaces, links, addresses and routes (netlink, never `ip`), sysctls,
 //! nftables (atomic `nft -f` batches of weft's own table) and processes.
 
+pub mod connect_redirect;
 pub mod error;
 pub mod netlink;
 pub mod netns;
