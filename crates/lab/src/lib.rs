@@ -631,6 +631,10 @@ pub fn down(dir: &Path) -> Result<DownReport> {
         }
     }
     std::fs::remove_dir_all(dir).map_err(io(format!("remove {}", dir.display())))?;
+    // The labs' root goes with its last lab (fails harmlessly if not empty).
+    if let Some(root) = dir.parent() {
+        let _ = std::fs::remove_dir(root);
+    }
     Ok(report)
 }
 
