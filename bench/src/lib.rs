@@ -7,6 +7,7 @@
 pub mod cni;
 pub mod docker;
 pub mod harness;
+pub mod labbench;
 pub mod hostcheck;
 pub mod image;
 pub mod iperf;

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use weft_bench::hostcheck::run_checked;
+use weft_bench::labbench::{weft_binary, LabGuard, RemoveDir};
 use weft_bench::stats::Series;
 use weft_bench::sys::Error;
 
@@ -110,15 +111,6 @@ impl EtcdWorker {
             .map_err(|_| "etcd worker gone".to_string())?;
         rx.recv().map_err(|_| "etcd worker gone".to_string())??;
         Ok(())
-    }
-}
-
-struct LabGuard(Lab);
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        if let Err(e) = weft_lab::down(&self.0.dir) {
-            eprintln!("converge: lab down: {e}");
-        }
     }
 }
 
@@ -321,27 +313,8 @@ fn control_plane(root: &Path, weft: &Path, peers: usize) -> Result<ControlPlane>
 }
 
 fn run(base: &Path, args: &Args) -> Result<bool> {
-    let weft = match &args.weft {
-        Some(w) => w.clone(),
-        None => std::env::current_exe()
-            .map_err(|e| e.to_string())?
-            .parent()
-            .ok_or("no exe dir")?
-            .join("weft"),
-    };
-    if !weft.exists() {
-        return Err(format!(
-            "{} is missing: cargo build --release -p weft",
-            weft.display()
-        ));
-    }
+    let weft = weft_binary(args.weft.as_ref())?;
     std::fs::create_dir_all(base).map_err(|e| e.to_string())?;
-    struct RemoveDir<'a>(&'a Path);
-    impl Drop for RemoveDir<'_> {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(self.0);
-        }
-    }
     let _base = RemoveDir(base);
     let mut rows = Vec::new();
     for &h in &args.hosts {

@@ -24,6 +24,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::Duration;
 use weft_bench::hostcheck::run_checked;
 use weft_bench::iperf::parse_result;
+use weft_bench::labbench::{weft_binary, LabGuard, RemoveDir};
 use weft_bench::sys::Error;
 use weft_lab::{Lab, LabSpec};
 
@@ -67,15 +68,6 @@ impl Drop for NamedNs {
     fn drop(&mut self) {
         for n in &self.0 {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
-}
-
-struct LabGuard(Lab);
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        if let Err(e) = weft_lab::down(&self.0.dir) {
-            eprintln!("overlay: lab down: {e}");
         }
     }
 }
@@ -325,21 +317,8 @@ struct Row {
 }
 
 fn run(base: &Path, args: &Args, pid: u32) -> Result<bool> {
-    let weft = match &args.weft {
-        Some(w) => w.clone(),
-        None => std::env::current_exe()
-            .map_err(|e| e.to_string())?
-            .parent()
-            .ok_or("no exe dir")?
-            .join("weft"),
-    };
+    let weft = weft_binary(args.weft.as_ref())?;
     std::fs::create_dir_all(base).map_err(|e| e.to_string())?;
-    struct RemoveDir<'a>(&'a Path);
-    impl Drop for RemoveDir<'_> {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(self.0);
-        }
-    }
     let _base = RemoveDir(base);
     eprintln!("overlay: a 2-host lab...");
     let lab = LabGuard(

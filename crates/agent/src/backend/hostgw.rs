@@ -3,7 +3,7 @@
 //! peer that is not on a connected subnet is reported, not routed (a route
 //! via an unreachable gateway would blackhole, or be refused by the kernel).
 
-use super::{on_link, Backend, Local, PeerState};
+use super::{on_link, peer_state, Backend, Local, PeerState};
 use ipnet::Ipv4Net;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -42,13 +42,7 @@ impl Backend for HostGw {
         let mut states = Vec::with_capacity(peers.len());
         let mut wanted = BTreeMap::new();
         for p in peers {
-            let mut st = PeerState {
-                node: p.node.clone(),
-                subnet: p.subnet,
-                public_ip: p.public_ip,
-                programmed: None,
-                problem: None,
-            };
+            let mut st = peer_state(p);
             if !on_link(&connected, p.public_ip) {
                 st.problem = Some(format!(
                     "{} is not on a subnet directly connected to this host; host-gw needs all hosts on one L2 segment (use the vxlan backend otherwise)",

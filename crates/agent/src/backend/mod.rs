@@ -31,6 +31,28 @@ pub(crate) struct Local {
     pub data_dir: std::path::PathBuf,
 }
 
+/// A peer's report with nothing programmed yet.
+pub(crate) fn peer_state(p: &Lease) -> PeerState {
+    PeerState {
+        node: p.node.clone(),
+        subnet: p.subnet,
+        public_ip: p.public_ip,
+        programmed: None,
+        problem: None,
+    }
+}
+
+/// Every peer reported with the same problem (the backend could not start).
+pub(crate) fn all_failed(peers: &[Lease], problem: &str) -> Vec<PeerState> {
+    peers
+        .iter()
+        .map(|p| PeerState {
+            problem: Some(problem.to_string()),
+            ..peer_state(p)
+        })
+        .collect()
+}
+
 /// Whether `ip` is on one of the connected subnets in `connected`.
 pub(crate) fn on_link(connected: &[weft_kernel::Route], ip: Ipv4Addr) -> bool {
     connected

@@ -9,7 +9,7 @@
 //! The TUN device lives as long as the agent's process: a restarted agent
 //! makes it again (a short interruption that kernel backends do not have).
 
-use super::{Backend, Local, PeerState};
+use super::{all_failed, peer_state, Backend, Local, PeerState};
 use ipnet::Ipv4Net;
 use std::collections::BTreeSet;
 use std::net::SocketAddrV4;
@@ -104,24 +104,9 @@ impl Backend for Userspace {
         peers: &[Lease],
         verify: bool,
     ) -> Vec<PeerState> {
-        let state = |p: &Lease| PeerState {
-            node: p.node.clone(),
-            subnet: p.subnet,
-            public_ip: p.public_ip,
-            programmed: None,
-            problem: None,
-        };
         let dev = match self.ensure_tunnel(nl, net, me) {
             Ok(d) => d,
-            Err(e) => {
-                return peers
-                    .iter()
-                    .map(|p| PeerState {
-                        problem: Some(e.clone()),
-                        ..state(p)
-                    })
-                    .collect()
-            }
+            Err(e) => return all_failed(peers, &e),
         };
         let port = net.overlay.as_ref().expect("overlay").port;
         if verify {
@@ -133,7 +118,7 @@ impl Backend for Userspace {
         let mut out = Vec::with_capacity(peers.len());
         let mut wanted = Vec::new();
         for p in peers {
-            let mut st = state(p);
+            let mut st = peer_state(p);
             let key = match (&p.public_key, self.secure) {
                 (_, false) => None,
                 (Some(k), true) => match decode_key(k) {

@@ -10,7 +10,7 @@
 //! same L2 segment gets a plain route via its public address instead.
 //! The VTEP MAC is derived from the host id, so it survives restarts.
 
-use super::{on_link, Backend, Local, PeerState};
+use super::{all_failed, on_link, peer_state, Backend, Local, PeerState};
 use ipnet::Ipv4Net;
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
@@ -210,24 +210,9 @@ impl Backend for Vxlan {
         peers: &[Lease],
         verify: bool,
     ) -> Vec<PeerState> {
-        let state = |p: &Lease| PeerState {
-            node: p.node.clone(),
-            subnet: p.subnet,
-            public_ip: p.public_ip,
-            programmed: None,
-            problem: None,
-        };
         let dev = match self.ensure_device(nl, net, me) {
             Ok(d) => d,
-            Err(e) => {
-                return peers
-                    .iter()
-                    .map(|p| PeerState {
-                        problem: Some(format!("no VXLAN device: {e}")),
-                        ..state(p)
-                    })
-                    .collect()
-            }
+            Err(e) => return all_failed(peers, &format!("no VXLAN device: {e}")),
         };
         if verify {
             self.verify(nl, dev);
@@ -241,7 +226,7 @@ impl Backend for Vxlan {
         let mut out = Vec::with_capacity(peers.len());
         let mut wanted = HashSet::new();
         for p in peers {
-            let mut st = state(p);
+            let mut st = peer_state(p);
             let entry = if direct && on_link(&connected, p.public_ip) {
                 Entry::Direct {
                     subnet: p.subnet,

@@ -2,7 +2,6 @@
 //! current by applying watch changes. Values that fail to parse are logged
 //! and skipped, never fatal: one bad key must not stop the cluster.
 
-use ipnet::Ipv4Net;
 use std::collections::BTreeMap;
 use tracing::warn;
 use weft_model::{Lease, Network};
@@ -100,8 +99,8 @@ impl Global {
             .map(|(k, (l, raw))| (k.clone(), raw.clone(), l.clone()))
     }
 
-    #[allow(dead_code)]
-    pub fn subnets_of(&self, network: &str) -> Vec<Ipv4Net> {
+    #[cfg(test)]
+    pub fn subnets_of(&self, network: &str) -> Vec<ipnet::Ipv4Net> {
         self.leases_of(network).map(|l| l.subnet).collect()
     }
 }
