@@ -1,5 +1,8 @@
 //! The secure backend's protocol: Noise IK handshakes (snow) between host
-//! pairs, and per-packet ChaCha20-Poly1305 under the keys they agree.
+//! pairs, and per-packet AES-256-GCM under the keys they agree (ring's
+//! AES-NI/VAES code: on x86 servers several times faster than
+//! ChaCha20-Poly1305, which WireGuard prefers for CPUs without AES
+//! instructions).
 //!
 //! Wire format (all integers little-endian), modelled on WireGuard's:
 //!
@@ -36,7 +39,7 @@ const TAG: usize = 16;
 pub const OVERHEAD: usize = DATA_HEADER + TAG;
 const INIT_LEN: usize = 8 + 32 + 48 + 12 + TAG;
 const RESP_LEN: usize = 12 + 32 + TAG;
-const PROTOCOL: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+const PROTOCOL: &str = "Noise_IK_25519_AESGCM_BLAKE2s";
 /// Binds every handshake to this protocol and version: a handshake of
 /// another program using the same keys cannot be confused with ours.
 const PROLOGUE: &[u8] = b"weft-tunnel v1";

@@ -194,8 +194,10 @@ pub(crate) fn wait_fd(
 /// same length but the last, sent with UDP_SEGMENT when there are several.
 struct TxMsg {
     dst: SocketAddrV4,
-    /// Range in `TxBatch::parts`.
+    /// Range in `TxBatch::parts` (a datagram is one or two parts).
     first: usize,
+    parts: usize,
+    /// Datagrams in the message.
     count: usize,
     seg: usize,
     bytes: usize,
@@ -210,11 +212,16 @@ pub(crate) struct Sent {
     pub failed: u64,
 }
 
+/// A piece of a datagram: `len` bytes at `start` of buffer number `buf`
+/// of those given to [`TxBatch::flush`].
+pub(crate) type Part = (usize, usize, usize);
+
 /// A batch of datagrams to send with one sendmmsg. Datagrams are ranges of
-/// a caller's buffer (no copy); consecutive ones to the same destination
-/// with the same length are grouped into one GSO message.
+/// the caller's buffers (no copy): one range, or a rewritten header and a
+/// payload range; consecutive ones to the same destination with the same
+/// length are grouped into one GSO message.
 pub(crate) struct TxBatch {
-    parts: Vec<(usize, usize)>,
+    parts: Vec<Part>,
     msgs: Vec<TxMsg>,
     // Scratch for the system call, kept to avoid allocating per batch.
     iovs: Vec<libc::iovec>,
@@ -239,9 +246,10 @@ impl TxBatch {
         }
     }
 
-    /// Adds the datagram at `buf[start..start + len]` (of the buffer later
-    /// given to [`TxBatch::flush`]) for `dst`.
-    pub fn push(&mut self, dst: SocketAddrV4, start: usize, len: usize, gso: bool) {
+    /// Adds the datagram made of `pieces` (of the buffers later given to
+    /// [`TxBatch::flush`]) for `dst`.
+    pub fn push(&mut self, dst: SocketAddrV4, pieces: &[Part], gso: bool) {
+        let len: usize = pieces.iter().map(|p| p.2).sum();
         if gso {
             if let Some(m) = self.msgs.last_mut() {
                 if m.dst == dst
@@ -251,9 +259,10 @@ impl TxBatch {
                     && m.bytes + len <= MAX_GSO_BYTES
                 {
                     m.count += 1;
+                    m.parts += pieces.len();
                     m.bytes += len;
                     m.closed = len < m.seg;
-                    self.parts.push((start, len));
+                    self.parts.extend_from_slice(pieces);
                     return;
                 }
             }
@@ -261,19 +270,24 @@ impl TxBatch {
         self.msgs.push(TxMsg {
             dst,
             first: self.parts.len(),
+            parts: pieces.len(),
             count: 1,
             seg: len,
             bytes: len,
             closed: false,
         });
-        self.parts.push((start, len));
+        self.parts.extend_from_slice(pieces);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.msgs.is_empty()
     }
 
     /// Sends everything with as few sendmmsg calls as the kernel allows,
     /// then empties the batch. A full socket buffer is waited for (up to
     /// `stall_ms`) rather than dropped: that is how backpressure reaches
     /// the TCP flows inside, as it would on a real link.
-    pub fn flush(&mut self, sock: &UdpSocket, buf: &[u8], stall_ms: i32) -> Sent {
+    pub fn flush(&mut self, sock: &UdpSocket, bufs: &[&[u8]], stall_ms: i32) -> Sent {
         let mut sent = Sent::default();
         if self.msgs.is_empty() {
             return sent;
@@ -282,8 +296,8 @@ impl TxBatch {
         self.addrs.clear();
         self.cmsgs.clear();
         self.hdrs.clear();
-        for &(start, len) in &self.parts {
-            let part = &buf[start..start + len];
+        for &(b, start, len) in &self.parts {
+            let part = &bufs[b][start..start + len];
             self.iovs.push(libc::iovec {
                 iov_base: part.as_ptr() as *mut libc::c_void,
                 iov_len: len,
@@ -299,7 +313,7 @@ impl TxBatch {
             h.msg_name = &mut self.addrs[i] as *mut _ as *mut libc::c_void;
             h.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             h.msg_iov = &mut self.iovs[m.first] as *mut libc::iovec;
-            h.msg_iovlen = m.count;
+            h.msg_iovlen = m.parts;
             if m.count > 1 {
                 let space = unsafe { libc::CMSG_SPACE(mem::size_of::<u16>() as u32) } as usize;
                 h.msg_control = self.cmsgs[i].as_mut_ptr() as *mut libc::c_void;
@@ -324,7 +338,7 @@ impl TxBatch {
         while at < self.hdrs.len() {
             let n = (self.hdrs.len() - at).min(1024);
             // SAFETY: every header points into vectors that live, unmoved,
-            // until the end of this function, and into `buf`.
+            // until the end of this function, and into `bufs`.
             let rc = unsafe {
                 libc::sendmmsg(sock.as_raw_fd(), self.hdrs[at..].as_mut_ptr(), n as u32, 0)
             };
@@ -455,6 +469,16 @@ impl RxBatch {
             ));
         }
         Ok(rc)
+    }
+
+    /// The datagrams of received message `i`, as (offset in `bufs`, length).
+    pub fn datagram_ranges(&self, i: usize) -> impl Iterator<Item = (usize, usize)> {
+        let (_, len, seg) = self.got[i];
+        let step = if seg == 0 { len.max(1) } else { seg };
+        let base = i * RX_BUF;
+        (0..len)
+            .step_by(step)
+            .map(move |o| (base + o, step.min(len - o)))
     }
 
     /// The datagrams of received message `i`.

@@ -1,24 +1,27 @@
 //! One worker per TUN queue: it moves packets from its queue to its UDP
 //! socket and from its socket to its queue, in batches, until stopped.
 
-use crate::secure::{OpenError, SecurePeer, Session, MSG_DATA, MSG_INIT, MSG_RESP, OVERHEAD};
+use crate::offload::{split, Coalescer, Datagram, SplitError, MAX_HDR, VNET_HDR_LEN};
+use crate::secure::{OpenError, Session, MSG_DATA, MSG_INIT, MSG_RESP, OVERHEAD};
 use crate::stats::Local;
-use crate::udp::{RxBatch, TxBatch, UdpSocket, RX_MSGS};
+use crate::udp::{Part, RxBatch, TxBatch, UdpSocket, RX_BUF, RX_MSGS};
 use crate::{Peers, Shared};
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::SyncDevice;
 
-/// Segments held per send batch: room for two 64 KB TCP segments split at
-/// a 1500-byte MTU (45 each) or for as many small packets.
-const SEGMENTS: usize = 256;
-/// Free segment buffers needed before another TUN read: one 64 KB packet
-/// split at the smallest MSS we expect (536) needs 123.
-const SEGMENTS_PER_READ: usize = 128;
-/// TUN reads per batch before turning to the other direction.
-const READS_PER_BATCH: usize = 32;
+/// TUN reads per batch before sending and turning to the other direction.
+const READS_PER_BATCH: usize = 8;
+/// One TUN read: the virtio header and an IPv4 packet of up to 64 KB.
+const READ_LEN: usize = VNET_HDR_LEN + 65535;
+/// Rewritten segment headers: room for one read split at the smallest
+/// segment size the kernel makes (88 bytes), so any read fits once the
+/// arena is emptied.
+const ARENA: usize = (65535 / 88 + 1) * MAX_HDR;
+/// Secure mode: encrypted datagrams held per send batch.
+const ENC_SLOTS: usize = 256;
 /// How long a send waits for socket buffer space before dropping.
 const STALL_MS: i32 = 100;
 
@@ -27,21 +30,23 @@ pub(crate) struct Worker {
     pub tun: SyncDevice,
     pub sock: Arc<UdpSocket>,
     pub stop: RawFd,
-    /// Segment buffers, `stride` bytes each, in one allocation.
-    seg_buf: Vec<u8>,
-    stride: usize,
-    sizes: Vec<usize>,
-    /// A raw read from the TUN device: virtio header and up to 64 KB.
-    gso_buf: Vec<u8>,
-    /// Secure mode: encrypted datagrams, `stride + OVERHEAD` bytes each.
+    /// TUN reads of one batch, `READ_LEN` bytes each.
+    reads: Vec<u8>,
+    /// Headers of the segments split from them.
+    arena: Vec<u8>,
+    segs: Vec<Datagram>,
+    /// Secure mode: one plaintext segment, and encrypted datagrams
+    /// (`stride + OVERHEAD` bytes each).
+    plain: Vec<u8>,
     enc_buf: Vec<u8>,
+    stride: usize,
     tx: TxBatch,
     rx: RxBatch,
-    /// Packets to write to the TUN device, each after VIRTIO_NET_HDR_LEN
-    /// bytes of headroom for the header the GRO code writes.
-    tun_bufs: Vec<Vec<u8>>,
-    n_tun: usize,
-    gro: GROTable,
+    /// Secure mode: decrypted packets, at the offsets of their datagrams
+    /// in the receive buffers.
+    opened: Vec<u8>,
+    accepted: Vec<(usize, usize)>,
+    coalescer: Coalescer,
     local: Local,
     gso: bool,
 }
@@ -54,6 +59,17 @@ fn src_of(p: &[u8]) -> Option<Ipv4Addr> {
     (p.len() >= 20 && p[0] >> 4 == 4).then(|| Ipv4Addr::new(p[12], p[13], p[14], p[15]))
 }
 
+/// Reads one packet (with its virtio header) from the TUN queue.
+fn read_tun(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for writes of its length.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 impl Worker {
     pub fn new(shared: Arc<Shared>, tun: SyncDevice, sock: Arc<UdpSocket>, stop: RawFd) -> Worker {
         let stride = shared.mtu + 64;
@@ -64,24 +80,25 @@ impl Worker {
             tun,
             sock,
             stop,
-            seg_buf: vec![0; SEGMENTS * stride],
-            stride,
-            sizes: vec![0; SEGMENTS],
-            gso_buf: vec![0; VIRTIO_NET_HDR_LEN + 65536],
+            reads: vec![0; READS_PER_BATCH * READ_LEN],
+            arena: vec![0; ARENA],
+            segs: Vec::with_capacity(1024),
+            plain: if secure { vec![0; stride] } else { Vec::new() },
             enc_buf: if secure {
-                vec![0; SEGMENTS * (stride + OVERHEAD)]
+                vec![0; ENC_SLOTS * (stride + OVERHEAD)]
             } else {
                 Vec::new()
             },
+            stride,
             tx: TxBatch::new(),
             rx: RxBatch::new(),
-            // tun-rs coalesces into the first packet's buffer only if its
-            // capacity already holds a 64 KB result (it will not grow it).
-            tun_bufs: (0..IDEAL_BATCH_SIZE)
-                .map(|_| Vec::with_capacity(65536 + 2 * VIRTIO_NET_HDR_LEN + 64))
-                .collect(),
-            n_tun: 0,
-            gro: GROTable::new(),
+            opened: if secure {
+                vec![0; RX_MSGS * RX_BUF]
+            } else {
+                Vec::new()
+            },
+            accepted: Vec::with_capacity(1024),
+            coalescer: Coalescer::new(),
             local: Local::default(),
             gso,
         }
@@ -130,116 +147,132 @@ impl Worker {
         tracing::debug!("worker stopped");
     }
 
-    /// Reads from the TUN queue (splitting 64 KB segments), encapsulates,
-    /// sends. Returns whether anything was read.
+    /// Reads from the TUN queue, splits 64 KB segments into datagrams,
+    /// encapsulates, sends. Returns whether anything was read.
     fn tun_to_udp(&mut self) -> bool {
-        let mut used = 0;
-        let mut reads = 0;
-        while reads < READS_PER_BATCH && used + SEGMENTS_PER_READ <= SEGMENTS {
-            let stride = self.stride;
-            let mut chunks: Vec<&mut [u8]> =
-                self.seg_buf[used * stride..].chunks_mut(stride).collect();
-            let n = chunks.len();
-            match self.tun.recv_multiple(
-                &mut self.gso_buf,
-                &mut chunks,
-                &mut self.sizes[used..used + n],
-                0,
-            ) {
-                Ok(k) => {
-                    used += k;
-                    reads += 1;
-                }
+        let fd = self.tun.as_raw_fd();
+        let peers = self.shared.peers.read().expect("peers lock").clone();
+        let secure = self.shared.crypto.is_some();
+        let mut arena_at = 0;
+        let mut enc_used = 0;
+        let mut any = false;
+        for k in 0..READS_PER_BATCH {
+            let at = k * READ_LEN;
+            let n = match read_tun(fd, &mut self.reads[at..at + READ_LEN]) {
+                Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // A packet the offload code could not split: dropped,
-                    // the next read is independent of it.
-                    tracing::debug!(error = %e, "unusable packet from the TUN device");
-                    self.local.dropped_malformed += 1;
-                    reads += 1;
+                    tracing::debug!(error = %e, "reading the TUN device failed");
+                    self.local.tun_errors += 1;
+                    break;
                 }
-            }
-        }
-        if used == 0 {
-            return reads > 0;
-        }
-        let peers = self.shared.peers.read().expect("peers lock").clone();
-        if self.shared.crypto.is_some() {
-            self.encrypt_segments(&peers, used);
-            let sent = self.tx.flush(&self.sock, &self.enc_buf, STALL_MS);
-            self.local.send_errors += sent.failed;
-        } else {
-            let mut last: Option<(Ipv4Addr, Option<usize>)> = None;
-            for i in 0..used {
-                let start = i * self.stride;
-                let len = self.sizes[i];
-                let Some(dst) = dst_of(&self.seg_buf[start..start + len]) else {
-                    self.local.dropped_no_peer += 1;
-                    continue;
-                };
-                let idx = match last {
-                    Some((d, idx)) if d == dst => idx,
-                    _ => {
-                        let idx = peers.lookup(dst);
-                        last = Some((dst, idx));
-                        idx
-                    }
-                };
-                let Some(idx) = idx else {
-                    self.local.dropped_no_peer += 1;
-                    continue;
-                };
-                self.tx.push(peers.list[idx].endpoint, start, len, self.gso);
-                self.local.tx_packets += 1;
-                self.local.tx_bytes += len as u64;
-            }
-            let sent = self.tx.flush(&self.sock, &self.seg_buf, STALL_MS);
-            self.local.send_errors += sent.failed;
-        }
-        true
-    }
-
-    fn encrypt_segments(&mut self, peers: &Peers, used: usize) {
-        let crypto = self.shared.crypto.as_ref().expect("secure mode");
-        let estride = self.stride + OVERHEAD;
-        // The session of the previous segment's peer, so a run of segments
-        // to one peer looks it up once.
-        let mut last: Option<(Ipv4Addr, Option<usize>, Option<Arc<Session>>)> = None;
-        let mut used_sessions: Vec<(Arc<Session>, Arc<SecurePeer>)> = Vec::new();
-        for i in 0..used {
-            let start = i * self.stride;
-            let len = self.sizes[i];
-            let seg = &self.seg_buf[start..start + len];
-            let Some(dst) = dst_of(seg) else {
+            };
+            any = true;
+            let Some(dst) = dst_of(&self.reads[at + VNET_HDR_LEN.min(n)..at + n]) else {
                 self.local.dropped_no_peer += 1;
                 continue;
             };
-            let (idx, session) = match &last {
-                Some((d, idx, s)) if *d == dst => (*idx, s.clone()),
-                _ => {
-                    let idx = peers.lookup(dst);
-                    let s =
-                        idx.and_then(|i| peers.list[i].secure.as_ref()?.current(&crypto.policy));
-                    if let (Some(s), Some(i)) = (&s, idx) {
-                        if !used_sessions.iter().any(|(u, _)| Arc::ptr_eq(u, s)) {
-                            let p = peers.list[i].secure.clone().expect("secure peer");
-                            used_sessions.push((s.clone(), p));
+            let Some(idx) = peers.lookup(dst) else {
+                self.local.dropped_no_peer += 1;
+                continue;
+            };
+            self.segs.clear();
+            let read = at..at + n;
+            let used = match split(
+                &mut self.reads[read.clone()],
+                &mut self.arena,
+                arena_at,
+                &mut self.segs,
+            ) {
+                Ok(u) => u,
+                Err(SplitError::NoRoom) => {
+                    // Earlier reads' headers fill the arena: send them,
+                    // then this read's headers start at the beginning.
+                    self.flush_tx(secure);
+                    enc_used = 0;
+                    self.segs.clear();
+                    match split(&mut self.reads[read], &mut self.arena, 0, &mut self.segs) {
+                        Ok(u) => {
+                            arena_at = 0;
+                            u
+                        }
+                        Err(_) => {
+                            self.local.dropped_malformed += 1;
+                            continue;
                         }
                     }
-                    last = Some((dst, idx, s.clone()));
-                    (idx, s)
+                }
+                Err(SplitError::Malformed) => {
+                    self.local.dropped_malformed += 1;
+                    continue;
                 }
             };
-            let Some(idx) = idx else {
-                self.local.dropped_no_peer += 1;
+            arena_at += used;
+            let endpoint = peers.list[idx].endpoint;
+            if secure {
+                enc_used = self.encrypt_segments(&peers, idx, at, enc_used);
+            } else {
+                for d in &self.segs {
+                    let payload: Part = (0, at + d.payload_at, d.payload);
+                    if d.hdr == 0 {
+                        self.tx.push(endpoint, &[payload], self.gso);
+                    } else {
+                        self.tx
+                            .push(endpoint, &[(1, d.hdr_at, d.hdr), payload], self.gso);
+                    }
+                    self.local.tx_packets += 1;
+                    self.local.tx_bytes += d.len() as u64;
+                }
+            }
+        }
+        self.flush_tx(secure);
+        any
+    }
+
+    fn flush_tx(&mut self, secure: bool) {
+        if self.tx.is_empty() {
+            return;
+        }
+        let sent = if secure {
+            self.tx.flush(&self.sock, &[&self.enc_buf], STALL_MS)
+        } else {
+            self.tx
+                .flush(&self.sock, &[&self.reads, &self.arena], STALL_MS)
+        };
+        self.local.send_errors += sent.failed;
+    }
+
+    /// Encrypts the segments of the read at `at` (in `self.segs`) for peer
+    /// `idx` into encrypted slots from `enc_used` on, and batches them.
+    /// Returns the slots in use afterwards.
+    fn encrypt_segments(
+        &mut self,
+        peers: &Peers,
+        idx: usize,
+        at: usize,
+        mut enc_used: usize,
+    ) -> usize {
+        let crypto = self.shared.crypto.as_ref().expect("secure mode");
+        let entry = &peers.list[idx];
+        let peer = entry
+            .secure
+            .as_ref()
+            .expect("every peer has keys in secure mode");
+        let estride = self.stride + OVERHEAD;
+        let mut session = peer.current(&crypto.policy);
+        for i in 0..self.segs.len() {
+            let d = self.segs[i];
+            let len = d.len();
+            if len > self.stride {
+                self.local.dropped_malformed += 1;
                 continue;
-            };
-            let entry = &peers.list[idx];
-            let peer = entry
-                .secure
-                .as_ref()
-                .expect("every peer has keys in secure mode");
+            }
+            // The plaintext segment: rewritten header, then payload.
+            self.plain[..d.hdr].copy_from_slice(&self.arena[d.hdr_at..d.hdr_at + d.hdr]);
+            let p = at + d.payload_at;
+            self.plain[d.hdr..len].copy_from_slice(&self.reads[p..p + d.payload]);
+            let seg = &self.plain[..len];
             let counter = session
                 .as_ref()
                 .and_then(|s| s.reserve(&crypto.policy).map(|c| (s, c)));
@@ -247,10 +280,15 @@ impl Worker {
                 // No session (yet, or any more): hold the packet until the
                 // handshake completes. Never sent in the clear.
                 crypto.queue(peer, seg, &self.sock, &self.shared.counters);
-                last = None;
+                session = None;
                 continue;
             };
-            let out_start = i * estride;
+            if enc_used == ENC_SLOTS {
+                let sent = self.tx.flush(&self.sock, &[&self.enc_buf], STALL_MS);
+                self.local.send_errors += sent.failed;
+                enc_used = 0;
+            }
+            let out_start = enc_used * estride;
             let n = s.seal(
                 counter,
                 seg,
@@ -260,13 +298,15 @@ impl Worker {
                 self.local.dropped_malformed += 1;
                 continue;
             }
-            self.tx.push(entry.endpoint, out_start, n, self.gso);
+            enc_used += 1;
+            self.tx.push(entry.endpoint, &[(0, out_start, n)], self.gso);
             self.local.tx_packets += 1;
             self.local.tx_bytes += len as u64;
         }
-        for (s, p) in used_sessions {
-            crypto.maybe_rekey(&s, &p, &self.sock, &self.shared.counters);
+        if let Some(s) = session {
+            crypto.maybe_rekey(&s, peer, &self.sock, &self.shared.counters);
         }
+        enc_used
     }
 
     /// Receives a batch of datagrams, decapsulates, writes to the TUN
@@ -282,56 +322,54 @@ impl Worker {
             }
         };
         let peers = self.shared.peers.read().expect("peers lock").clone();
-        for m in 0..n {
-            let (src, _, _) = self.rx.got[m];
-            if self.shared.crypto.is_some() {
+        let fd = self.tun.as_raw_fd();
+        self.accepted.clear();
+        if self.shared.crypto.is_some() {
+            for m in 0..n {
+                let (src, _, _) = self.rx.got[m];
                 self.decrypt_message(&peers, m, src);
-            } else {
+            }
+            let opened = &self.opened;
+            self.coalescer.write_all(
+                fd,
+                self.accepted.iter().map(|&(at, len)| &opened[at..at + len]),
+            );
+        } else {
+            for m in 0..n {
+                let (src, _, _) = self.rx.got[m];
                 if !peers.by_endpoint.contains(&src) {
                     self.local.dropped_unknown_sender += self.rx.datagrams(m).count() as u64;
                     continue;
                 }
-                let rx = &self.rx;
-                for dg in rx.datagrams(m) {
-                    if src_of(dg).is_none() {
+                for (at, len) in self.rx.datagram_ranges(m) {
+                    if src_of(&self.rx.bufs[at..at + len]).is_none() {
                         self.local.dropped_malformed += 1;
                         continue;
                     }
-                    if self.n_tun == self.tun_bufs.len() {
-                        flush_tun(
-                            &self.tun,
-                            &mut self.gro,
-                            &mut self.tun_bufs,
-                            &mut self.n_tun,
-                            &mut self.local,
-                        );
-                    }
-                    let b = &mut self.tun_bufs[self.n_tun];
-                    b.clear();
-                    b.resize(VIRTIO_NET_HDR_LEN, 0);
-                    b.extend_from_slice(dg);
-                    self.n_tun += 1;
+                    self.accepted.push((at, len));
                     self.local.rx_packets += 1;
-                    self.local.rx_bytes += dg.len() as u64;
+                    self.local.rx_bytes += len as u64;
                 }
             }
+            let bufs = &self.rx.bufs;
+            self.coalescer.write_all(
+                fd,
+                self.accepted.iter().map(|&(at, len)| &bufs[at..at + len]),
+            );
         }
-        flush_tun(
-            &self.tun,
-            &mut self.gro,
-            &mut self.tun_bufs,
-            &mut self.n_tun,
-            &mut self.local,
-        );
+        self.local.tun_errors += std::mem::take(&mut self.coalescer.errors);
         n == RX_MSGS
     }
 
-    fn decrypt_message(&mut self, peers: &Peers, m: usize, src: std::net::SocketAddrV4) {
+    /// Decrypts the datagrams of message `m` into `self.opened` (at their
+    /// own offsets) and lists the authentic ones in `self.accepted`.
+    fn decrypt_message(&mut self, peers: &Peers, m: usize, src: SocketAddrV4) {
         let crypto = self.shared.crypto.as_ref().expect("secure mode");
         let counters = &self.shared.counters;
         let mut cached: Option<(u32, Option<Arc<Session>>)> = None;
-        let rx = &self.rx;
-        for dg in rx.datagrams(m) {
+        let ranges: Vec<(usize, usize)> = self.rx.datagram_ranges(m).collect();
+        for (at, dlen) in ranges {
+            let dg = &self.rx.bufs[at..at + dlen];
             match dg.first() {
                 Some(&MSG_DATA) if dg.len() >= OVERHEAD => {}
                 Some(&MSG_INIT) => {
@@ -366,22 +404,8 @@ impl Worker {
                 self.local.dropped_unknown_sender += 1;
                 continue;
             };
-            if self.n_tun == self.tun_bufs.len() {
-                flush_tun(
-                    &self.tun,
-                    &mut self.gro,
-                    &mut self.tun_bufs,
-                    &mut self.n_tun,
-                    &mut self.local,
-                );
-            }
-            let b = &mut self.tun_bufs[self.n_tun];
-            b.clear();
-            b.resize(
-                VIRTIO_NET_HDR_LEN + dg.len() - crate::secure::DATA_HEADER,
-                0,
-            );
-            let len = match session.open(dg, &mut b[VIRTIO_NET_HDR_LEN..], &crypto.policy) {
+            let out = &mut self.opened[at..at + dlen - crate::secure::DATA_HEADER];
+            let len = match session.open(dg, out, &crypto.policy) {
                 Ok(len) => len,
                 Err(OpenError::BadAuth) => {
                     self.local.dropped_bad_auth += 1;
@@ -392,7 +416,6 @@ impl Worker {
                     continue;
                 }
             };
-            b.truncate(VIRTIO_NET_HDR_LEN + len);
             crypto.on_authentic(&session, &self.sock, counters);
             if len == 0 {
                 // A keepalive: it confirmed the session, nothing to deliver.
@@ -400,7 +423,7 @@ impl Worker {
             }
             // A peer may only send from its own subnet, or one host could
             // inject packets that appear to come from another.
-            let allowed = src_of(&b[VIRTIO_NET_HDR_LEN..])
+            let allowed = src_of(&self.opened[at..at + len])
                 .and_then(|ip| peers.lookup(ip))
                 .and_then(|i| peers.list[i].secure.as_ref())
                 .is_some_and(|p| std::ptr::eq(Arc::as_ptr(p), session.peer.as_ptr()));
@@ -408,29 +431,9 @@ impl Worker {
                 self.local.dropped_bad_source += 1;
                 continue;
             }
-            self.n_tun += 1;
+            self.accepted.push((at, len));
             self.local.rx_packets += 1;
             self.local.rx_bytes += len as u64;
         }
     }
-}
-
-/// Writes the collected packets to the TUN queue; the GRO table merges
-/// consecutive segments of a TCP (or UDP) flow into one large packet with
-/// a virtio header, so the stack above sees what a NIC with GRO delivers.
-fn flush_tun(
-    tun: &SyncDevice,
-    gro: &mut GROTable,
-    bufs: &mut [Vec<u8>],
-    n: &mut usize,
-    local: &mut Local,
-) {
-    if *n == 0 {
-        return;
-    }
-    if let Err(e) = tun.send_multiple(gro, &mut bufs[..*n], VIRTIO_NET_HDR_LEN) {
-        tracing::debug!(error = %e, "writing to the TUN device failed");
-        local.tun_errors += 1;
-    }
-    *n = 0;
 }
