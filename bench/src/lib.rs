@@ -15,6 +15,7 @@ pub mod netns;
 pub mod nftcount;
 pub mod outside;
 pub mod portsreport;
+pub mod reference;
 pub mod report;
 pub mod stats;
 pub mod sys;
