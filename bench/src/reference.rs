@@ -157,8 +157,8 @@ fn run(
     }
 }
 
-/// CPU seconds the whole machine has been busy (user, system, irq,
-/// softirq) since boot, from /proc/stat.
+/// CPU seconds the whole machine has been busy (user, nice, system, irq,
+/// softirq, steal) since boot, from /proc/stat.
 pub fn machine_busy_secs() -> Result<f64> {
     let s = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     let line = s.lines().next().context("empty /proc/stat")?;

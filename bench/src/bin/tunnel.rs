@@ -334,9 +334,6 @@ impl Setup {
     }
 }
 
-/// Busy jiffies of the whole machine (user, nice, system, irq, softirq,
-/// steal) from /proc/stat.
-
 /// CPU time (user + system) of all threads of this process.
 fn process_cpu_secs() -> f64 {
     // SAFETY: getrusage fills the struct we pass.

@@ -531,3 +531,7 @@ fn iov(b: &[u8]) -> libc::iovec {
         iov_len: b.len(),
     }
 }
+
+#[cfg(test)]
+#[path = "offload_tests.rs"]
+mod tests;
