@@ -425,7 +425,9 @@ impl Coalescer {
                 let mut hdr = [0u8; MAX_HDR];
                 hdr[..hdr_len].copy_from_slice(&p[..hdr_len]);
                 let seq = u32::from_be_bytes(p[ip.ihl + 4..ip.ihl + 8].try_into().expect("4"));
-                let mergeable = len > 0 && flags == TCP_ACK;
+                // Like the kernel's GRO, never merge packets with IP options
+                // (each may carry different ones).
+                let mergeable = len > 0 && flags == TCP_ACK && ip.ihl == 20;
                 self.iovs.clear();
                 // Two slots for the virtio and packet headers, set at flush.
                 self.iovs.push(iov(&[]));
