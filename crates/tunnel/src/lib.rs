@@ -237,6 +237,13 @@ impl Tunnel {
         for _ in 1..cfg.queues {
             sockets.push(Arc::new(UdpSocket::bind(local_addr)?));
         }
+        // Plain mode: spread received flows over the workers. Without it
+        // the kernel would still deliver everything, to one worker.
+        if !secure && cfg.queues > 1 {
+            if let Err(e) = sockets[0].steer_by_inner_flow(cfg.queues) {
+                tracing::warn!(error = %e, "cannot steer flows to workers; one worker receives everything from a peer");
+            }
+        }
         // SAFETY: plain eventfd(2); the result is checked.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {

@@ -159,6 +159,67 @@ impl UdpSocket {
     }
 }
 
+/// setsockopt level SOL_SOCKET, not in the libc crate.
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+impl UdpSocket {
+    /// Steers each received datagram to the socket of worker
+    /// `hash(inner ports) % workers` of this port's SO_REUSEPORT group,
+    /// instead of hashing the outer 4-tuple (which is the same for every
+    /// flow between two hosts, so all of a peer's traffic would land on one
+    /// worker). A classic BPF program on the UDP payload, i.e. the inner
+    /// IPv4 packet: plain mode only (secure payloads are opaque). A flow
+    /// stays on one worker, so its packets are never reordered.
+    pub fn steer_by_inner_flow(&self, workers: usize) -> io::Result<()> {
+        let ins = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+        // A multiplicative hash of the inner addresses and ports: the
+        // ports alone are no good, as connect() hands out ports of one
+        // parity, so `ports % 2` would put every flow on one worker.
+        let prog = [
+            ins(0x30, 0, 0, 0),              // 0: ldb [0]: version and IHL
+            ins(0x54, 0, 0, 0xf0),           // 1: and #0xf0
+            ins(0x15, 0, 17, 0x40),          // 2: jeq #0x40 (IPv4), else 20
+            ins(0x20, 0, 0, 12),             // 3: ld [12]: source address
+            ins(0x07, 0, 0, 0),              // 4: tax
+            ins(0x20, 0, 0, 16),             // 5: ld [16]: destination address
+            ins(0xac, 0, 0, 0),              // 6: xor x
+            ins(0x02, 0, 0, 0),              // 7: st M[0]
+            ins(0xb1, 0, 0, 0),              // 8: ldx 4*([0]&0xf): header length
+            ins(0x40, 0, 0, 0),              // 9: ld [x+0]: both ports
+            ins(0x07, 0, 0, 0),              // 10: tax
+            ins(0x74, 0, 0, 16),             // 11: rsh #16
+            ins(0xac, 0, 0, 0),              // 12: xor x: ports folded into the low half
+            ins(0x07, 0, 0, 0),              // 13: tax
+            ins(0x60, 0, 0, 0),              // 14: ld M[0]
+            ins(0xac, 0, 0, 0),              // 15: xor x
+            ins(0x24, 0, 0, 0x9e37_79b1),    // 16: mul #golden ratio
+            ins(0x74, 0, 0, 16),             // 17: rsh #16: the well-mixed bits
+            ins(0x94, 0, 0, workers as u32), // 18: mod #workers
+            ins(0x16, 0, 0, 0),              // 19: ret a
+            ins(0x06, 0, 0, 0),              // 20: ret #0 (not IPv4, or too short)
+        ];
+        let fprog = libc::sock_fprog {
+            len: prog.len() as u16,
+            filter: prog.as_ptr() as *mut libc::sock_filter,
+        };
+        // SAFETY: fprog points at `prog`, alive for the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_ATTACH_REUSEPORT_CBPF,
+                &fprog as *const _ as *const libc::c_void,
+                mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
 impl AsRawFd for UdpSocket {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
@@ -277,6 +338,15 @@ impl TxBatch {
             closed: false,
         });
         self.parts.extend_from_slice(pieces);
+    }
+
+    /// Ends the current GSO message: what is pushed next starts another.
+    /// Used between reads, so one message never mixes inner flows (the
+    /// receiver steers a whole message by its first datagram).
+    pub fn close_message(&mut self) {
+        if let Some(m) = self.msgs.last_mut() {
+            m.closed = true;
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -487,5 +557,100 @@ impl RxBatch {
         let data = &self.bufs[i * RX_BUF..i * RX_BUF + len];
         let step = if seg == 0 { len.max(1) } else { seg };
         data.chunks(step)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Brings up `lo` in the calling thread's (fresh) namespace.
+    fn lo_up() {
+        // SAFETY: a datagram socket for the ioctl and a zeroed ifreq.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            assert!(fd >= 0);
+            let mut req: libc::ifreq = mem::zeroed();
+            req.ifr_name[..2].copy_from_slice(&[b'l' as libc::c_char, b'o' as libc::c_char]);
+            req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            assert_eq!(libc::ioctl(fd, libc::SIOCSIFFLAGS, &req), 0, "lo up");
+            libc::close(fd);
+        }
+    }
+
+    /// Flows are spread over the workers by their inner addresses and
+    /// ports (even for ports of one parity, as connect() picks them), one
+    /// flow always to the same worker; what is not IPv4 goes to the first.
+    #[test]
+    fn steering_spreads_inner_flows() {
+        std::thread::spawn(|| {
+            // SAFETY: a new network namespace for this thread only; it
+            // ends with the thread.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                eprintln!("skipped: unshare(CLONE_NEWNET) needs root");
+                return;
+            }
+            lo_up();
+            let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 18285);
+            let socks: Vec<UdpSocket> = (0..2).map(|_| UdpSocket::bind(addr).unwrap()).collect();
+            socks[0].steer_by_inner_flow(2).unwrap();
+            let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let packet = |sport: u16| {
+                let mut p = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+                p.extend([10, 50, 1, 1, 10, 50, 2, 1]);
+                p.extend(sport.to_be_bytes());
+                p.extend(5201u16.to_be_bytes());
+                p.extend([0; 16]);
+                p
+            };
+            for _ in 0..2 {
+                for sport in (40000..40032).step_by(2) {
+                    tx.send_to(&packet(sport), addr).unwrap();
+                }
+            }
+            tx.send_to(&[0x60; 40], addr).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let mut got: Vec<Vec<Vec<u8>>> = vec![Vec::new(), Vec::new()];
+            for (i, s) in socks.iter().enumerate() {
+                let mut buf = [0u8; 128];
+                loop {
+                    // SAFETY: reading into our buffer.
+                    let n = unsafe {
+                        libc::recv(
+                            s.as_raw_fd(),
+                            buf.as_mut_ptr() as *mut libc::c_void,
+                            buf.len(),
+                            libc::MSG_DONTWAIT,
+                        )
+                    };
+                    if n <= 0 {
+                        break;
+                    }
+                    got[i].push(buf[..n as usize].to_vec());
+                }
+            }
+            assert_eq!(got[0].len() + got[1].len(), 33, "every datagram arrives");
+            assert!(
+                got[0].iter().any(|p| p[0] == 0x60),
+                "not IPv4: first worker"
+            );
+            let ports = |v: &Vec<Vec<u8>>| -> Vec<u16> {
+                v.iter()
+                    .filter(|p| p[0] == 0x45)
+                    .map(|p| u16::from_be_bytes([p[20], p[21]]))
+                    .collect()
+            };
+            let (a, b) = (ports(&got[0]), ports(&got[1]));
+            assert!(
+                a.len() >= 8 && b.len() >= 8,
+                "both workers get flows: {a:?} / {b:?}"
+            );
+            assert!(
+                a.iter().all(|p| !b.contains(p)),
+                "a flow stays on one worker"
+            );
+        })
+        .join()
+        .unwrap();
     }
 }

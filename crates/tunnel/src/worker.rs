@@ -224,6 +224,7 @@ impl Worker {
                     self.local.tx_packets += 1;
                     self.local.tx_bytes += d.len() as u64;
                 }
+                self.tx.close_message();
             }
         }
         self.flush_tx(secure);
