@@ -7,10 +7,10 @@
 pub mod cni;
 pub mod docker;
 pub mod harness;
-pub mod labbench;
 pub mod hostcheck;
 pub mod image;
 pub mod iperf;
+pub mod labbench;
 pub mod netns;
 pub mod nftcount;
 pub mod outside;

@@ -68,13 +68,14 @@ impl Loop {
                     return;
                 }
             };
-            let sock = match std::net::UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = tx.send(Err(format!("UDP socket: {e}")));
-                    return;
-                }
-            };
+            let sock =
+                match std::net::UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("UDP socket: {e}")));
+                        return;
+                    }
+                };
             let _ = tx.send(Ok(()));
             run(&tun, &sock, subnet, SocketAddrV4::new(peer, port), &st);
         });
