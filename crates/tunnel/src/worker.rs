@@ -59,6 +59,31 @@ fn src_of(p: &[u8]) -> Option<Ipv4Addr> {
     (p.len() >= 20 && p[0] >> 4 == 4).then(|| Ipv4Addr::new(p[12], p[13], p[14], p[15]))
 }
 
+/// An IPv4 packet's addresses and first four transport bytes (the ports
+/// of TCP and UDP): what the receiver steers by.
+fn flow_of(p: &[u8]) -> Option<[u8; 12]> {
+    let ihl = usize::from(*p.first()? & 0x0f) * 4;
+    if p[0] >> 4 != 4 || ihl < 20 || p.len() < ihl + 4 {
+        return None;
+    }
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&p[12..20]);
+    k[8..].copy_from_slice(&p[ihl..ihl + 4]);
+    Some(k)
+}
+
+#[cfg(test)]
+#[test]
+fn flow_of_short_or_odd_packets() {
+    let mut p = vec![0x45u8; 24];
+    assert!(flow_of(&p).is_some());
+    p[0] = 0x40; // IHL 0
+    assert_eq!(flow_of(&p), None);
+    assert_eq!(flow_of(&[0x45; 10]), None);
+    assert_eq!(flow_of(&[]), None);
+    assert_eq!(flow_of(&[0x60; 40]), None);
+}
+
 /// Reads one packet (with its virtio header) from the TUN queue.
 fn read_tun(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: buf is valid for writes of its length.
@@ -154,6 +179,9 @@ impl Worker {
         let peers = self.shared.peers.read().expect("peers lock").clone();
         let secure = self.shared.crypto.is_some();
         let mut arena_at = 0;
+        // The inner flow of the previous read: a GSO message may hold
+        // several reads of one flow (runs of ACKs), never two flows.
+        let mut last_flow: Option<[u8; 12]> = None;
         let mut enc_used = 0;
         let mut any = false;
         for k in 0..READS_PER_BATCH {
@@ -210,6 +238,11 @@ impl Worker {
             };
             arena_at += used;
             let endpoint = peers.list[idx].endpoint;
+            let flow = flow_of(&self.reads[at + VNET_HDR_LEN..at + n]);
+            if flow != last_flow || flow.is_none() {
+                self.tx.close_message();
+            }
+            last_flow = flow;
             if secure {
                 enc_used = self.encrypt_segments(&peers, idx, at, enc_used);
             } else {
@@ -224,7 +257,6 @@ impl Worker {
                     self.local.tx_packets += 1;
                     self.local.tx_bytes += d.len() as u64;
                 }
-                self.tx.close_message();
             }
         }
         self.flush_tx(secure);
