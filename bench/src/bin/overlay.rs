@@ -42,8 +42,10 @@ struct Args {
     /// Seconds per iperf3 run
     #[arg(long, default_value_t = 5)]
     seconds: u32,
-    /// Runs per path and stream count (the median is reported)
-    #[arg(long, default_value_t = 3)]
+    /// Runs per path and stream count (the median is reported); rounded
+    /// up to an even number, so every way is measured as often in forward
+    /// as in reverse order
+    #[arg(long, default_value_t = 4)]
     runs: usize,
     /// The weft binary (default: next to this one)
     #[arg(long)]
@@ -514,7 +516,8 @@ fn run(base: &Path, args: &Args, pid: u32) -> Result<bool> {
     let mut rtt = vec![Vec::new(); ways.len()];
     let mut cpu_one = vec![Vec::new(); ways.len()];
     let mut cpu_four = vec![Vec::new(); ways.len()];
-    for run in 0..args.runs {
+    let runs = args.runs.max(1).next_multiple_of(2);
+    for run in 0..runs {
         // Every other round in reverse, so no way always follows the same one.
         let mut order: Vec<usize> = (0..ways.len()).collect();
         if run % 2 == 1 {
@@ -522,7 +525,10 @@ fn run(base: &Path, args: &Args, pid: u32) -> Result<bool> {
         }
         for k in order {
             let w = &ways[k];
-            eprintln!("overlay: run {} of {}: {}...", run + 1, args.runs, w.name);
+            eprintln!("overlay: run {} of {}: {}...", run + 1, runs, w.name);
+            // A heavy run leaves the machine slower for a few seconds
+            // (seen as a dip of whichever way came next): let it settle.
+            std::thread::sleep(Duration::from_secs(2));
             rtt[k].push(ping_ms(w)? * 1000.0);
             let (g, c) = iperf(w, 1, args.seconds)?;
             one[k].push(g);
@@ -530,6 +536,13 @@ fn run(base: &Path, args: &Args, pid: u32) -> Result<bool> {
             let (g, c) = iperf(w, 4, args.seconds)?;
             four[k].push(g);
             cpu_four[k].push(c);
+            // Every figure, so a median can be checked against its spread.
+            eprintln!(
+                "  RTT {:.1} us, 1 stream {:.2} Gbit/s, 4 streams {:.2} Gbit/s",
+                rtt[k].last().copied().unwrap_or_default(),
+                one[k].last().copied().unwrap_or_default(),
+                g
+            );
         }
     }
     let rows: Vec<Row> = ways
@@ -545,17 +558,28 @@ fn run(base: &Path, args: &Args, pid: u32) -> Result<bool> {
         })
         .collect();
     let by = |n: &str| rows.iter().find(|r| r.name == n);
-    // The median of the per-round ratios of two ways: each round measures
-    // both back to back, so a busy moment of the machine hits both; on 2
-    // cores single 4-stream figures have heavy tails.
+    // Ratios of two ways from the same rounds: each round measures both
+    // back to back, so a busy moment of the machine hits both; on 2 cores
+    // single 4-stream figures have heavy tails.
+    //
+    // But a way measured right after a heavy run of another comes out lower,
+    // and forward order always puts the weft way after its hand-built
+    // peer: so each forward round is paired with the reverse round after
+    // it (the geometric mean of their ratios cancels the order), and the
+    // median is taken over those pairs of rounds.
     let paired = |a: &str, b: &str, v: &[Vec<f64>]| -> Option<f64> {
         let i = ways.iter().position(|w| w.name == a)?;
         let j = ways.iter().position(|w| w.name == b)?;
-        Some(median(v[i].iter().zip(&v[j]).map(|(x, y)| x / y).collect()))
+        let r: Vec<f64> = v[i].iter().zip(&v[j]).map(|(x, y)| x / y).collect();
+        Some(median(
+            r.chunks(2)
+                .map(|c| c.iter().product::<f64>().powf(1.0 / c.len() as f64))
+                .collect(),
+        ))
     };
     println!(
         "iperf3 -C cubic, {} s, median of {} interleaved runs (every other one in reverse order); RTT: median over the runs of the median of 200 pings at 5 ms; CPU: the whole machine's busy seconds per GB moved",
-        args.seconds, args.runs
+        args.seconds, runs
     );
     println!(
         "{:<20} {:>10} {:>8} {:>8} {:>10} {:>8} {:>8} {:>10}",
@@ -577,7 +601,7 @@ fn run(base: &Path, args: &Args, pid: u32) -> Result<bool> {
         );
     }
     println!(
-        "ratios: of the medians above, and [median of the per-round ratios], which the goals are judged by"
+        "ratios: of the medians above, and [per-round ratios, forward and reverse round paired (geometric mean), median over the pairs], which the goals are judged by"
     );
     let fmt = |r: f64, p: Option<f64>| match p {
         Some(p) => format!("{r:.2}x [{p:.2}x]"),
