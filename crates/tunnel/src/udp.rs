@@ -550,14 +550,6 @@ impl RxBatch {
             .step_by(step)
             .map(move |o| (base + o, step.min(len - o)))
     }
-
-    /// The datagrams of received message `i`.
-    pub fn datagrams(&self, i: usize) -> impl Iterator<Item = &[u8]> {
-        let (_, len, seg) = self.got[i];
-        let data = &self.bufs[i * RX_BUF..i * RX_BUF + len];
-        let step = if seg == 0 { len.max(1) } else { seg };
-        data.chunks(step)
-    }
 }
 
 #[cfg(test)]

@@ -371,7 +371,7 @@ impl Worker {
             for m in 0..n {
                 let (src, _, _) = self.rx.got[m];
                 if !peers.by_endpoint.contains(&src) {
-                    self.local.dropped_unknown_sender += self.rx.datagrams(m).count() as u64;
+                    self.local.dropped_unknown_sender += self.rx.datagram_ranges(m).count() as u64;
                     continue;
                 }
                 for (at, len) in self.rx.datagram_ranges(m) {
@@ -400,8 +400,7 @@ impl Worker {
         let crypto = self.shared.crypto.as_ref().expect("secure mode");
         let counters = &self.shared.counters;
         let mut cached: Option<(u32, Option<Arc<Session>>)> = None;
-        let ranges: Vec<(usize, usize)> = self.rx.datagram_ranges(m).collect();
-        for (at, dlen) in ranges {
+        for (at, dlen) in self.rx.datagram_ranges(m) {
             let dg = &self.rx.bufs[at..at + dlen];
             match dg.first() {
                 Some(&MSG_DATA) if dg.len() >= OVERHEAD => {}
