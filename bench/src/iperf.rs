@@ -60,6 +60,38 @@ pub fn parse_result(json: &[u8]) -> Result<IperfResult> {
     })
 }
 
+/// One of iperf3's per-second reports: seconds since the test began, and
+/// the rate the sender saw in it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Interval {
+    pub start: f64,
+    pub end: f64,
+    pub gbps: f64,
+}
+
+/// The `intervals` of iperf3's `-J` output (the sum over all streams).
+pub fn parse_intervals(json: &[u8]) -> Result<Vec<Interval>> {
+    let v: Value = serde_json::from_slice(json).context("iperf3 printed no JSON")?;
+    let list = v
+        .get("intervals")
+        .and_then(Value::as_array)
+        .context("iperf3's JSON has no \"intervals\"")?;
+    list.iter()
+        .map(|i| {
+            let f = |k: &str| {
+                i.pointer(&format!("/sum/{k}"))
+                    .and_then(Value::as_f64)
+                    .context(format_args!("an iperf3 interval without sum.{k}"))
+            };
+            Ok(Interval {
+                start: f("start")?,
+                end: f("end")?,
+                gbps: f("bits_per_second")? / 1e9,
+            })
+        })
+        .collect()
+}
+
 /// `iperf3 -c HOST -p PORT -t SECS -C CC -J [-B BIND]` inside `ns`. A
 /// server still busy with the previous test is retried for a while.
 pub fn run_client(
@@ -232,6 +264,18 @@ mod tests {
         assert_eq!(r.retransmits, Some(3));
         assert_eq!(r.sender_congestion, "cubic");
         assert_eq!(r.receiver_congestion, "cubic");
+    }
+
+    #[test]
+    fn reads_intervals() {
+        let j = br#"{"intervals":[{"streams":[],"sum":{"start":0,"end":1.0002,"bits_per_second":3.0e10}},
+            {"streams":[],"sum":{"start":1.0002,"end":2.0001,"bits_per_second":1.5e10}}],"end":{}}"#;
+        let v = parse_intervals(j).unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[1].start, 1.0002);
+        assert_eq!(v[1].gbps, 15.0);
+        assert!(parse_intervals(br#"{"intervals":[{"sum":{"start":0}}]}"#).is_err());
+        assert!(parse_intervals(br#"{"end":{}}"#).is_err());
     }
 
     #[test]

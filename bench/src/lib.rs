@@ -5,6 +5,7 @@
 //! published). See bench/README.md.
 
 pub mod cni;
+pub mod cpuload;
 pub mod docker;
 pub mod harness;
 pub mod hostcheck;

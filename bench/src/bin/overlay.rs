@@ -24,9 +24,10 @@ use clap::Parser;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use weft_bench::cpuload::CpuSampler;
 use weft_bench::hostcheck::run_checked;
-use weft_bench::iperf::parse_result;
+use weft_bench::iperf::{parse_intervals, parse_result};
 use weft_bench::labbench::{weft_binary, LabGuard, RemoveDir};
 use weft_bench::reference::machine_busy_secs;
 use weft_bench::sys::Error;
@@ -61,6 +62,12 @@ struct Args {
 }
 
 const WAYS: [&str; 6] = ["wire", "vxlan", "host-gw", "reference", "udp", "secure"];
+
+/// A second of a 4-stream run in which one CPU was idle at least this
+/// share of the time is in the one-CPU state (bench/src/cpuload.rs): with
+/// both CPUs working, neither is idle more than about a fifth of the time;
+/// in the one-CPU state one of them is idle two thirds of it or more.
+const ONE_CPU_IDLE: f64 = 0.4;
 
 fn sh(ns: &Path, script: &str) -> Result<String> {
     let out = Command::new("nsenter")
@@ -316,8 +323,22 @@ fn weft_way(lab: &Lab, key: &'static str, net: &str, name: &'static str) -> Resu
     })
 }
 
-/// Gbit/s, and the machine's CPU seconds per GB moved during the run.
-fn iperf(way: &Way, streams: u32, seconds: u32) -> Result<(f64, f64)> {
+/// One run: Gbit/s, the machine's CPU seconds per GB moved, and each
+/// second after the first (slow start) with the larger of the two CPUs'
+/// idle shares in it.
+struct IperfRun {
+    gbps: f64,
+    cpu_per_gb: f64,
+    seconds: Vec<Second>,
+}
+
+#[derive(Clone, Copy)]
+struct Second {
+    gbps: f64,
+    most_idle: f64,
+}
+
+fn iperf(way: &Way, streams: u32, seconds: u32) -> Result<IperfRun> {
     let _srv = Server(
         Command::new("nsenter")
             .arg(format!("--net={}", way.server.display()))
@@ -331,6 +352,7 @@ fn iperf(way: &Way, streams: u32, seconds: u32) -> Result<(f64, f64)> {
     for _ in 0..50 {
         std::thread::sleep(Duration::from_millis(100));
         let busy0 = machine_busy_secs().map_err(|e| e.to_string())?;
+        let sampler = CpuSampler::start();
         let out = Command::new("nsenter")
             .arg(format!("--net={}", way.client.display()))
             .args([
@@ -346,9 +368,35 @@ fn iperf(way: &Way, streams: u32, seconds: u32) -> Result<(f64, f64)> {
             .args(["-t", &seconds.to_string(), "-P", &streams.to_string()])
             .output()
             .map_err(|e| e.to_string())?;
+        let ended = Instant::now();
         let busy = machine_busy_secs().map_err(|e| e.to_string())? - busy0;
+        let samples = sampler.finish().map_err(|e| e.to_string())?;
         match parse_result(&out.stdout) {
-            Ok(r) => return Ok((r.gbps, busy / (r.gbps * f64::from(seconds) / 8.0))),
+            Ok(r) => {
+                let intervals = parse_intervals(&out.stdout).map_err(|e| e.to_string())?;
+                // iperf3 exits right after its last report: count back from there.
+                let began = intervals
+                    .last()
+                    .and_then(|l| ended.checked_sub(Duration::from_secs_f64(l.end)))
+                    .ok_or("iperf3 reported no intervals")?;
+                let at = |t: f64| began + Duration::from_secs_f64(t);
+                let per_second = intervals
+                    .iter()
+                    .skip(1)
+                    .filter_map(|i| {
+                        let idle = samples.idle_between(at(i.start), at(i.end))?;
+                        Some(Second {
+                            gbps: i.gbps,
+                            most_idle: idle.into_iter().fold(0.0, f64::max),
+                        })
+                    })
+                    .collect();
+                return Ok(IperfRun {
+                    gbps: r.gbps,
+                    cpu_per_gb: busy / (r.gbps * f64::from(seconds) / 8.0),
+                    seconds: per_second,
+                });
+            }
             Err(e) => last = e.to_string(),
         }
         if !last.contains("connect") {
@@ -392,9 +440,26 @@ fn ping_ms(way: &Way) -> Result<f64> {
     Ok(median(times))
 }
 
+/// The middle value; of an even count, the mean of the two middle ones.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    let n = v.len();
+    if n.is_multiple_of(2) {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
+}
+
+/// The median rate of the seconds in which both CPUs worked; None with
+/// fewer than two such seconds.
+fn both_cpus(seconds: &[Second]) -> Option<f64> {
+    let v: Vec<f64> = seconds
+        .iter()
+        .filter(|s| s.most_idle < ONE_CPU_IDLE)
+        .map(|s| s.gbps)
+        .collect();
+    (v.len() >= 2).then(|| median(v))
 }
 
 struct Row {
@@ -516,6 +581,8 @@ fn run(base: &Path, args: &Args, pid: u32) -> Result<bool> {
     let mut rtt = vec![Vec::new(); ways.len()];
     let mut cpu_one = vec![Vec::new(); ways.len()];
     let mut cpu_four = vec![Vec::new(); ways.len()];
+    // Per way, per round: the seconds of the 4-stream run.
+    let mut seconds_four: Vec<Vec<Vec<Second>>> = vec![Vec::new(); ways.len()];
     let runs = args.runs.max(1).next_multiple_of(2);
     for run in 0..runs {
         // Every other round in reverse, so no way always follows the same one.
@@ -530,19 +597,30 @@ fn run(base: &Path, args: &Args, pid: u32) -> Result<bool> {
             // (seen as a dip of whichever way came next): let it settle.
             std::thread::sleep(Duration::from_secs(2));
             rtt[k].push(ping_ms(w)? * 1000.0);
-            let (g, c) = iperf(w, 1, args.seconds)?;
-            one[k].push(g);
-            cpu_one[k].push(c);
-            let (g, c) = iperf(w, 4, args.seconds)?;
-            four[k].push(g);
-            cpu_four[k].push(c);
-            // Every figure, so a median can be checked against its spread.
+            let r = iperf(w, 1, args.seconds)?;
+            one[k].push(r.gbps);
+            cpu_one[k].push(r.cpu_per_gb);
+            let r = iperf(w, 4, args.seconds)?;
+            four[k].push(r.gbps);
+            cpu_four[k].push(r.cpu_per_gb);
+            // Every figure, so a median can be checked against its spread,
+            // and every second of the 4-stream run with the CPUs' state.
             eprintln!(
-                "  RTT {:.1} us, 1 stream {:.2} Gbit/s, 4 streams {:.2} Gbit/s",
+                "  RTT {:.1} us, 1 stream {:.2} Gbit/s, 4 streams {:.2} Gbit/s, per second: {}",
                 rtt[k].last().copied().unwrap_or_default(),
                 one[k].last().copied().unwrap_or_default(),
-                g
+                r.gbps,
+                r.seconds
+                    .iter()
+                    .map(|s| format!(
+                        "{:.1}{}",
+                        s.gbps,
+                        if s.most_idle >= ONE_CPU_IDLE { "*" } else { "" }
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             );
+            seconds_four[k].push(r.seconds);
         }
     }
     let rows: Vec<Row> = ways
@@ -600,8 +678,39 @@ fn run(base: &Path, args: &Args, pid: u32) -> Result<bool> {
             r.rtt
         );
     }
+    // 4 streams, second by second: how often each way was in the one-CPU
+    // state, and its rate while both CPUs worked.
     println!(
-        "ratios: of the medians above, and [per-round ratios, forward and reverse round paired (geometric mean), median over the pairs], which the goals are judged by"
+        "4 streams second by second (all but each run's first): share of seconds in the one-CPU state (a CPU idle >= {:.0}% of the second), and the median rate of the seconds with both CPUs working",
+        ONE_CPU_IDLE * 100.0
+    );
+    for (k, w) in ways.iter().enumerate() {
+        let all: Vec<Second> = seconds_four[k].concat();
+        let lone = all.iter().filter(|s| s.most_idle >= ONE_CPU_IDLE).count();
+        println!(
+            "{:<20} one-CPU {:>3}/{:<3} ({:>3.0}%)  both CPUs {}",
+            w.name,
+            lone,
+            all.len(),
+            100.0 * lone as f64 / all.len().max(1) as f64,
+            both_cpus(&all).map_or("-".into(), |g| format!("{g:.2} Gb/s"))
+        );
+    }
+    // Per round, weft over its peer with both CPUs working (the rate drifts
+    // from round to round by more than the two ways differ); the median
+    // over the rounds where both had at least two such seconds.
+    let both_ratio = |a: &str, b: &str| -> Option<(f64, usize)> {
+        let i = ways.iter().position(|w| w.name == a)?;
+        let j = ways.iter().position(|w| w.name == b)?;
+        let r: Vec<f64> = seconds_four[i]
+            .iter()
+            .zip(&seconds_four[j])
+            .filter_map(|(x, y)| Some(both_cpus(x)? / both_cpus(y)?))
+            .collect();
+        (r.len() >= 2).then(|| (median(r.clone()), r.len()))
+    };
+    println!(
+        "ratios: of the medians above, and [per-round ratios, forward and reverse round paired (geometric mean), median over the pairs]; vxlan and host-gw at 4 streams are judged by the per-round ratio of the rates with both CPUs working, median over the rounds (the one-CPU state is the machine's, and a run's mean depends on how many of its seconds fell into it), the rest by the paired ratio"
     );
     let fmt = |r: f64, p: Option<f64>| match p {
         Some(p) => format!("{r:.2}x [{p:.2}x]"),
@@ -620,11 +729,17 @@ fn run(base: &Path, args: &Args, pid: u32) -> Result<bool> {
             paired(weft, hand, &four),
             paired(hand, weft, &rtt).map(|x| 1.0 / x),
         );
-        let met = p1.unwrap_or(r1) >= 0.95 && p4.unwrap_or(r4) >= 0.95 && pl.unwrap_or(lat) <= 1.10;
+        let b4 = both_ratio(weft, hand);
+        let met = p1.unwrap_or(r1) >= 0.95
+            && b4.is_some_and(|(b, _)| b >= 0.95)
+            && pl.unwrap_or(lat) <= 1.10;
         println!(
-            "{weft} / {hand}: 1 stream {}, 4 streams {}, RTT {}  (goal >= 0.95x, RTT <= 1.10x: {})",
+            "{weft} / {hand}: 1 stream {}, 4 streams {} both CPUs {}, RTT {}  (goal >= 0.95x, RTT <= 1.10x: {})",
             fmt(r1, p1),
             fmt(r4, p4),
+            b4.map_or("- (fewer than 2 rounds with both CPUs working)".into(), |(b, n)| format!(
+                "{b:.2}x (median of {n} rounds)"
+            )),
             fmt(lat, pl),
             if met { "met" } else { "NOT met" }
         );
