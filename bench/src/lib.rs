@@ -5,7 +5,6 @@
 //! published). See bench/README.md.
 
 pub mod cni;
-pub mod cpuload;
 pub mod docker;
 pub mod harness;
 pub mod hostcheck;
