@@ -424,6 +424,15 @@ fn ping_ms(way: &Way) -> Result<f64> {
             times.len()
         ));
     }
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    eprintln!(
+        "  ping {}: p10 {:.0} us, p50 {:.0} us, p90 {:.0} us",
+        way.name,
+        sorted[sorted.len() / 10] * 1000.0,
+        sorted[sorted.len() / 2] * 1000.0,
+        sorted[sorted.len() * 9 / 10] * 1000.0
+    );
     Ok(median(times))
 }
 
