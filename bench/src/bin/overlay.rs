@@ -355,6 +355,12 @@ fn iperf(way: &Way, streams: u32, seconds: u32) -> Result<IperfRun> {
             .map_err(|e| e.to_string())?;
         let busy = machine_busy_secs().map_err(|e| e.to_string())? - busy0;
         match parse_result(&out.stdout) {
+            Ok(r) if r.sender_congestion != "cubic" => {
+                return Err(format!(
+                    "{}: iperf3's sender used {} instead of cubic",
+                    way.name, r.sender_congestion
+                ))
+            }
             Ok(r) => {
                 let per_second = parse_intervals(&out.stdout)
                     .map_err(|e| e.to_string())?
