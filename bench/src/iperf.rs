@@ -60,6 +60,37 @@ pub fn parse_result(json: &[u8]) -> Result<IperfResult> {
     })
 }
 
+/// Makes reno the default congestion control of the namespace at
+/// `netns`, so that iperf3's connections do not start under the machine's
+/// default.
+///
+/// iperf3 3.12 sets `-C` on its data sockets only after connect(). On a
+/// machine whose default is bbr, bbr's init has by then switched on the
+/// socket's internal pacing, and switching to cubic leaves it on. Paced
+/// sends go out from the pacing timer's softirq, and a multi-stream run
+/// falls at random into a state where one CPU carries the whole path while
+/// the other idles (a quarter to a half of the rate, for seconds). reno
+/// has no init, so nothing is switched on before cubic takes over. (A
+/// non-initial namespace may only default to an allowed algorithm, and
+/// reno always is.) Only the test's own sender and receiver change.
+pub fn start_unpaced(netns: &std::path::Path) -> Result<()> {
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.display())).args([
+        "sysctl",
+        "-qw",
+        "net.ipv4.tcp_congestion_control=reno",
+    ]);
+    let out = run(&mut cmd, Duration::from_secs(10))?;
+    if !out.status.success() {
+        return bail(format!(
+            "`{}`: {}",
+            sys::describe(&cmd),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
 /// One of iperf3's per-second reports: seconds since the test began, and
 /// the rate the sender saw in it.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::Duration;
 use weft_bench::hostcheck::run_checked;
-use weft_bench::iperf::{parse_intervals, parse_result};
+use weft_bench::iperf::{parse_intervals, parse_result, start_unpaced};
 use weft_bench::labbench::{weft_binary, LabGuard, RemoveDir};
 use weft_bench::reference::machine_busy_secs;
 use weft_bench::sys::Error;
@@ -383,22 +383,6 @@ fn iperf(way: &Way, streams: u32, seconds: u32) -> Result<IperfRun> {
     Err(format!("{}: {last}", way.name))
 }
 
-/// Makes reno the default congestion control of `ns`, so that iperf3's
-/// connections do not start under the machine's default.
-///
-/// iperf3 3.12 sets `-C cubic` on its data sockets only after connect().
-/// On a machine whose default is bbr, bbr's init has by then switched on
-/// the socket's internal pacing, and switching to cubic leaves it on. Paced
-/// sends then go out from the pacing timer's softirq, and a multi-stream
-/// run falls at random into a state where one CPU carries the whole path
-/// while the other idles (a quarter to a half of the rate, for seconds).
-/// reno has no init, so nothing is switched on before cubic takes over.
-/// (A non-initial namespace may only pick an allowed algorithm, and reno
-/// always is.) This sets the test's own sender and receiver, not weft.
-fn unpaced_tcp(ns: &Path) -> Result<()> {
-    sh(ns, "sysctl -qw net.ipv4.tcp_congestion_control=reno").map(drop)
-}
-
 /// The median round trip of 200 pings at 5 ms, in ms. The median, not
 /// ping's mean: one late wake-up of an idle CPU adds a millisecond to a
 /// 20-microsecond path and would move the mean of 200 by 5 us.
@@ -563,9 +547,11 @@ fn run(base: &Path, args: &Args, pid: u32) -> Result<bool> {
         }
     }
     ways.retain(|w| want(w.key));
+    // iperf3's connections must not start under the machine's bbr
+    // (see start_unpaced).
     for w in &ways {
         for ns in [&w.client, &w.server] {
-            unpaced_tcp(ns)?;
+            start_unpaced(ns).map_err(|e| e.to_string())?;
         }
     }
     // Hand-built and weft ways of a kind next to each other.

@@ -142,6 +142,9 @@ fn run(args: &Args) -> Result<()> {
     )?;
     a.ip(&["addr", "add", &format!("{A_ADDR}/32"), "dev", "lo"])?;
     b.ip(&["addr", "add", &format!("{B_ADDR}/32"), "dev", "lo"])?;
+    // iperf3's connections must not start under the machine's bbr.
+    iperf::start_unpaced(&a.path())?;
+    iperf::start_unpaced(&b.path())?;
     let mut log = std::env::temp_dir();
     log.push(format!("wftb{pid}-iperf3.log"));
     let mut server = {
