@@ -414,7 +414,7 @@ fn ping_ms(way: &Way) -> Result<f64> {
             times.len()
         ));
     }
-    let mut sorted = times.clone();
+    let mut sorted = times;
     sorted.sort_by(|a, b| a.total_cmp(b));
     eprintln!(
         "  ping {}: p10 {:.0} us, p50 {:.0} us, p90 {:.0} us",
@@ -423,7 +423,7 @@ fn ping_ms(way: &Way) -> Result<f64> {
         sorted[sorted.len() / 2] * 1000.0,
         sorted[sorted.len() * 9 / 10] * 1000.0
     );
-    Ok(median(times))
+    Ok(median(sorted))
 }
 
 /// The middle value; of an even count, the mean of the two middle ones.

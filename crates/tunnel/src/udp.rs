@@ -35,14 +35,19 @@ fn setsockopt_int(
     opt: libc::c_int,
     v: libc::c_int,
 ) -> io::Result<()> {
-    // SAFETY: fd is a socket we own; the value is a plain int.
+    setsockopt(fd, level, opt, &v)
+}
+
+/// setsockopt with a value of any plain C type.
+fn setsockopt<T>(fd: RawFd, level: libc::c_int, opt: libc::c_int, v: &T) -> io::Result<()> {
+    // SAFETY: fd is a socket we own; `v` is a live value of the size we pass.
     let rc = unsafe {
         libc::setsockopt(
             fd,
             level,
             opt,
-            &v as *const _ as *const libc::c_void,
-            mem::size_of::<libc::c_int>() as libc::socklen_t,
+            v as *const T as *const libc::c_void,
+            mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc == 0 {
@@ -202,21 +207,13 @@ impl UdpSocket {
             len: prog.len() as u16,
             filter: prog.as_ptr() as *mut libc::sock_filter,
         };
-        // SAFETY: fprog points at `prog`, alive for the call.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                SO_ATTACH_REUSEPORT_CBPF,
-                &fprog as *const _ as *const libc::c_void,
-                mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        // fprog points at `prog`, alive for the call.
+        setsockopt(
+            self.fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            &fprog,
+        )
     }
 }
 
