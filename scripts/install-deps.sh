@@ -10,8 +10,10 @@ pkgs=(iproute2 nftables iputils-ping socat procps util-linux ca-certificates dns
 # tests/tests/podman.rs: podman 4 with its CNI backend (runc: crun cannot run on
 # hybrid cgroup hosts), containers from a busybox-static root file system.
 pkgs+=(podman crun runc conmon busybox-static)
-# The cluster: etcd (and etcdctl for tests), protoc to build the etcd client.
-pkgs+=(etcd-server etcd-client protobuf-compiler)
+# The cluster: etcd (and etcdctl for tests), protoc and the well-known .proto
+# files (descriptor.proto, in libprotobuf-dev: only a Recommends of
+# protobuf-compiler) to build the etcd client.
+pkgs+=(etcd-server etcd-client protobuf-compiler libprotobuf-dev)
 # tests/tests/docker.rs: dockerd (with the containerd it starts) using weft as
 # its network and IPAM driver.
 pkgs+=(docker.io)
