@@ -1,7 +1,7 @@
 //! The local API: HTTP+JSON routes over the agent's unix socket.
 
+use crate::app::App;
 use crate::error::AgentError;
-use crate::host::Host;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -44,7 +44,7 @@ async fn blocking<T: Send + 'static>(
         .map(Json)
 }
 
-pub(crate) fn router(host: Host) -> Router {
+pub(crate) fn router(app: App) -> Router {
     Router::new()
         .route(
             "/v1/ping",
@@ -71,18 +71,18 @@ pub(crate) fn router(host: Host) -> Router {
         )
         .route("/v1/sandboxes/{key}/started", post(started))
         .route("/v1/sandboxes/{key}/stop", post(stop))
-        .with_state(host)
+        .with_state(app)
 }
 
-async fn list_networks(State(h): State<Host>) -> Reply<Vec<weft_model::api::NetworkView>> {
-    blocking(move || Ok(h.networks())).await
+async fn list_networks(State(app): State<App>) -> Reply<Vec<weft_model::api::NetworkView>> {
+    blocking(move || Ok(app.host.networks())).await
 }
 
 async fn get_network(
-    State(h): State<Host>,
+    State(app): State<App>,
     Path(name): Path<String>,
 ) -> Reply<weft_model::api::NetworkView> {
-    blocking(move || h.network(&name)).await
+    blocking(move || app.host.network(&name)).await
 }
 
 fn no_cluster() -> AgentError {
@@ -92,100 +92,103 @@ fn no_cluster() -> AgentError {
 }
 
 async fn create_network(
-    State(h): State<Host>,
+    State(app): State<App>,
     Json(spec): Json<NetworkSpec>,
 ) -> Reply<NetworkView> {
     if spec.driver.as_deref() == Some("overlay") {
-        let c = h.cluster.get().cloned().ok_or_else(no_cluster)?;
+        let c = app.cluster.clone().ok_or_else(no_cluster)?;
         return c.create_network(spec).await.map(Json);
     }
-    blocking(move || h.create_network(spec)).await
+    blocking(move || app.host.create_network(spec)).await
 }
 
 async fn remove_network(
-    State(h): State<Host>,
+    State(app): State<App>,
     Path(name): Path<String>,
     Query(q): Query<RemoveQuery>,
 ) -> Reply<RemovedNetwork> {
-    let local = h.network(&name).ok();
-    if let Some(c) = h.cluster.get().cloned() {
+    let local = app.host.network(&name).ok();
+    if let Some(c) = app.cluster.clone() {
         // Global, or not joined here (yet): the cluster's to remove.
         if local.as_ref().is_none_or(|n| n.overlay.is_some()) {
             return c.remove_network(&name, q.force).await.map(Json);
         }
     }
-    blocking(move || h.remove_network(&name, q.force)).await
+    blocking(move || app.host.remove_network(&name, q.force)).await
 }
 
-async fn status(State(h): State<Host>) -> Reply<StatusView> {
-    blocking(move || Ok(h.status())).await
+async fn status(State(app): State<App>) -> Reply<StatusView> {
+    let cluster = app.cluster.clone();
+    let mut v = blocking(move || Ok(app.host.status())).await?;
+    v.cluster = cluster.map(|c| c.status());
+    Ok(v)
 }
 
-async fn leave(State(h): State<Host>) -> Reply<()> {
-    let c = h.cluster.get().cloned().ok_or_else(no_cluster)?;
+async fn leave(State(app): State<App>) -> Reply<()> {
+    let c = app.cluster.clone().ok_or_else(no_cluster)?;
     c.leave().await.map(Json)
 }
 
-async fn prune_networks(State(h): State<Host>) -> Reply<Vec<RemovedNetwork>> {
-    blocking(move || h.prune_networks()).await
+async fn prune_networks(State(app): State<App>) -> Reply<Vec<RemovedNetwork>> {
+    blocking(move || app.host.prune_networks()).await
 }
 
 async fn connect(
-    State(h): State<Host>,
+    State(app): State<App>,
     Path(name): Path<String>,
     Json(req): Json<Connect>,
 ) -> Reply<SandboxView> {
-    blocking(move || h.connect(&name, req)).await
+    blocking(move || app.host.connect(&name, req)).await
 }
 
 async fn disconnect(
-    State(h): State<Host>,
+    State(app): State<App>,
     Path(name): Path<String>,
     Json(req): Json<Disconnect>,
 ) -> Reply<SandboxView> {
-    blocking(move || h.disconnect(&name, req)).await
+    blocking(move || app.host.disconnect(&name, req)).await
 }
 
-async fn cni_add(State(h): State<Host>, Json(req): Json<CniAdd>) -> Reply<CniAttachment> {
-    blocking(move || h.cni_add(req)).await
+async fn cni_add(State(app): State<App>, Json(req): Json<CniAdd>) -> Reply<CniAttachment> {
+    blocking(move || app.host.cni_add(req)).await
 }
 
-async fn cni_del(State(h): State<Host>, Json(req): Json<CniRef>) -> Reply<()> {
-    blocking(move || h.cni_del(req)).await
+async fn cni_del(State(app): State<App>, Json(req): Json<CniRef>) -> Reply<()> {
+    blocking(move || app.host.cni_del(req)).await
 }
 
-async fn cni_check(State(h): State<Host>, Json(req): Json<CniRef>) -> Reply<CniAttachment> {
-    blocking(move || h.cni_check(req)).await
+async fn cni_check(State(app): State<App>, Json(req): Json<CniRef>) -> Reply<CniAttachment> {
+    blocking(move || app.host.cni_check(req)).await
 }
 
-async fn cni_gc(State(h): State<Host>, Json(req): Json<CniGc>) -> Reply<Vec<String>> {
-    blocking(move || h.cni_gc(req)).await
+async fn cni_gc(State(app): State<App>, Json(req): Json<CniGc>) -> Reply<Vec<String>> {
+    blocking(move || app.host.cni_gc(req)).await
 }
 
-async fn list_sandboxes(State(h): State<Host>) -> Reply<Vec<weft_model::api::SandboxView>> {
-    blocking(move || Ok(h.list())).await
+async fn list_sandboxes(State(app): State<App>) -> Reply<Vec<weft_model::api::SandboxView>> {
+    blocking(move || Ok(app.host.list())).await
 }
 
 async fn create_sandbox(
-    State(h): State<Host>,
+    State(app): State<App>,
     Json(req): Json<CreateSandbox>,
 ) -> Reply<weft_model::api::SandboxView> {
-    blocking(move || h.create_sandbox(req)).await
+    blocking(move || app.host.create_sandbox(req)).await
 }
 
 async fn get_sandbox(
-    State(h): State<Host>,
+    State(app): State<App>,
     Path(key): Path<String>,
 ) -> Reply<weft_model::api::SandboxView> {
-    blocking(move || h.get(&key)).await
+    blocking(move || app.host.get(&key)).await
 }
 
 async fn started(
-    State(h): State<Host>,
+    State(app): State<App>,
     Path(key): Path<String>,
     Json(req): Json<StartedProcess>,
 ) -> Reply<weft_model::api::SandboxView> {
-    blocking(move || h.started(&key, req.pid)).await
+    blocking(move || app.host.started(&key, req.pid)).await
 }
 
 #[derive(Deserialize)]
@@ -199,11 +202,11 @@ fn default_timeout() -> u64 {
 }
 
 async fn stop(
-    State(h): State<Host>,
+    State(app): State<App>,
     Path(key): Path<String>,
     Query(q): Query<StopQuery>,
 ) -> Reply<weft_model::api::SandboxView> {
-    blocking(move || h.stop(&key, Duration::from_secs(q.timeout))).await
+    blocking(move || app.host.stop(&key, Duration::from_secs(q.timeout))).await
 }
 
 #[derive(Deserialize)]
@@ -213,9 +216,9 @@ struct RemoveQuery {
 }
 
 async fn remove_sandbox(
-    State(h): State<Host>,
+    State(app): State<App>,
     Path(key): Path<String>,
     Query(q): Query<RemoveQuery>,
 ) -> Reply<weft_model::api::Removed> {
-    blocking(move || h.remove(&key, q.force)).await
+    blocking(move || app.host.remove(&key, q.force)).await
 }

@@ -4,18 +4,17 @@
 //! DNS, ports and cleanup apply; only the namespace is never weft's to make
 //! or remove.
 
-use crate::bridge;
+use crate::attach::{self, Attach, DefaultRoute, EndpointRequest, Links, Namespace};
+use crate::driver;
 use crate::error::{AgentError, Result};
-use crate::firewall;
 use crate::host::{Host, Inner};
-use crate::sandboxes::{random_id, teardown_network, Links};
-use std::path::Path;
+use crate::ids::random_id;
+use std::path::{Path, PathBuf};
 use tracing::info;
 use weft_kernel::{netns, Netns};
 use weft_model::api::{CniAdd, CniAttachment, CniGc, CniRef};
-use weft_model::sandbox::{host_veth_name, EndpointKind, External, Runtime};
-use weft_model::{keys, ports, Attachment, Endpoint, PortMapping, Published, Sandbox};
-use weft_store::{Store, StoreJson};
+use weft_model::sandbox::{host_veth_name, External, Runtime};
+use weft_model::{ports, Attachment, PortMapping, Sandbox};
 
 fn mac_string(mac: [u8; 6]) -> String {
     mac.iter()
@@ -26,7 +25,7 @@ fn mac_string(mac: [u8; 6]) -> String {
 
 impl Inner {
     fn find_external(&self, container_id: &str, ifname: &str) -> Option<&Sandbox> {
-        self.sandboxes.values().find(|s| {
+        self.sandboxes.values().map(|s| &**s).find(|s| {
             s.external.as_ref().is_some_and(|e| {
                 e.runtime == Runtime::Cni && e.container_id == container_id && e.ifname == ifname
             })
@@ -43,14 +42,10 @@ impl Inner {
             .filter(|n| n.net.has_resolver())
             .map(|n| n.net.gateway);
         Ok(CniAttachment {
-            host_ifname: if ep.kind == EndpointKind::Veth {
-                ep.host_ifname.clone()
-            } else {
-                String::new()
-            },
+            host_ifname: ep.host_ifname().unwrap_or_default().to_string(),
             host_mac: String::new(),
             ifname: ep.ifname.clone(),
-            mac: mac_string(bridge::endpoint_mac(ep)?),
+            mac: mac_string(driver::endpoint_mac(ep)?),
             netns: sb.netns.clone().unwrap_or_default(),
             ip: ep.ip,
             prefix_len: ep.prefix_len,
@@ -61,37 +56,10 @@ impl Inner {
 
     /// Removes an external attachment: ports, interface, address, record, names.
     fn drop_external(&mut self, id: &str) -> Result<()> {
-        let Some(sb) = self.sandboxes.remove(id) else {
+        let Some(sb) = self.sandboxes.get(id).cloned() else {
             return Ok(());
         };
-        self.names.remove(&sb.name);
-        firewall::delete_ports(&sb.ports)?;
-        teardown_network(
-            &mut self.nl,
-            &mut self.networks,
-            &sb.attachment,
-            None,
-            Links::Delete,
-        )?;
-        // A macvlan interface lives only inside the runtime's namespace.
-        if let Some(path) = sb
-            .netns
-            .as_deref()
-            .filter(|p| netns::is_netns(Path::new(p)))
-        {
-            for ep in sb
-                .attachment
-                .endpoints()
-                .iter()
-                .filter(|e| e.kind == EndpointKind::Macvlan)
-            {
-                Netns::open(Path::new(path))?
-                    .netlink()?
-                    .delete_link(&ep.ifname)?;
-            }
-        }
-        self.runtime.delete(&keys::sandbox(id))?;
-        self.dns.remove(id);
+        attach::remove(self, &sb, Links::Delete)?;
         info!(attachment = %sb.name, "CNI attachment removed");
         Ok(())
     }
@@ -118,12 +86,12 @@ impl Host {
                 req.container_id, req.ifname
             )));
         }
-        let state = inner.networks.get(&req.network).ok_or_else(|| {
-            AgentError::NotFound(format!(
+        if !inner.networks.contains_key(&req.network) {
+            return Err(AgentError::NotFound(format!(
                 "no weft network named {:?}: create it with `weft network create {0}`, or set \"network\" in the CNI config",
                 req.network
-            ))
-        })?;
+            )));
+        }
         if !netns::is_netns(Path::new(&req.netns)) {
             return Err(bad(format!(
                 "CNI_NETNS {} is not a network namespace",
@@ -141,44 +109,14 @@ impl Host {
             mappings.push(p.parse::<PortMapping>().map_err(|e| bad(e.to_string()))?);
         }
         ports::check_own(&mappings).map_err(|e| bad(e.to_string()))?;
-        if !mappings.is_empty() && (!state.net.uses_bridge() || state.net.internal) {
-            return Err(bad(format!(
-                "portMappings: network {} cannot publish ports",
-                req.network
-            )));
-        }
-        inner.check_ports_free(&mappings)?;
-        if let Some(ip) = req.ip {
-            state
-                .pool
-                .check_free(ip)
-                .map_err(|e| bad(format!("ips: {e}")))?;
-        }
 
         let id = random_id();
-        let state = inner.networks.get_mut(&req.network).expect("checked");
-        let ip = state
-            .pool
-            .allocate(req.ip)
-            .map_err(|e| bad(e.to_string()))?;
-        let ep = Endpoint {
-            network: req.network.clone(),
-            ifname: req.ifname.clone(),
-            host_ifname: host_veth_name(&id, 0),
-            ip,
-            prefix_len: state.net.subnet.prefix_len(),
-            gateway: state.net.gateway,
-            aliases: req.aliases.clone(),
-            kind: EndpointKind::of(state.net.driver),
-            mac: req.mac.clone(),
-        };
-        let (index, shim, mtu) = (state.bridge_index, state.shim_index, state.net.mtu);
         let short = &req.container_id[..12.min(req.container_id.len())];
         let sb = Sandbox {
             id: id.clone(),
             name: format!("cni-{short}-{}", req.ifname),
             attachment: Attachment::Networks {
-                endpoints: vec![ep.clone()],
+                endpoints: Vec::new(),
             },
             netns: Some(req.netns.clone()),
             process: None,
@@ -186,67 +124,44 @@ impl Host {
             command: vec!["cni".into(), req.container_id.clone()],
             created_unix: 0,
             network_setup_us: 0,
-            ports: mappings
-                .iter()
-                .map(|m| Published {
-                    mapping: *m,
-                    network: req.network.clone(),
-                    target: ip,
-                })
-                .collect(),
+            ports: Vec::new(),
             external: Some(External {
                 container_id: req.container_id.clone(),
                 ifname: req.ifname.clone(),
                 runtime: Runtime::Cni,
             }),
         };
-        let made = (|| {
-            bridge::endpoint_mac(&ep)?;
-            let ns = Netns::open(Path::new(&req.netns))?;
-            let mut ns_nl = ns.netlink()?;
-            match ep.kind {
-                EndpointKind::Veth => {
-                    bridge::attach(&mut inner.nl, &ns, &mut ns_nl, index, &ep, mtu, true)?;
-                }
-                EndpointKind::Macvlan => {
-                    bridge::attach_macvlan(
-                        &mut inner.nl,
-                        &ns,
-                        &mut ns_nl,
-                        index,
-                        shim,
-                        &ep,
-                        mtu,
-                        true,
-                    )?;
-                }
+        let a = Attach {
+            sandbox: sb,
+            endpoints: vec![EndpointRequest {
+                network: req.network.clone(),
+                ip: req.ip,
+                aliases: req.aliases.clone(),
+                ifname: req.ifname.clone(),
+                host_ifname: host_veth_name(&id, 0),
+                mac: req.mac.clone(),
+                reserved: false,
+            }],
+            namespace: Namespace::Existing(PathBuf::from(&req.netns)),
+            default_route: DefaultRoute::On(Some(req.network.clone())),
+            ports: mappings,
+            resolv: None,
+            replace: false,
+            started: None,
+        };
+        let sb = attach::attach(inner, a).map_err(|e| match e {
+            // CNI's words for the request's fields.
+            AgentError::BadRequest(m) if m.starts_with("-p: ") => {
+                bad(format!("portMappings: {}", &m[4..]))
             }
-            firewall::add_ports(&sb.ports)?;
-            inner.runtime.create_json(&keys::sandbox(&id), &sb)?;
-            Ok(())
-        })();
-        if let Err(e) = made {
-            let _ = firewall::delete_ports(&sb.ports);
-            let _ = teardown_network(
-                &mut inner.nl,
-                &mut inner.networks,
-                &sb.attachment,
-                None,
-                Links::Delete,
-            );
-            if ep.kind == EndpointKind::Macvlan {
-                let _ = Netns::open(Path::new(&req.netns))
-                    .and_then(|ns| ns.netlink())
-                    .and_then(|mut nl| nl.delete_link(&ep.ifname));
-            }
-            return Err(e);
-        }
-        inner.dns.add(&sb);
-        info!(attachment = %sb.name, network = %req.network, ip = %ip, "CNI attachment added");
-        let out = inner.attachment_of(&sb)?;
-        inner.names.insert(sb.name.clone(), id.clone());
-        inner.sandboxes.insert(id, sb);
-        Ok(out)
+            AgentError::BadRequest(m) if m.starts_with("--net ") => bad(format!(
+                "ips: {}",
+                m.split_once(": ").map_or(m.as_str(), |x| x.1)
+            )),
+            e => e,
+        })?;
+        info!(attachment = %sb.name, network = %req.network, "CNI attachment added");
+        inner.attachment_of(&sb)
     }
 
     /// Idempotent: an attachment that is not there is already deleted.
@@ -280,11 +195,12 @@ impl Host {
                 ep.network, r.network
             )));
         }
-        if ep.kind == EndpointKind::Veth && inner.nl.link_by_name(&ep.host_ifname)?.is_none() {
-            return Err(AgentError::Conflict(format!(
-                "host end {} of the attachment is missing",
-                ep.host_ifname
-            )));
+        if let Some(h) = ep.host_ifname() {
+            if inner.nl.link_by_name(h)?.is_none() {
+                return Err(AgentError::Conflict(format!(
+                    "host end {h} of the attachment is missing"
+                )));
+            }
         }
         let path = sb.netns.clone().unwrap_or_default();
         let ns = Netns::open(Path::new(&path))?;

@@ -1,94 +1,222 @@
-//! `Host`: everything the agent knows about this host, behind one lock.
-//! Kernel changes for one request happen under that lock, so two requests
-//! never interleave half-made changes; each takes about a millisecond.
+//! `Host`: everything the agent knows about this host.
+//!
+//! Lock discipline: changes (kernel, stores, pools) happen under one std
+//! mutex, so two requests never interleave half-made changes; it is only
+//! taken on blocking threads (the API's `spawn_blocking`, the cluster's
+//! blocking tasks), never on a tokio worker. Reads never take it: every
+//! release of the lock publishes a `Snapshot` of the records (an `Arc`
+//! swap), and `ps`, `network ls`, `inspect` and `status` answer from the
+//! latest one, so they never wait behind another request's `nft -f` or
+//! store fsync.
 
 use crate::config::AgentConfig;
+use crate::driver::NetworkDriver;
 use crate::error::{AgentError, Result};
+use crate::firewall::Firewall;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use weft_kernel::Netlink;
 use weft_model::{AddressPool, Network, Sandbox};
 use weft_store::{DiskStore, RuntimeStore};
 
-/// A network with its address pool and its bridge on this host.
+/// A network with its address pool and its driver on this host.
 pub(crate) struct NetworkState {
     pub net: Network,
     pub pool: AddressPool,
-    /// What endpoints attach to: the bridge, or the macvlan parent.
-    pub bridge_index: u32,
-    /// macvlan with host access: the host's own macvlan interface.
-    pub shim_index: Option<u32>,
+    /// Chosen once, when the network is loaded or created.
+    pub driver: Box<dyn NetworkDriver>,
 }
 
 pub(crate) struct Inner {
     pub cfg: AgentConfig,
-    pub pool: std::sync::Arc<crate::netns_pool::NetnsPool>,
-    pub dns: std::sync::Arc<crate::dns::Resolver>,
+    pub pool: Arc<crate::netns_pool::NetnsPool>,
+    pub dns: Arc<crate::dns::Resolver>,
     pub networks_db: DiskStore,
     pub runtime: RuntimeStore,
     /// Netlink socket in the agent's own namespace.
     pub nl: Netlink,
     pub networks: BTreeMap<String, NetworkState>,
-    pub sandboxes: BTreeMap<String, Sandbox>,
+    /// Shared with the snapshots, so publishing one copies pointers only.
+    pub sandboxes: BTreeMap<String, Arc<Sandbox>>,
     /// Sandbox name -> id.
     pub names: HashMap<String, String>,
+    pub firewall: Firewall,
+}
+
+/// The records as of the last release of the lock: what reads answer from.
+#[derive(Clone)]
+pub(crate) struct Snapshot {
+    pub networks: BTreeMap<String, Network>,
+    pub sandboxes: BTreeMap<String, Arc<Sandbox>>,
+    pub resolv_dir: std::path::PathBuf,
 }
 
 #[derive(Clone)]
 pub struct Host {
     inner: Arc<Mutex<Inner>>,
-    /// Set once the cluster has started (agents with --etcd-endpoints).
-    pub(crate) cluster: Arc<std::sync::OnceLock<Arc<crate::cluster::Cluster>>>,
+    /// The configuration, fixed at start: read without the lock.
+    cfg: Arc<AgentConfig>,
+    snapshot: Arc<RwLock<Arc<Snapshot>>>,
+    /// Bumped at every publish: waiters (the cluster) wake on it.
+    published: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+/// Every lock of weft's recovers from poisoning the same way: a panic while
+/// holding it must not take the whole agent down, and the state it guards
+/// is kept consistent by rollbacks, not by the panic's unwinding.
+pub(crate) fn recover<G>(r: std::result::Result<G, PoisonError<G>>) -> G {
+    r.unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The lock held: derefs to the state, publishes a snapshot when released.
+pub(crate) struct Locked<'a> {
+    guard: MutexGuard<'a, Inner>,
+    host: &'a Host,
+}
+
+impl Deref for Locked<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.guard
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.guard
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let snap = Arc::new(self.guard.snapshot());
+        *recover(self.host.snapshot.write()) = snap;
+        self.host.published.send_modify(|v| *v += 1);
+    }
 }
 
 impl Host {
-    /// Opens the stores, then makes the kernel match them (see reconcile.rs).
-    pub fn start(cfg: AgentConfig) -> Result<Host> {
-        let inner = crate::reconcile::start(cfg)?;
-        let (watch, orphans) = crate::reconcile::auto_remove_watches(&inner);
-        // Only now: garbage collection must not see the pool's fresh entries.
-        inner.pool.start();
-        let host = Host {
+    pub(crate) fn new(inner: Inner) -> Host {
+        let snap = Arc::new(inner.snapshot());
+        Host {
+            cfg: Arc::new(inner.cfg.clone()),
             inner: Arc::new(Mutex::new(inner)),
-            cluster: Default::default(),
-        };
-        for (id, p) in watch {
-            host.remove_when_exited(id, p);
+            snapshot: Arc::new(RwLock::new(snap)),
+            published: Arc::new(tokio::sync::watch::channel(0).0),
         }
-        // A `weft run` killed before it started its process left these.
-        for id in orphans {
-            let _ = host.remove(&id, true);
-        }
-        Ok(host)
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock must not take the whole agent down.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    /// Takes the lock for a change. Only on a blocking thread.
+    pub(crate) fn lock(&self) -> Locked<'_> {
+        Locked {
+            guard: recover(self.inner.lock()),
+            host: self,
+        }
+    }
+
+    /// The records as of the last change, without waiting for the lock.
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        recover(self.snapshot.read()).clone()
+    }
+
+    pub(crate) fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    /// Wakes on every published change.
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.published.subscribe()
     }
 }
 
 impl Inner {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            networks: self
+                .networks
+                .iter()
+                .map(|(k, n)| (k.clone(), n.net.clone()))
+                .collect(),
+            sandboxes: self.sandboxes.clone(),
+            resolv_dir: self.cfg.resolv_dir(),
+        }
+    }
+
     /// Finds a sandbox by name, full id or unique id prefix.
     pub fn find(&self, key: &str) -> Result<&Sandbox> {
         if let Some(id) = self.names.get(key) {
-            return Ok(&self.sandboxes[id]);
+            if let Some(s) = self.sandboxes.get(id) {
+                return Ok(s);
+            }
         }
-        if let Some(s) = self.sandboxes.get(key) {
-            return Ok(s);
+        find_in(&self.sandboxes, key)
+    }
+
+    /// A network of this host, or the error that says how to list them.
+    pub fn network(&self, name: &str) -> Result<&NetworkState> {
+        self.networks.get(name).ok_or_else(|| not_found(name))
+    }
+
+    /// Records the sandbox as it is now, under its name, with its DNS names.
+    pub fn register(&mut self, sb: Sandbox) -> Arc<Sandbox> {
+        self.dns.add(&sb);
+        self.names.insert(sb.name.clone(), sb.id.clone());
+        let sb = Arc::new(sb);
+        self.sandboxes.insert(sb.id.clone(), sb.clone());
+        sb
+    }
+
+    /// Forgets the sandbox: record in memory, name, DNS names.
+    pub fn unregister(&mut self, id: &str) -> Option<Arc<Sandbox>> {
+        let sb = self.sandboxes.remove(id)?;
+        if self.names.get(&sb.name).map(String::as_str) == Some(id) {
+            self.names.remove(&sb.name);
         }
-        let mut matches = self
-            .sandboxes
+        self.dns.remove(id);
+        Some(sb)
+    }
+
+    /// Rewrites weft's whole nft table from the networks and ports.
+    pub fn apply_firewall(&mut self) -> Result<()> {
+        let rules = self
+            .networks
             .values()
-            .filter(|s| key.len() >= 4 && s.id.starts_with(key));
-        match (matches.next(), matches.next()) {
-            (Some(s), None) => Ok(s),
-            (Some(_), Some(_)) => Err(AgentError::BadRequest(format!(
-                "id prefix {key:?} matches several sandboxes; give more of the id or the name"
-            ))),
-            _ => Err(AgentError::NotFound(format!(
-                "no sandbox named {key:?}; `weft ps` lists the sandboxes"
-            ))),
-        }
+            .filter_map(|n| n.driver.firewall(&n.net))
+            .collect();
+        let sandboxes = &self.sandboxes;
+        self.firewall
+            .apply_all(rules, sandboxes.values().flat_map(|s| s.ports.iter()))
+    }
+}
+
+pub(crate) fn not_found(name: &str) -> AgentError {
+    AgentError::NotFound(format!(
+        "no network named {name:?}: `weft network ls` lists the networks"
+    ))
+}
+
+/// By name, full id or unique id prefix (4 characters at least).
+pub(crate) fn find_in<'a>(
+    sandboxes: &'a BTreeMap<String, Arc<Sandbox>>,
+    key: &str,
+) -> Result<&'a Sandbox> {
+    if let Some(s) = sandboxes.get(key) {
+        return Ok(s);
+    }
+    if let Some(s) = sandboxes.values().find(|s| s.name == key) {
+        return Ok(s);
+    }
+    let mut matches = sandboxes
+        .values()
+        .filter(|s| key.len() >= 4 && s.id.starts_with(key));
+    match (matches.next(), matches.next()) {
+        (Some(s), None) => Ok(s),
+        (Some(_), Some(_)) => Err(AgentError::BadRequest(format!(
+            "id prefix {key:?} matches several sandboxes; give more of the id or the name"
+        ))),
+        _ => Err(AgentError::NotFound(format!(
+            "no sandbox named {key:?}; `weft ps` lists the sandboxes"
+        ))),
     }
 }

@@ -3,16 +3,19 @@
 //! a root-only unix socket.
 
 mod api;
+mod app;
+mod attach;
 mod backend;
-mod bridge;
 mod cluster;
 mod cni;
 pub mod config;
 mod dns;
 mod docker;
+mod driver;
 mod error;
 mod firewall;
 mod host;
+mod ids;
 mod netns_pool;
 mod networks;
 mod overlay;
@@ -20,8 +23,10 @@ mod reconcile;
 mod sandboxes;
 mod server;
 
+pub use app::App;
 pub use cluster::Cluster;
 pub use config::{AgentConfig, ClusterConfig};
 pub use error::AgentError;
 pub use host::Host;
+pub use reconcile::start;
 pub use server::serve;

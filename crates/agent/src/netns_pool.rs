@@ -46,7 +46,7 @@ pub(crate) struct NetnsPool {
 }
 
 fn random_hex(n: usize) -> String {
-    crate::sandboxes::random_id()[..n].to_string()
+    crate::ids::random_id()[..n].to_string()
 }
 
 impl Prepared {

@@ -1,27 +1,21 @@
 //! Networks: create (validate, then act, rolling back), remove, prune, and
 //! connecting and disconnecting running sandboxes.
 
-use crate::bridge;
+use crate::attach::{self, Attach, DefaultRoute, EndpointRequest, Namespace};
+use crate::driver;
 use crate::error::{AgentError, Result};
-use crate::firewall;
-use crate::host::{Host, Inner, NetworkState};
-use crate::sandboxes::random_id;
-use std::path::Path;
+use crate::host::{not_found, Host, NetworkState, Snapshot};
+use crate::ids::random_id;
+use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 use weft_kernel::Netns;
 use weft_model::api::{
     Connect, Disconnect, EndpointView, NetworkView, RemovedNetwork, SandboxView,
 };
 use weft_model::network::{self, DEFAULT_NETWORK};
-use weft_model::sandbox::{host_veth_name, EndpointKind};
-use weft_model::{keys, AddressPool, Attachment, Endpoint, Network, NetworkSpec, Sandbox};
+use weft_model::sandbox::host_veth_name;
+use weft_model::{keys, AddressPool, Attachment, Network, NetworkSpec};
 use weft_store::{Store, StoreJson};
-
-fn not_found(name: &str) -> AgentError {
-    AgentError::NotFound(format!(
-        "no network named {name:?}: `weft network ls` lists the networks"
-    ))
-}
 
 pub(crate) fn pool_for(net: &Network) -> Result<AddressPool> {
     AddressPool::new(net.subnet, net.gateway)
@@ -29,44 +23,45 @@ pub(crate) fn pool_for(net: &Network) -> Result<AddressPool> {
         .map_err(|e| AgentError::BadRequest(e.to_string()))
 }
 
-impl Inner {
-    fn network_view(&self, n: &NetworkState) -> NetworkView {
+impl Snapshot {
+    pub(crate) fn network_view(&self, net: &Network) -> NetworkView {
         let endpoints = self
             .sandboxes
             .values()
             .flat_map(|s| s.attachment.endpoints().iter().map(move |e| (s, e)))
-            .filter(|(_, e)| e.network == n.net.name)
+            .filter(|(_, e)| e.network == net.name)
             .map(|(s, e)| EndpointView {
                 sandbox: s.name.clone(),
                 sandbox_id: s.id.clone(),
                 ifname: e.ifname.clone(),
                 ip: e.ip,
-                host_ifname: e.host_ifname.clone(),
+                host_ifname: e.host_ifname().unwrap_or_default().to_string(),
                 aliases: e.aliases.clone(),
             })
             .collect();
-        let net = &n.net;
+        let m = net.macvlan();
         NetworkView {
             name: net.name.clone(),
             id: net.id.clone(),
-            driver: net.driver.to_string(),
+            driver: net.driver().to_string(),
             subnet: net.subnet,
             gateway: net.gateway,
-            bridge: net.bridge.clone(),
-            parent: net.parent.clone(),
-            host_access: net.host_access,
+            bridge: net.bridge().unwrap_or_default().to_string(),
+            parent: m.map(|m| m.parent.clone()),
+            host_access: m.and_then(|m| m.host_access),
             ip_range: net.ip_range,
             mtu: net.mtu,
             internal: net.internal,
             labels: net.labels.clone(),
             options: net.options.clone(),
             endpoints,
-            overlay: net.overlay.clone(),
+            overlay: net.overlay().cloned(),
+            programmed: Vec::new(),
         }
     }
 
     /// Names of sandboxes with an endpoint on `network`.
-    fn attached_to(&self, network: &str) -> Vec<String> {
+    pub(crate) fn attached_to(&self, network: &str) -> Vec<String> {
         self.sandboxes
             .values()
             .filter(|s| {
@@ -78,94 +73,51 @@ impl Inner {
             .map(|s| s.name.clone())
             .collect()
     }
-
-    /// Sets the sandbox's default route to the network Docker would pick.
-    fn fix_default_route(&self, sb: &Sandbox, ns_nl: &mut weft_kernel::Netlink) -> Result<()> {
-        let eps = sb.attachment.endpoints();
-        let chosen = network::default_route_network(
-            eps.iter()
-                .filter_map(|e| self.networks.get(&e.network))
-                .map(|n| &n.net),
-        );
-        match chosen.and_then(|c| eps.iter().find(|e| e.network == c)) {
-            Some(ep) => {
-                let link = ns_nl.link_by_name(&ep.ifname)?.ok_or_else(|| {
-                    AgentError::Internal(format!("{} is missing in {}", ep.ifname, sb.name))
-                })?;
-                ns_nl.replace_default_route(ep.gateway, link.index)?;
-            }
-            None => ns_nl.delete_default_route()?,
-        }
-        Ok(())
-    }
-
-    fn save(&self, sb: &Sandbox) -> Result<()> {
-        self.runtime.put_json(&keys::sandbox(&sb.id), sb)?;
-        Ok(())
-    }
 }
 
 impl Host {
+    /// From the latest snapshot: never waits for the lock.
     pub fn networks(&self) -> Vec<NetworkView> {
-        let g = self.lock();
-        g.networks.values().map(|n| g.network_view(n)).collect()
+        let snap = self.snapshot();
+        snap.networks
+            .values()
+            .map(|n| snap.network_view(n))
+            .collect()
     }
 
+    /// One network, with what its driver programmed as the kernel has it now.
     pub fn network(&self, name: &str) -> Result<NetworkView> {
-        let g = self.lock();
-        let n = g.networks.get(name).ok_or_else(|| not_found(name))?;
-        Ok(g.network_view(n))
+        let snap = self.snapshot();
+        let net = snap.networks.get(name).ok_or_else(|| not_found(name))?;
+        let mut v = snap.network_view(net);
+        let mut nl = weft_kernel::Netlink::open()?;
+        v.programmed = driver::for_network(net).programmed(&mut nl, net);
+        Ok(v)
     }
 
     pub fn create_network(&self, spec: NetworkSpec) -> Result<NetworkView> {
-        let mut g = self.lock();
-        let inner = &mut *g;
-        let existing: Vec<Network> = inner.networks.values().map(|n| n.net.clone()).collect();
-        let routes = if spec.subnet.is_none() {
-            inner.nl.route_destinations()?
-        } else {
-            Vec::new()
-        };
-        let mut net = network::plan(&spec, &random_id(), &existing, &routes)
-            .map_err(|e| AgentError::BadRequest(e.to_string()))?;
-        let pool = pool_for(&net)?;
-        if net.uses_bridge() && inner.nl.link_by_name(&net.bridge)?.is_some() {
-            return Err(AgentError::Conflict(format!(
-                "a link named {} already exists on this host; choose another with -o bridge.name=NAME",
-                net.bridge
-            )));
+        let name = spec.name.clone();
+        {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            let existing: Vec<Network> = inner.networks.values().map(|n| n.net.clone()).collect();
+            let routes = if spec.subnet.is_none() {
+                inner.nl.route_destinations()?
+            } else {
+                Vec::new()
+            };
+            let net = network::plan(&spec, &random_id(), &existing, &routes)
+                .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+            if let Some(bridge) = net.bridge() {
+                if inner.nl.link_by_name(bridge)?.is_some() {
+                    return Err(AgentError::Conflict(format!(
+                        "a link named {bridge} already exists on this host; choose another with -o bridge.name=NAME"
+                    )));
+                }
+            }
+            inner.add_network(net, true)?;
         }
-        let (bridge_index, shim_index, _) = bridge::ensure(&mut inner.nl, &mut net)?;
-        inner.networks.insert(
-            net.name.clone(),
-            NetworkState {
-                net: net.clone(),
-                pool,
-                bridge_index,
-                shim_index,
-            },
-        );
-        let served = if net.has_resolver() {
-            inner.dns.serve(&net.name, net.gateway)
-        } else {
-            Ok(())
-        };
-        let done = served
-            .and_then(|_| firewall::apply_all(inner))
-            .and_then(|_| {
-                Ok(inner
-                    .networks_db
-                    .create_json(&keys::network(&net.name), &net)?)
-            });
-        if let Err(e) = done {
-            inner.dns.stop(&net.name);
-            inner.networks.remove(&net.name);
-            let _ = bridge::remove(&mut inner.nl, &net);
-            let _ = firewall::apply_all(inner);
-            return Err(e);
-        }
-        info!(network = %net.name, subnet = %net.subnet, bridge = %net.bridge, "network created");
-        Ok(inner.network_view(&inner.networks[&net.name]))
+        self.network(&name)
     }
 
     /// Removes a network; with `force`, disconnects its sandboxes first.
@@ -175,13 +127,11 @@ impl Host {
                 "{DEFAULT_NETWORK} is the default network and cannot be removed"
             )));
         }
-        let attached = {
-            let g = self.lock();
-            if !g.networks.contains_key(name) {
-                return Err(not_found(name));
-            }
-            g.attached_to(name)
-        };
+        let snap = self.snapshot();
+        if !snap.networks.contains_key(name) {
+            return Err(not_found(name));
+        }
+        let attached = snap.attached_to(name);
         if !attached.is_empty() {
             if !force {
                 return Err(AgentError::Conflict(format!(
@@ -190,213 +140,202 @@ impl Host {
                 )));
             }
             for sb in attached {
-                self.disconnect(
-                    name,
-                    Disconnect {
-                        sandbox: sb.clone(),
-                    },
-                )?;
+                self.disconnect(name, Disconnect { sandbox: sb })?;
             }
         }
         let mut g = self.lock();
-        let inner = &mut *g;
-        let Some(state) = inner.networks.remove(name) else {
-            return Err(not_found(name));
-        };
-        inner.dns.stop(name);
-        bridge::remove(&mut inner.nl, &state.net)?;
-        inner.networks_db.delete(&keys::network(name))?;
-        firewall::apply_all(inner)?;
+        let net = g.drop_network(name)?;
         info!(network = %name, "network removed");
         Ok(RemovedNetwork {
             name: name.to_string(),
-            id: state.net.id,
+            id: net.id,
         })
     }
 
     /// Removes every user-defined network without sandboxes.
     pub fn prune_networks(&self) -> Result<Vec<RemovedNetwork>> {
-        let unused: Vec<String> = {
-            let g = self.lock();
-            g.networks
-                .keys()
-                .filter(|n| n.as_str() != DEFAULT_NETWORK && g.attached_to(n).is_empty())
-                // Global networks belong to the cluster, not to one host's prune.
-                .filter(|n| !g.networks[*n].net.is_global())
-                .cloned()
-                .collect()
-        };
+        let snap = self.snapshot();
+        let unused: Vec<&String> = snap
+            .networks
+            .keys()
+            .filter(|n| n.as_str() != DEFAULT_NETWORK && snap.attached_to(n).is_empty())
+            // Global networks belong to the cluster, not to one host's prune.
+            .filter(|n| !snap.networks[*n].is_global())
+            .collect();
         unused
-            .iter()
+            .into_iter()
             .map(|n| self.remove_network(n, false))
             .collect()
     }
 
     pub fn connect(&self, network: &str, req: Connect) -> Result<SandboxView> {
-        let mut g = self.lock();
-        let inner = &mut *g;
-        let sb = inner.find(&req.sandbox)?.clone();
-        let state = inner
-            .networks
-            .get(network)
-            .ok_or_else(|| not_found(network))?;
-        let (Attachment::Networks { endpoints }, Some(path)) = (&sb.attachment, &sb.netns) else {
-            return Err(AgentError::BadRequest(format!(
-                "sandbox {} uses --net {}; only sandboxes on networks can be connected to more",
-                sb.name,
-                sb.attachment.describe()
-            )));
-        };
-        if endpoints.iter().any(|e| e.network == network) {
-            return Err(AgentError::Conflict(format!(
-                "sandbox {} is already on network {network}",
-                sb.name
-            )));
-        }
-        for a in &req.aliases {
-            weft_model::names::validate("alias", a)
-                .map_err(|e| AgentError::BadRequest(e.to_string()))?;
-        }
-        if let Some(ip) = req.ip {
-            state
-                .pool
-                .check_free(ip)
-                .map_err(|e| AgentError::BadRequest(format!("--ip: {e}")))?;
-        }
-        let index = (0..)
-            .find(|i| !endpoints.iter().any(|e| e.ifname == format!("eth{i}")))
-            .expect("a free index");
-        let state = inner.networks.get_mut(network).expect("checked");
-        let ip = state
-            .pool
-            .allocate(req.ip)
-            .map_err(|e| AgentError::BadRequest(e.to_string()))?;
-        let ep = Endpoint {
-            network: network.to_string(),
-            ifname: format!("eth{index}"),
-            host_ifname: host_veth_name(&sb.id, index),
-            ip,
-            prefix_len: state.net.subnet.prefix_len(),
-            gateway: state.net.gateway,
-            aliases: req.aliases.clone(),
-            kind: EndpointKind::of(state.net.driver),
-            mac: None,
-        };
-        let (bridge_index, shim, mtu) = (state.bridge_index, state.shim_index, state.net.mtu);
-        let mut updated = sb.clone();
-        if let Attachment::Networks { endpoints } = &mut updated.attachment {
-            endpoints.push(ep.clone());
-        }
-        let made = (|| {
-            let ns = Netns::open(Path::new(path))?;
-            let mut ns_nl = ns.netlink()?;
-            match ep.kind {
-                EndpointKind::Veth => {
-                    bridge::attach(
-                        &mut inner.nl,
-                        &ns,
-                        &mut ns_nl,
-                        bridge_index,
-                        &ep,
-                        mtu,
-                        false,
-                    )?;
-                }
-                EndpointKind::Macvlan => {
-                    bridge::attach_macvlan(
-                        &mut inner.nl,
-                        &ns,
-                        &mut ns_nl,
-                        bridge_index,
-                        shim,
-                        &ep,
-                        mtu,
-                        false,
-                    )?;
-                }
+        let id = {
+            let mut g = self.lock();
+            let sb = g.find(&req.sandbox)?.clone();
+            g.network(network)?;
+            let (Attachment::Networks { endpoints }, Some(path)) = (&sb.attachment, &sb.netns)
+            else {
+                return Err(AgentError::BadRequest(format!(
+                    "sandbox {} uses --net {}; only sandboxes on networks can be connected to more",
+                    sb.name,
+                    sb.attachment.describe()
+                )));
+            };
+            if endpoints.iter().any(|e| e.network == network) {
+                return Err(AgentError::Conflict(format!(
+                    "sandbox {} is already on network {network}",
+                    sb.name
+                )));
             }
-            inner.fix_default_route(&updated, &mut ns_nl)?;
-            inner.save(&updated)
-        })();
-        if let Err(e) = made {
-            let _ = bridge::detach(&mut inner.nl, &ep, shim);
-            if ep.kind == EndpointKind::Macvlan {
-                let _ = Netns::open(Path::new(path))
-                    .and_then(|ns| ns.netlink())
-                    .and_then(|mut ns_nl| ns_nl.delete_link(&ep.ifname));
+            for a in &req.aliases {
+                weft_model::names::validate("alias", a)
+                    .map_err(|e| AgentError::BadRequest(e.to_string()))?;
             }
-            inner
-                .networks
-                .get_mut(network)
-                .expect("checked")
-                .pool
-                .release(ip);
-            return Err(e);
-        }
-        inner.dns.add(&updated);
-        info!(sandbox = %sb.name, network, ip = %ip, "connected");
-        let view = inner.view(&updated);
-        inner.sandboxes.insert(updated.id.clone(), updated);
-        Ok(view)
+            let index = (0..)
+                .find(|i| !endpoints.iter().any(|e| e.ifname == format!("eth{i}")))
+                .unwrap_or(endpoints.len());
+            let a = Attach {
+                endpoints: vec![EndpointRequest {
+                    network: network.to_string(),
+                    ip: req.ip,
+                    aliases: req.aliases.clone(),
+                    ifname: format!("eth{index}"),
+                    host_ifname: host_veth_name(&sb.id, index),
+                    mac: None,
+                    reserved: false,
+                }],
+                namespace: Namespace::Existing(PathBuf::from(path)),
+                default_route: DefaultRoute::Recompute,
+                ports: Vec::new(),
+                resolv: None,
+                replace: true,
+                started: None,
+                sandbox: sb,
+            };
+            let sb = attach::attach(&mut g, a)?;
+            info!(sandbox = %sb.name, network, "connected");
+            sb.id.clone()
+        };
+        self.get(&id)
     }
 
     pub fn disconnect(&self, network: &str, req: Disconnect) -> Result<SandboxView> {
-        let mut g = self.lock();
-        let inner = &mut *g;
-        let sb = inner.find(&req.sandbox)?.clone();
-        if !inner.networks.contains_key(network) {
-            return Err(not_found(network));
-        }
-        let Some(ep) = sb
-            .attachment
-            .endpoints()
-            .iter()
-            .find(|e| e.network == network)
-            .cloned()
-        else {
-            return Err(AgentError::BadRequest(format!(
-                "sandbox {} is not on network {network}",
-                sb.name
-            )));
+        let id = {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            let sb = inner.find(&req.sandbox)?.clone();
+            inner.network(network)?;
+            let Some(ep) = sb
+                .attachment
+                .endpoints()
+                .iter()
+                .find(|e| e.network == network)
+                .cloned()
+            else {
+                return Err(AgentError::BadRequest(format!(
+                    "sandbox {} is not on network {network}",
+                    sb.name
+                )));
+            };
+            let mut updated = sb.clone();
+            if let Attachment::Networks { endpoints } = &mut updated.attachment {
+                endpoints.retain(|e| e.network != network);
+            }
+            // Ports published through this network go with it.
+            let (gone, kept): (Vec<_>, Vec<_>) =
+                updated.ports.drain(..).partition(|p| p.network == network);
+            updated.ports = kept;
+            inner.firewall.delete_ports(&gone)?;
+            let mut ns_nl = match sb.netns.as_deref().map(Path::new) {
+                Some(p) if weft_kernel::netns::is_netns(p) => Some(Netns::open(p)?.netlink()?),
+                _ => None,
+            };
+            let state = inner
+                .networks
+                .get(network)
+                .ok_or_else(|| not_found(network))?;
+            state.driver.detach(&mut inner.nl, &ep, ns_nl.as_mut())?;
+            if let Some(n) = inner.networks.get_mut(network) {
+                n.pool.release(ep.ip);
+            }
+            if let Some(nl) = ns_nl.as_mut() {
+                if let Err(e) = attach::fix_default_route(inner, &updated, nl) {
+                    warn!(sandbox = %sb.name, error = %e, "could not move the default route");
+                }
+            }
+            inner
+                .runtime
+                .put_json(&keys::sandbox(&updated.id), &updated)?;
+            inner.register(updated);
+            info!(sandbox = %sb.name, network, "disconnected");
+            sb.id.clone()
         };
-        let mut updated = sb.clone();
-        if let Attachment::Networks { endpoints } = &mut updated.attachment {
-            endpoints.retain(|e| e.network != network);
-        }
-        // Ports published through this network go with it.
-        let (gone, kept): (Vec<_>, Vec<_>) =
-            updated.ports.drain(..).partition(|p| p.network == network);
-        updated.ports = kept;
-        firewall::delete_ports(&gone)?;
-        let shim = inner.networks[network].shim_index;
-        bridge::detach(&mut inner.nl, &ep, shim)?;
-        if ep.kind == EndpointKind::Macvlan {
-            if let Some(path) = &sb.netns {
-                Netns::open(Path::new(path))?
-                    .netlink()?
-                    .delete_link(&ep.ifname)?;
+        self.get(&id)
+    }
+}
+
+impl crate::host::Inner {
+    /// Makes a network exist on this host: its driver's host side, the
+    /// address pool, the resolver, the firewall and (with `create`) its
+    /// record; all rolled back on error.
+    pub(crate) fn add_network(&mut self, mut net: Network, create: bool) -> Result<()> {
+        let pool = pool_for(&net)?;
+        let mut driver = driver::for_network(&net);
+        let created = driver.setup(&mut self.nl, &mut net)?;
+        let name = net.name.clone();
+        let resolver = net.has_resolver().then_some(net.gateway);
+        self.networks.insert(
+            name.clone(),
+            NetworkState {
+                net: net.clone(),
+                pool,
+                driver,
+            },
+        );
+        let done = resolver
+            .map_or(Ok(()), |gw| self.dns.serve(&name, gw))
+            .and_then(|_| self.apply_firewall())
+            .and_then(|_| {
+                let key = keys::network(&name);
+                if create {
+                    self.networks_db.create_json(&key, &net)?;
+                } else {
+                    self.networks_db.put_json(&key, &net)?;
+                }
+                Ok(())
+            });
+        if let Err(e) = done {
+            self.dns.stop(&name);
+            if let Some(mut n) = self.networks.remove(&name) {
+                if created {
+                    let _ = n.driver.teardown(&mut self.nl, &net);
+                }
             }
+            let _ = self.apply_firewall();
+            return Err(e);
         }
-        inner
-            .networks
-            .get_mut(network)
-            .expect("checked")
-            .pool
-            .release(ep.ip);
-        if let Some(path) = &sb.netns {
-            let fixed = Netns::open(Path::new(path))
-                .and_then(|ns| ns.netlink())
-                .map_err(AgentError::from)
-                .and_then(|mut ns_nl| inner.fix_default_route(&updated, &mut ns_nl));
-            if let Err(e) = fixed {
-                warn!(sandbox = %sb.name, error = %e, "could not move the default route");
-            }
+        info!(network = %name, subnet = %net.subnet, driver = %net.driver(), "network ready");
+        Ok(())
+    }
+
+    /// Removes a network without endpoints from this host: resolver, host
+    /// side, record, firewall. Reports every failure.
+    pub(crate) fn drop_network(&mut self, name: &str) -> Result<Network> {
+        let Some(mut state) = self.networks.remove(name) else {
+            return Err(not_found(name));
+        };
+        self.dns.stop(name);
+        let mut errors = Vec::new();
+        if let Err(e) = state.driver.teardown(&mut self.nl, &state.net) {
+            errors.push(e);
         }
-        inner.save(&updated)?;
-        inner.dns.add(&updated);
-        info!(sandbox = %sb.name, network, "disconnected");
-        let view = inner.view(&updated);
-        inner.sandboxes.insert(updated.id.clone(), updated);
-        Ok(view)
+        if let Err(e) = self.networks_db.delete(&keys::network(name)) {
+            errors.push(e.into());
+        }
+        if let Err(e) = self.apply_firewall() {
+            errors.push(e);
+        }
+        AgentError::all(errors)?;
+        Ok(state.net)
     }
 }

@@ -1,18 +1,16 @@
 //! Overlay networks on this host: the local half of a global network. The
 //! cluster (cluster/) decides which overlay networks exist and which subnet
-//! this host leased; these methods make the host match: a bridge whose
-//! gateway is the first address of the leased subnet, the address pool,
+//! this host leased; these methods make the host match: the network on the
+//! leased subnet through its driver (driver/overlay.rs), the address pool,
 //! the resolver, the firewall, and flannel's subnet file.
 
-use crate::bridge;
 use crate::error::{AgentError, Result};
-use crate::firewall;
-use crate::host::{Host, NetworkState};
+use crate::host::Host;
 use tracing::{info, warn};
 use weft_model::api::Disconnect;
 use weft_model::overlay::subnet_file;
 use weft_model::{keys, subnet, Lease, Network};
-use weft_store::{Store, StoreJson};
+use weft_store::StoreJson;
 
 /// The local form of a global network: its subnet and gateway are the host's.
 pub(crate) fn localize(global: &Network, lease: &Lease) -> Network {
@@ -27,6 +25,7 @@ impl Host {
     /// Makes the overlay network `global` ready on this host on the leased
     /// subnet. Idempotent; a changed subnet (the lease was lost and another
     /// one taken) rebuilds the network, disconnecting its sandboxes.
+    /// Blocking: call it from a blocking thread.
     pub(crate) fn ensure_overlay(
         &self,
         global: &Network,
@@ -35,7 +34,14 @@ impl Host {
     ) -> Result<()> {
         let mut local = localize(global, lease);
         local.mtu = local.mtu.or(mtu);
-        let have = self.lock().networks.get(&local.name).map(|h| h.net.clone());
+        let Some(overlay) = local.overlay().cloned() else {
+            return Err(AgentError::WrongDriver {
+                network: local.name.clone(),
+                driver: local.driver().to_string(),
+                wanted: "overlay",
+            });
+        };
+        let have = self.snapshot().networks.get(&local.name).cloned();
         match have {
             Some(h) if h == local => return Ok(()),
             Some(h) if h.subnet != local.subnet => {
@@ -48,57 +54,38 @@ impl Host {
         let mut g = self.lock();
         let inner = &mut *g;
         let existed = inner.networks.contains_key(&local.name);
-        let pool = crate::networks::pool_for(&local)?;
-        let (bridge_index, shim_index, created) = bridge::ensure(&mut inner.nl, &mut local)?;
-        let done = (|| {
-            if !existed && local.has_resolver() {
-                inner.dns.serve(&local.name, local.gateway)?;
-            }
+        if existed {
+            // Same subnet, other settings (an MTU): keep it, record the change.
             inner
                 .networks_db
                 .put_json(&keys::network(&local.name), &local)?;
-            let state = NetworkState {
-                net: local.clone(),
-                pool,
-                bridge_index,
-                shim_index,
-            };
-            match inner.networks.get_mut(&local.name) {
-                Some(s) => s.net = local.clone(),
-                None => {
-                    inner.networks.insert(local.name.clone(), state);
-                }
+            if let Some(n) = inner.networks.get_mut(&local.name) {
+                n.net = local.clone();
             }
-            firewall::apply_all(inner)?;
-            let overlay = local.overlay.as_ref().expect("overlay network");
-            let file = inner.cfg.subnet_file(&local.name);
-            std::fs::write(
-                &file,
-                subnet_file(
-                    overlay,
-                    &local.subnet,
-                    local.gateway,
-                    local.mtu.unwrap_or(1500),
-                    !local.internal,
-                ),
-            )
-            .map_err(|e| AgentError::Internal(format!("write {}: {e}", file.display())))?;
-            Ok(())
-        })();
-        if let Err(e) = done {
+            inner.apply_firewall()?;
+        } else {
+            inner.add_network(local.clone(), false)?;
+        }
+        let file = inner.cfg.subnet_file(&local.name);
+        let written = std::fs::write(
+            &file,
+            subnet_file(
+                &overlay,
+                &local.subnet,
+                local.gateway,
+                local.mtu.unwrap_or(1500),
+                !local.internal,
+            ),
+        )
+        .map_err(AgentError::io(format!("write {}", file.display())));
+        if let Err(e) = written {
             if !existed {
-                inner.dns.stop(&local.name);
-                inner.networks.remove(&local.name);
-                let _ = inner.networks_db.delete(&keys::network(&local.name));
-                if created {
-                    let _ = bridge::remove(&mut inner.nl, &local);
-                }
-                let _ = firewall::apply_all(inner);
+                let _ = inner.drop_network(&local.name);
             }
             return Err(e);
         }
         if !existed {
-            info!(network = %local.name, subnet = %local.subnet, bridge = %local.bridge, "overlay network ready on this host");
+            info!(network = %local.name, subnet = %local.subnet, "overlay network ready on this host");
         }
         Ok(())
     }
@@ -106,64 +93,42 @@ impl Host {
     /// Removes the local half of an overlay network (it left the cluster,
     /// or this host's subnet changed), disconnecting its sandboxes.
     pub(crate) fn drop_overlay(&self, name: &str) -> Result<()> {
-        let attached: Vec<String> = {
-            let g = self.lock();
-            g.sandboxes
-                .values()
-                .filter(|s| s.attachment.endpoints().iter().any(|e| e.network == name))
-                .map(|s| s.name.clone())
-                .collect()
-        };
-        for sb in attached {
+        for sb in self.sandboxes_on(name) {
             warn!(network = %name, sandbox = %sb, "the overlay network is gone; disconnecting");
             self.disconnect(name, Disconnect { sandbox: sb })?;
         }
         let mut g = self.lock();
-        let inner = &mut *g;
-        let Some(state) = inner.networks.remove(name) else {
+        if !g.networks.contains_key(name) {
             return Ok(());
-        };
-        inner.dns.stop(name);
-        bridge::remove(&mut inner.nl, &state.net)?;
-        inner.networks_db.delete(&keys::network(name))?;
-        let _ = std::fs::remove_file(inner.cfg.subnet_file(name));
-        firewall::apply_all(inner)?;
+        }
+        g.drop_network(name)?;
+        let _ = std::fs::remove_file(g.cfg.subnet_file(name));
         info!(network = %name, "overlay network removed from this host");
         Ok(())
     }
 
     /// The overlay networks this host has joined, as stored locally.
     pub(crate) fn local_overlays(&self) -> Vec<Network> {
-        let g = self.lock();
-        g.networks
+        let snap = self.snapshot();
+        snap.networks
             .values()
-            .filter(|n| n.net.is_global())
-            .map(|n| n.net.clone())
+            .filter(|n| n.is_global())
+            .cloned()
             .collect()
     }
 
     /// Local networks, to check a new global one against.
     pub(crate) fn local_networks(&self) -> Vec<Network> {
-        let g = self.lock();
-        g.networks
+        let snap = self.snapshot();
+        snap.networks
             .values()
-            .filter(|n| !n.net.is_global())
-            .map(|n| n.net.clone())
+            .filter(|n| !n.is_global())
+            .cloned()
             .collect()
     }
 
     /// Names of sandboxes on `network`.
     pub(crate) fn sandboxes_on(&self, network: &str) -> Vec<String> {
-        let g = self.lock();
-        g.sandboxes
-            .values()
-            .filter(|s| {
-                s.attachment
-                    .endpoints()
-                    .iter()
-                    .any(|e| e.network == network)
-            })
-            .map(|s| s.name.clone())
-            .collect()
+        self.snapshot().attached_to(network)
     }
 }

@@ -3,29 +3,31 @@
 //! against any kernel state: a fresh host, a host whose agent was killed, or
 //! one whose sandboxes vanished.
 
-use crate::bridge;
+use crate::attach::{self, Links};
 use crate::config::AgentConfig;
+use crate::driver::{self, Found, Target};
 use crate::error::{AgentError, Result};
-use crate::firewall;
-use crate::host::{Inner, NetworkState};
+use crate::firewall::Firewall;
+use crate::host::{Host, Inner, NetworkState};
+use crate::ids::random_id;
 use crate::netns_pool::NetnsPool;
-use crate::sandboxes::{random_id, teardown_network, Links};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Arc;
 use tracing::{info, warn};
 use weft_kernel::{netns, sysctl, Link, Netlink, Netns};
-use weft_model::network::{BRIDGE_PREFIX, DEFAULT_BRIDGE, DEFAULT_NETWORK, SHIM_PREFIX};
-use weft_model::sandbox::EndpointKind;
+use weft_model::network::{
+    BridgeSettings, DriverSettings, BRIDGE_PREFIX, DEFAULT_BRIDGE, DEFAULT_NETWORK, SHIM_PREFIX,
+};
 use weft_model::sandbox::HOST_VETH_PREFIX;
-use weft_model::{keys, subnet, Attachment, Driver, Network, Sandbox};
+use weft_model::{keys, subnet, Attachment, Network, Sandbox};
 use weft_store::{DiskStore, RuntimeStore, Store, StoreJson};
 
 fn private_dir(p: &Path) -> Result<()> {
-    std::fs::create_dir_all(p)
-        .map_err(|e| AgentError::Internal(format!("create {}: {e}", p.display())))?;
+    std::fs::create_dir_all(p).map_err(AgentError::io(format!("create {}", p.display())))?;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| AgentError::Internal(format!("chmod {}: {e}", p.display())))
+        .map_err(AgentError::io(format!("chmod {}", p.display())))
 }
 
 /// The default `bridge` network: kept if stored, else created on a subnet
@@ -47,7 +49,9 @@ fn default_network(
                     )));
                 }
                 // Nothing attached: move the network to the new subnet.
-                nl.delete_link(&net.bridge)?;
+                if let Some(b) = net.bridge() {
+                    nl.delete_link(b)?;
+                }
             }
             _ => return Ok((net, false)),
         }
@@ -71,29 +75,46 @@ fn default_network(
     let net = Network {
         name: DEFAULT_NETWORK.into(),
         id: random_id(),
-        driver: Driver::Bridge,
+        settings: DriverSettings::Bridge(BridgeSettings {
+            bridge: DEFAULT_BRIDGE.into(),
+        }),
         subnet,
         gateway: subnet::first_host(&subnet),
-        bridge: DEFAULT_BRIDGE.into(),
-        parent: None,
-        parent_created: false,
-        host_access: None,
         ip_range: None,
         mtu: None,
         internal: false,
         labels: Default::default(),
         options: Default::default(),
-        overlay: None,
     };
     Ok((net, true))
 }
 
-pub(crate) fn start(cfg: AgentConfig) -> Result<Inner> {
+/// Opens the stores, makes the kernel match them, and starts the host:
+/// watches for auto-removed sandboxes, the namespace pool's refill.
+pub fn start(cfg: AgentConfig) -> Result<Host> {
+    let inner = load(cfg)?;
+    let (watch, orphans) = auto_remove_watches(&inner);
+    // Only now: garbage collection must not see the pool's fresh entries.
+    inner.pool.start();
+    let host = Host::new(inner);
+    for (id, p) in watch {
+        host.remove_when_exited(id, p);
+    }
+    // A `weft run` killed before it started its process left these.
+    for id in orphans {
+        let _ = host.remove(&id, true);
+    }
+    Ok(host)
+}
+
+fn load(cfg: AgentConfig) -> Result<Inner> {
     private_dir(&cfg.state_dir)?;
     private_dir(&cfg.data_dir)?;
     private_dir(&cfg.logs_dir())?;
-    std::fs::create_dir_all(cfg.resolv_dir())
-        .map_err(|e| AgentError::Internal(format!("create {}: {e}", cfg.resolv_dir().display())))?;
+    std::fs::create_dir_all(cfg.resolv_dir()).map_err(AgentError::io(format!(
+        "create {}",
+        cfg.resolv_dir().display()
+    )))?;
     netns::prepare_dir(&cfg.netns_dir())?;
     let networks_db = DiskStore::open(&cfg.network_db())?;
     let runtime = RuntimeStore::open(&cfg.runtime_store_dir())?;
@@ -112,37 +133,32 @@ pub(crate) fn start(cfg: AgentConfig) -> Result<Inner> {
         default_network(stored_default, cfg.bridge_subnet, default_in_use, &mut nl)?;
     if changed {
         networks_db.put_json(&keys::network(DEFAULT_NETWORK), &default)?;
-        info!(subnet = %default.subnet, bridge = %default.bridge, "default network ready");
+        info!(subnet = %default.subnet, bridge = ?default.bridge(), "default network ready");
     }
 
     let mut networks = BTreeMap::new();
     for mut net in networks_db.list_json::<Network>(keys::NETWORKS)? {
-        let (bridge_index, shim_index) = match bridge::ensure(&mut nl, &mut net) {
-            Ok((i, shim, _)) => (i, shim),
-            // A macvlan parent can vanish with hardware: keep the rest working.
-            Err(e) if net.driver == Driver::Macvlan => {
-                warn!(network = %net.name, error = %e, "macvlan network unusable until its parent is back");
-                (0, None)
+        let mut driver = driver::for_network(&net);
+        if let Err(e) = driver.setup(&mut nl, &mut net) {
+            // A macvlan parent can vanish with hardware: keep the rest
+            // working; the driver refuses attaches until it is back.
+            if net.macvlan().is_none() {
+                return Err(e);
             }
-            Err(e) => return Err(e),
-        };
+            warn!(network = %net.name, error = %e, "macvlan network unusable until its parent is back");
+        }
         let pool = crate::networks::pool_for(&net)?;
-        networks.insert(
-            net.name.clone(),
-            NetworkState {
-                net,
-                pool,
-                bridge_index,
-                shim_index,
-            },
-        );
+        networks.insert(net.name.clone(), NetworkState { net, pool, driver });
     }
 
     let pool = NetnsPool::new(cfg.netns_dir(), cfg.netns_pool);
     let dns = std::sync::Arc::new(crate::dns::Resolver::new(cfg.resolv_conf.clone()));
+    // Before the table: apply_firewall fills the redirect's map too.
+    let firewall = Firewall::start(&cfg.state_dir);
     let mut inner = Inner {
         pool,
         dns,
+        firewall,
         cfg,
         networks_db,
         runtime,
@@ -169,10 +185,8 @@ pub(crate) fn start(cfg: AgentConfig) -> Result<Inner> {
             warn!(error = %e, "names on this network will not resolve");
         }
     }
-    // Before the table: apply_all fills the redirect's map too.
-    firewall::start_redirect(&inner.cfg.state_dir);
     // After adoption: the table holds every network and published port.
-    firewall::apply_all(&inner)?;
+    inner.apply_firewall()?;
     info!(
         sandboxes = inner.sandboxes.len(),
         networks = inner.networks.len(),
@@ -190,9 +204,8 @@ fn adopt(inner: &mut Inner, sb: Sandbox, links: &HashMap<String, Link>) {
         .is_some_and(|p| !netns::is_netns(Path::new(p)));
     if ns_gone {
         warn!(sandbox = %sb.name, "namespace is gone; removing what is left of the sandbox");
-        let _ = teardown_network(
-            &mut inner.nl,
-            &mut inner.networks,
+        let _ = attach::teardown(
+            inner,
             &sb.attachment,
             // A runtime's namespace is never weft's to unmount.
             sb.netns.as_deref().filter(|_| sb.external.is_none()),
@@ -214,32 +227,22 @@ fn adopt(inner: &mut Inner, sb: Sandbox, links: &HashMap<String, Link>) {
         warn!(sandbox = %sb.name, error = %e, "could not restore endpoints");
     }
     inner.names.insert(sb.name.clone(), sb.id.clone());
-    inner.sandboxes.insert(sb.id.clone(), sb);
+    inner.sandboxes.insert(sb.id.clone(), Arc::new(sb));
 }
 
-/// Puts endpoints back as they should be: host ends on their bridge and up,
-/// and pairs deleted behind weft's back recreated.
+/// Puts endpoints back as they should be (each driver checks its own), and
+/// recreates those deleted behind weft's back.
 fn repair_endpoints(inner: &mut Inner, sb: &Sandbox, links: &HashMap<String, Link>) -> Result<()> {
     let (Some(path), Attachment::Networks { endpoints }) = (&sb.netns, &sb.attachment) else {
         return Ok(());
     };
     let mut missing = Vec::new();
-    for (i, ep) in endpoints.iter().enumerate() {
-        let Some(net) = inner.networks.get(&ep.network) else {
+    for ep in endpoints {
+        let Some(n) = inner.networks.get(&ep.network) else {
             continue;
         };
-        if ep.kind == EndpointKind::Macvlan {
-            continue;
-        }
-        match links.get(&ep.host_ifname) {
-            None => missing.push((i, ep)),
-            Some(l) if l.master != Some(net.bridge_index) || !l.up => {
-                inner
-                    .nl
-                    .enslave_up(l.index, None, net.bridge_index, net.net.mtu)?;
-                info!(sandbox = %sb.name, link = %l.name, "veth put back on its bridge");
-            }
-            Some(_) => {}
+        if n.driver.repair(&mut inner.nl, &n.net, ep, links)? == Found::Missing {
+            missing.push(ep);
         }
     }
     if missing.is_empty() {
@@ -247,26 +250,29 @@ fn repair_endpoints(inner: &mut Inner, sb: &Sandbox, links: &HashMap<String, Lin
     }
     let ns = Netns::open(Path::new(path))?;
     let mut ns_nl = ns.netlink()?;
-    for (_, ep) in missing {
-        let Some(net) = inner.networks.get(&ep.network) else {
+    let route_on = weft_model::network::default_route_network(
+        endpoints
+            .iter()
+            .filter_map(|e| inner.networks.get(&e.network))
+            .map(|n| &n.net),
+    )
+    .map(String::from);
+    for ep in missing {
+        let Some(n) = inner.networks.get(&ep.network) else {
             continue;
         };
         // A half-left sandbox end would block the new pair.
         ns_nl.delete_link(&ep.ifname)?;
-        let route = weft_model::network::default_route_network(
-            endpoints
-                .iter()
-                .filter_map(|e| inner.networks.get(&e.network))
-                .map(|n| &n.net),
-        ) == Some(ep.network.as_str());
-        bridge::attach(
+        n.driver.attach(
             &mut inner.nl,
-            &ns,
-            &mut ns_nl,
-            net.bridge_index,
+            &n.net,
             ep,
-            net.net.mtu,
-            route,
+            Target::Namespace {
+                ns: &ns,
+                nl: &mut ns_nl,
+                prepared: None,
+                default_route: route_on.as_deref() == Some(ep.network.as_str()),
+            },
         )?;
         info!(sandbox = %sb.name, ifname = %ep.ifname, "endpoint restored");
     }
@@ -275,36 +281,20 @@ fn repair_endpoints(inner: &mut Inner, sb: &Sandbox, links: &HashMap<String, Lin
 
 /// Removes weft-owned kernel objects and files that no sandbox claims.
 fn collect_garbage(inner: &mut Inner) -> Result<()> {
+    // Host ends of endpoints, and what each network's driver owns (bridges,
+    // host-access interfaces, VXLAN devices that keep traffic flowing
+    // through an agent restart).
+    let owned_by_networks: Vec<String> = inner
+        .networks
+        .values()
+        .flat_map(|n| n.driver.owned_links(&n.net))
+        .collect();
     let wanted: HashSet<&str> = inner
         .sandboxes
         .values()
         .flat_map(|s| s.attachment.endpoints())
-        .map(|e| e.host_ifname.as_str())
-        .chain(inner.networks.values().map(|n| n.net.bridge.as_str()))
-        .collect();
-    let shims: Vec<String> = inner
-        .networks
-        .values()
-        .filter(|n| n.net.host_access.is_some())
-        .map(|n| n.net.shim())
-        .collect();
-    // VXLAN devices of the overlay networks this host has joined stay:
-    // traffic keeps flowing through an agent restart.
-    let vxlans: Vec<String> = inner
-        .networks
-        .values()
-        .filter(|n| {
-            n.net
-                .overlay
-                .as_ref()
-                .is_some_and(|o| o.backend == weft_model::BackendKind::Vxlan)
-        })
-        .map(|n| weft_model::overlay::vxlan_device(&n.net.id))
-        .collect();
-    let wanted: HashSet<&str> = wanted
-        .into_iter()
-        .chain(shims.iter().map(String::as_str))
-        .chain(vxlans.iter().map(String::as_str))
+        .filter_map(|e| e.host_ifname())
+        .chain(owned_by_networks.iter().map(String::as_str))
         .collect();
     let owned = |name: &str| {
         name.starts_with(HOST_VETH_PREFIX)

@@ -1,39 +1,19 @@
 //! Sandbox lifecycle: create (validate everything, then act, rolling back on
 //! error), record the process, stop, remove. And the views the API returns.
 
-use crate::bridge;
+use crate::attach::{self, Attach, DefaultRoute, EndpointRequest, Links, Namespace, Resolv};
 use crate::error::{AgentError, Result};
-use crate::host::{Host, Inner, NetworkState};
-use crate::netns_pool::Prepared;
-use std::collections::BTreeMap;
-use std::path::Path;
+use crate::host::{Host, Inner, Snapshot};
+use crate::ids::{now_unix, random_id};
 use std::time::{Duration, Instant};
-use tracing::{debug, info, warn};
-use weft_kernel::{process, Netlink, Netns};
+use tracing::{info, warn};
+use weft_kernel::process;
 use weft_model::api::{CreateSandbox, Removed, SandboxView, State};
-use weft_model::sandbox::EndpointKind;
 use weft_model::sandbox::{host_veth_name, parse_net_modes};
-use weft_model::Driver;
 use weft_model::{
-    keys, names, ports, Attachment, Endpoint, NetMode, NetRequest, PortMapping, ProcessRef,
-    Published, Sandbox,
+    keys, names, ports, Attachment, NetMode, NetRequest, PortMapping, ProcessRef, Sandbox,
 };
-use weft_store::{Store, StoreJson};
-
-/// 32 random bytes as 64 hex digits, like a Docker container id.
-pub(crate) fn random_id() -> String {
-    let mut buf = [0u8; 32];
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    assert_eq!(n, 32, "getrandom failed");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use weft_store::StoreJson;
 
 /// What a validated request will do.
 enum Plan {
@@ -58,50 +38,7 @@ pub(crate) fn state_of(sb: &Sandbox) -> State {
     }
 }
 
-/// How the veth pairs of a sandbox go.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Links {
-    /// Delete them now (rollback, repair).
-    Delete,
-    /// Let the kernel delete them when it destroys the namespace: unpinning a
-    /// namespace costs ~0.1 ms, deleting a veth ~13 ms of RCU waits, and the
-    /// kernel destroys dying namespaces in batches. `Host::reap_later` deletes
-    /// any that something else kept alive.
-    WithNamespace,
-}
-
-/// Undoes the network side of a sandbox: veths, addresses, namespace file.
-/// Tolerates parts that are already gone.
-pub(crate) fn teardown_network(
-    nl: &mut Netlink,
-    networks: &mut BTreeMap<String, NetworkState>,
-    attachment: &Attachment,
-    netns: Option<&str>,
-    links: Links,
-) -> Result<()> {
-    let mut first_err = None;
-    for ep in attachment.endpoints() {
-        let shim = networks.get(&ep.network).and_then(|n| n.shim_index);
-        // A macvlan endpoint's host route goes in any case; its interface goes
-        // with the namespace.
-        if links == Links::Delete || netns.is_none() || ep.kind == EndpointKind::Macvlan {
-            if let Err(e) = bridge::detach(nl, ep, shim) {
-                first_err.get_or_insert(e);
-            }
-        }
-        if let Some(n) = networks.get_mut(&ep.network) {
-            n.pool.release(ep.ip);
-        }
-    }
-    if let Some(path) = netns {
-        if let Err(e) = Netns::remove(Path::new(path)) {
-            first_err.get_or_insert(e.into());
-        }
-    }
-    first_err.map_or(Ok(()), Err)
-}
-
-impl Inner {
+impl Snapshot {
     /// The resolv.conf weft wrote for a sandbox with a namespace of its own
     /// (`create_sandbox` writes one for exactly those); `--net container:`
     /// uses its target's, `--net host` and CNI attachments none.
@@ -111,8 +48,7 @@ impl Inner {
             _ => sb,
         };
         (owner.attachment.owns_netns() && owner.external.is_none()).then(|| {
-            self.cfg
-                .resolv_dir()
+            self.resolv_dir
                 .join(format!("{}.conf", owner.id))
                 .display()
                 .to_string()
@@ -144,6 +80,12 @@ impl Inner {
         }
     }
 
+    pub(crate) fn find(&self, key: &str) -> Result<&Sandbox> {
+        crate::host::find_in(&self.sandboxes, key)
+    }
+}
+
+impl Inner {
     fn validate(&self, req: &CreateSandbox) -> Result<(String, Plan, Vec<PortMapping>)> {
         let bad = |e: String| AgentError::BadRequest(e);
         if req.command.is_empty() {
@@ -194,7 +136,6 @@ impl Inner {
                 modes[0]
             )));
         }
-        self.check_ports_free(&mappings)?;
         let plan = match &modes[0] {
             NetMode::Host => Plan::Host,
             NetMode::None => Plan::None,
@@ -227,32 +168,13 @@ impl Inner {
                     let NetMode::Network(r) = m else {
                         unreachable!("checked by parse_net_modes")
                     };
-                    let Some(state) = self.networks.get(&r.network) else {
+                    if !self.networks.contains_key(&r.network) {
                         return Err(AgentError::NotFound(format!(
                             "no network named {:?}: `weft network ls` lists the networks; --net also takes host, none and container:NAME",
                             r.network
                         )));
-                    };
-                    if let Some(ip) = r.ip {
-                        state
-                            .pool
-                            .check_free(ip)
-                            .map_err(|e| bad(format!("--net {}: {e}", r.network)))?;
                     }
                     requests.push(r.clone());
-                }
-                let first = &self.networks[&requests[0].network].net;
-                if !mappings.is_empty() && first.driver == Driver::Macvlan {
-                    return Err(bad(format!(
-                        "-p: network {} is a macvlan network: its sandboxes are on the LAN with their own addresses; reach them there",
-                        first.name
-                    )));
-                }
-                if !mappings.is_empty() && first.internal {
-                    return Err(bad(format!(
-                        "-p: network {} is internal, so nothing outside may reach it",
-                        first.name
-                    )));
                 }
                 let default_route = weft_model::network::default_route_network(
                     requests.iter().map(|r| &self.networks[&r.network].net),
@@ -266,252 +188,115 @@ impl Inner {
         };
         Ok((name, plan, mappings))
     }
-
-    /// Refuses host ports that another sandbox already publishes, naming it.
-    pub(crate) fn check_ports_free(&self, mappings: &[PortMapping]) -> Result<()> {
-        for m in mappings {
-            for sb in self.sandboxes.values() {
-                if let Some(p) = sb.ports.iter().find(|p| p.mapping.conflicts_with(m)) {
-                    return Err(AgentError::Conflict(format!(
-                        "-p {m}: host port {} is already published by sandbox {} (-p {}); pick another host port or remove {}",
-                        m.host, sb.name, p.mapping, sb.name
-                    )));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Creates the sandbox's namespace and endpoints; rolls back on error.
-    fn build(&mut self, id: &str, plan: &Plan) -> Result<(Attachment, Option<String>)> {
-        let path = self.cfg.netns_dir().join(&random_id()[..32]);
-        match plan {
-            Plan::Host => Ok((Attachment::Host, None)),
-            Plan::Container { id, name } => Ok((
-                Attachment::Container {
-                    id: id.clone(),
-                    name: name.clone(),
-                },
-                None,
-            )),
-            Plan::None => {
-                Netns::create(&path, crate::netns_pool::SANDBOX_SYSCTLS)?;
-                Ok((Attachment::None, Some(path.display().to_string())))
-            }
-            Plan::Networks {
-                requests,
-                default_route,
-            } => {
-                let t = Instant::now();
-                let macvlan_first =
-                    self.networks[&requests[0].network].net.driver == Driver::Macvlan;
-                // A ready namespace comes with a veth pair for eth0; a sandbox whose
-                // eth0 is a macvlan gets a bare namespace instead.
-                let (ns, mut ns_nl, parked) = if macvlan_first {
-                    let (ns, ns_nl) = Netns::create(&path, crate::netns_pool::SANDBOX_SYSCTLS)?;
-                    (ns, ns_nl, None)
-                } else {
-                    let p = match self.pool.take() {
-                        Some(p) => p,
-                        None => Prepared::make(self.pool.dir(), &mut self.nl)?,
-                    };
-                    (
-                        p.ns,
-                        p.ns_nl,
-                        Some((p.host_ifname, p.host_index, p.peer_index)),
-                    )
-                };
-                debug!(prepare_us = t.elapsed().as_micros(), "namespace ready");
-                let path = ns.path().display().to_string();
-                let mut endpoints = Vec::with_capacity(requests.len());
-                let made = (|| {
-                    for (i, r) in requests.iter().enumerate() {
-                        let state = self.networks.get_mut(&r.network).expect("validated");
-                        let addr = state
-                            .pool
-                            .allocate(r.ip)
-                            .map_err(|e| AgentError::BadRequest(e.to_string()))?;
-                        let ep = Endpoint {
-                            network: r.network.clone(),
-                            ifname: format!("eth{i}"),
-                            host_ifname: host_veth_name(id, i),
-                            ip: addr,
-                            prefix_len: state.net.subnet.prefix_len(),
-                            gateway: state.net.gateway,
-                            aliases: r.aliases.clone(),
-                            kind: EndpointKind::of(state.net.driver),
-                            mac: None,
-                        };
-                        let (bridge_index, shim, mtu) =
-                            (state.bridge_index, state.shim_index, state.net.mtu);
-                        let route = default_route.as_deref() == Some(r.network.as_str());
-                        endpoints.push(ep.clone());
-                        let attached = match (&parked, ep.kind) {
-                            (Some((_, host_index, peer_index)), EndpointKind::Veth) if i == 0 => {
-                                bridge::attach_prepared(
-                                    &mut self.nl,
-                                    (*host_index, *peer_index, &mut ns_nl),
-                                    bridge_index,
-                                    &ep,
-                                    mtu,
-                                    route,
-                                )
-                            }
-                            (_, EndpointKind::Veth) => bridge::attach(
-                                &mut self.nl,
-                                &ns,
-                                &mut ns_nl,
-                                bridge_index,
-                                &ep,
-                                mtu,
-                                route,
-                            )
-                            .map(|_| ()),
-                            (_, EndpointKind::Macvlan) => bridge::attach_macvlan(
-                                &mut self.nl,
-                                &ns,
-                                &mut ns_nl,
-                                bridge_index,
-                                shim,
-                                &ep,
-                                mtu,
-                                route,
-                            ),
-                        };
-                        attached.map_err(|e| bridge_full_hint(e, &r.network))?;
-                    }
-                    Ok(())
-                })();
-                let attachment = Attachment::Networks { endpoints };
-                if let Err(e) = made {
-                    // The host end may still carry its parked name.
-                    if let Some((name, _, _)) = &parked {
-                        let _ = self.nl.delete_link(name);
-                    }
-                    if let Err(undo) = teardown_network(
-                        &mut self.nl,
-                        &mut self.networks,
-                        &attachment,
-                        Some(&path),
-                        Links::Delete,
-                    ) {
-                        warn!(sandbox = id, error = %undo, "rollback left something behind");
-                    }
-                    return Err(e);
-                }
-                Ok((attachment, Some(path)))
-            }
-        }
-    }
-}
-
-/// A Linux bridge takes at most 1024 ports (BR_MAX_PORTS); the kernel says EXFULL.
-fn bridge_full_hint(e: AgentError, network: &str) -> AgentError {
-    match &e {
-        AgentError::Kernel(k) if k.errno() == Some(libc::EXFULL) => AgentError::Conflict(format!(
-            "network {network} is full: its Linux bridge already has the 1023 sandbox ports the kernel allows; \
-             create another network for more sandboxes"
-        )),
-        _ => e,
-    }
 }
 
 impl Host {
     pub fn create_sandbox(&self, req: CreateSandbox) -> Result<SandboxView> {
-        let mut g = self.lock();
-        let (name, plan, mappings) = g.validate(&req)?;
-        let dns = (
-            req.dns.clone(),
-            req.dns_search.clone(),
-            req.dns_options.clone(),
-        );
         let id = random_id();
-        let name = if name.is_empty() {
-            id[..12].to_string()
-        } else {
-            name
-        };
-        let started = Instant::now();
-        let (attachment, netns) = g.build(&id, &plan)?;
-        // Ports lead to the address on the first network.
-        let ports: Vec<Published> = match attachment.endpoints().first() {
-            Some(ep) => mappings
-                .iter()
-                .map(|m| Published {
-                    mapping: *m,
-                    network: ep.network.clone(),
-                    target: ep.ip,
-                })
-                .collect(),
-            None => Vec::new(),
-        };
-        let published = crate::firewall::add_ports(&ports);
-        let network_setup_us = started.elapsed().as_micros() as u64;
-        let sb = Sandbox {
-            id: id.clone(),
-            name: name.clone(),
-            attachment,
-            netns,
-            process: None,
-            auto_remove: req.auto_remove,
-            command: req.command,
-            created_unix: now_unix(),
-            network_setup_us,
-            ports,
-            external: None,
-        };
-        let resolv_file = g.cfg.resolv_dir().join(format!("{id}.conf"));
-        let recorded = published
-            .and_then(|_| {
-                if sb.attachment.owns_netns() {
-                    let host = g.dns.upstream().conf();
-                    let embedded = sb
-                        .attachment
-                        .endpoints()
-                        .iter()
-                        .find(|e| {
-                            g.networks
-                                .get(&e.network)
-                                .is_some_and(|n| n.net.has_resolver())
+        {
+            let mut g = self.lock();
+            let (name, plan, mappings) = g.validate(&req)?;
+            let name = if name.is_empty() {
+                id[..12].to_string()
+            } else {
+                name
+            };
+            let started = Instant::now();
+            let mut sb = Sandbox {
+                id: id.clone(),
+                name: name.clone(),
+                attachment: Attachment::None,
+                netns: None,
+                process: None,
+                auto_remove: req.auto_remove,
+                command: req.command.clone(),
+                created_unix: now_unix(),
+                network_setup_us: 0,
+                ports: Vec::new(),
+                external: None,
+            };
+            let resolv = Resolv {
+                servers: req.dns.clone(),
+                search: req.dns_search.clone(),
+                options: req.dns_options.clone(),
+            };
+            let bare = |sb: Sandbox, namespace, resolv| Attach {
+                sandbox: sb,
+                endpoints: Vec::new(),
+                namespace,
+                default_route: DefaultRoute::On(None),
+                ports: Vec::new(),
+                resolv,
+                replace: false,
+                started: Some(started),
+            };
+            let sb = match plan {
+                Plan::Networks {
+                    requests,
+                    default_route,
+                } => {
+                    sb.attachment = Attachment::Networks {
+                        endpoints: Vec::new(),
+                    };
+                    let endpoints = requests
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, r)| EndpointRequest {
+                            network: r.network,
+                            ip: r.ip,
+                            aliases: r.aliases,
+                            ifname: format!("eth{i}"),
+                            host_ifname: host_veth_name(&id, i),
+                            mac: None,
+                            reserved: false,
                         })
-                        .map(|e| e.gateway);
-                    let rc = crate::dns::resolv_for(&host, embedded, &dns.0, &dns.1, &dns.2);
-                    std::fs::write(&resolv_file, weft_dns::render_resolv_conf(&rc)).map_err(
-                        |e| AgentError::Internal(format!("write {}: {e}", resolv_file.display())),
-                    )?;
+                        .collect();
+                    let a = Attach {
+                        sandbox: sb,
+                        endpoints,
+                        namespace: Namespace::New,
+                        default_route: DefaultRoute::On(default_route),
+                        ports: mappings,
+                        resolv: Some(resolv),
+                        replace: false,
+                        started: Some(started),
+                    };
+                    attach::attach(&mut g, a)?
                 }
-                Ok(())
-            })
-            .and_then(|_| Ok(g.runtime.create_json(&keys::sandbox(&id), &sb)?));
-        if let Err(e) = recorded {
-            let inner = &mut *g;
-            let _ = crate::firewall::delete_ports(&sb.ports);
-            let _ = std::fs::remove_file(&resolv_file);
-            let _ = teardown_network(
-                &mut inner.nl,
-                &mut inner.networks,
-                &sb.attachment,
-                sb.netns.as_deref(),
-                Links::Delete,
-            );
-            return Err(e);
+                // A namespace with `lo` only.
+                Plan::None => attach::attach(&mut g, bare(sb, Namespace::New, Some(resolv)))?,
+                Plan::Host => {
+                    sb.attachment = Attachment::Host;
+                    attach::attach(&mut g, bare(sb, Namespace::Later, None))?
+                }
+                Plan::Container {
+                    id: tid,
+                    name: tname,
+                } => {
+                    sb.attachment = Attachment::Container {
+                        id: tid,
+                        name: tname,
+                    };
+                    attach::attach(&mut g, bare(sb, Namespace::Later, None))?
+                }
+            };
+            info!(sandbox = %name, id = &id[..12], net = %sb.attachment.describe(), setup_us = sb.network_setup_us, "created");
         }
-        info!(sandbox = %name, id = &id[..12], net = %sb.attachment.describe(), setup_us = network_setup_us, "created");
-        g.dns.add(&sb);
-        let view = g.view(&sb);
-        g.names.insert(name, id.clone());
-        g.sandboxes.insert(id, sb);
-        Ok(view)
+        self.get(&id)
     }
 
     /// Records the process now running in the sandbox.
     pub fn started(&self, key: &str, pid: i32) -> Result<SandboxView> {
-        let (view, watch) = {
+        let (id, watch) = {
             let mut g = self.lock();
             let id = g.find(key)?.id.clone();
             let p = process::identify(pid)
                 .ok_or_else(|| AgentError::BadRequest(format!("process {pid} does not exist")))?;
-            let sb = g.sandboxes.get_mut(&id).expect("found");
+            let Some(sb) = g.sandboxes.get_mut(&id).map(std::sync::Arc::make_mut) else {
+                return Err(AgentError::NotFound(format!(
+                    "sandbox {key} was removed meanwhile"
+                )));
+            };
             if sb.process.is_some() {
                 return Err(AgentError::Conflict(format!(
                     "sandbox {} already has a process",
@@ -520,13 +305,19 @@ impl Host {
             }
             sb.process = Some(p);
             let sb = sb.clone();
-            g.runtime.put_json(&keys::sandbox(&id), &sb)?;
-            (g.view(&sb), sb.auto_remove.then_some((id, p)))
+            if let Err(e) = g.runtime.put_json(&keys::sandbox(&id), &sb) {
+                // Memory and record stay in step: no process without a record of it.
+                if let Some(m) = g.sandboxes.get_mut(&id) {
+                    std::sync::Arc::make_mut(m).process = None;
+                }
+                return Err(e.into());
+            }
+            (id, sb.auto_remove.then_some(p))
         };
-        if let Some((id, p)) = watch {
-            self.remove_when_exited(id, p);
+        if let Some(p) = watch {
+            self.remove_when_exited(id.clone(), p);
         }
-        Ok(view)
+        self.get(&id)
     }
 
     /// For `weft run` without -d: the sandbox goes when its process does, even
@@ -554,22 +345,23 @@ impl Host {
         });
     }
 
+    /// From the latest snapshot: never waits for the lock.
     pub fn list(&self) -> Vec<SandboxView> {
-        let g = self.lock();
-        let mut v: Vec<SandboxView> = g.sandboxes.values().map(|s| g.view(s)).collect();
+        let snap = self.snapshot();
+        let mut v: Vec<SandboxView> = snap.sandboxes.values().map(|s| snap.view(s)).collect();
         v.sort_by_key(|s| std::cmp::Reverse(s.created_unix));
         v
     }
 
     pub fn get(&self, key: &str) -> Result<SandboxView> {
-        let g = self.lock();
-        let sb = g.find(key)?;
-        Ok(g.view(sb))
+        let snap = self.snapshot();
+        let sb = snap.find(key)?;
+        Ok(snap.view(sb))
     }
 
     /// SIGTERM, then SIGKILL after `timeout`. The sandbox stays until `rm`.
     pub fn stop(&self, key: &str, timeout: Duration) -> Result<SandboxView> {
-        let p = self.lock().find(key)?.process;
+        let p = self.snapshot().find(key)?.process;
         if let Some(p) = p {
             if let Some(fd) = process::pidfd(&p)? {
                 process::signal_group(&p, &fd, libc::SIGTERM)?;
@@ -623,48 +415,26 @@ impl Host {
             }
         }
         let mut g = self.lock();
-        let inner = &mut *g;
-        let Some(sb) = inner.sandboxes.remove(&id) else {
+        let Some(sb) = g.sandboxes.get(&id).cloned() else {
             return Err(AgentError::NotFound(format!(
                 "sandbox {name} was removed meanwhile"
             )));
         };
-        inner.names.remove(&sb.name);
         let started = Instant::now();
-        if let Err(e) = crate::firewall::delete_ports(&sb.ports) {
-            // Rewrite the whole table from what is left instead.
-            warn!(sandbox = %sb.name, error = %e, "deleting published ports failed; rewriting the table");
-            crate::firewall::apply_all(inner)?;
-        }
         // A runtime's namespace (CNI) is not weft's: its veths go one by one.
-        let (netns, links) = match sb.external {
-            Some(_) => (None, Links::Delete),
-            None => (sb.netns.as_deref(), Links::WithNamespace),
+        let links = match sb.external {
+            Some(_) => Links::Delete,
+            None => Links::WithNamespace,
         };
-        let torn = teardown_network(
-            &mut inner.nl,
-            &mut inner.networks,
-            &sb.attachment,
-            netns,
-            links,
-        );
+        attach::remove(&mut g, &sb, links)?;
         let network_teardown_us = started.elapsed().as_micros() as u64;
-        if let Err(e) = torn {
-            // Keep the record so that the next reconcile retries.
-            inner.names.insert(sb.name.clone(), id.clone());
-            inner.sandboxes.insert(id, sb);
-            return Err(e);
-        }
-        inner.runtime.delete(&keys::sandbox(&id))?;
-        let _ = std::fs::remove_file(inner.cfg.logs_dir().join(format!("{id}.log")));
-        let _ = std::fs::remove_file(inner.cfg.resolv_dir().join(format!("{id}.conf")));
-        inner.dns.remove(&id);
+        let _ = std::fs::remove_file(g.cfg.logs_dir().join(format!("{id}.log")));
         drop(g);
         self.reap_later(
             sb.attachment
                 .endpoints()
                 .iter()
-                .map(|e| e.host_ifname.clone())
+                .filter_map(|e| e.host_ifname().map(String::from))
                 .collect(),
         );
         info!(sandbox = %name, id = &id[..12], teardown_us = network_teardown_us, "removed");
@@ -698,16 +468,29 @@ impl Host {
         });
     }
 
+    /// From the latest snapshot, and what the drivers programmed as the
+    /// kernel has it now (read on a socket of its own: no lock).
     pub fn status(&self) -> weft_model::api::StatusView {
-        let (networks, sandboxes) = {
-            let g = self.lock();
-            (g.networks.len(), g.sandboxes.len())
-        };
+        let snap = self.snapshot();
+        let mut missing = Vec::new();
+        match weft_kernel::Netlink::open() {
+            Ok(mut nl) => {
+                for net in snap.networks.values() {
+                    for p in crate::driver::for_network(net).programmed(&mut nl, net) {
+                        if !p.present {
+                            missing.push((net.name.clone(), p));
+                        }
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "status: cannot read the kernel"),
+        }
         weft_model::api::StatusView {
             version: env!("CARGO_PKG_VERSION").into(),
-            networks,
-            sandboxes,
-            cluster: self.cluster.get().map(|c| c.status()),
+            networks: snap.networks.len(),
+            sandboxes: snap.sandboxes.len(),
+            missing,
+            cluster: None,
         }
     }
 

@@ -1,9 +1,9 @@
 //! Runs the agent: one agent per state dir (an flock), then the API on a
 //! unix socket that only root can open, until SIGTERM or SIGINT.
 
+use crate::app::App;
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
-use crate::host::Host;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use tracing::info;
@@ -25,14 +25,18 @@ pub async fn serve(cfg: AgentConfig) -> Result<()> {
     }
 
     let start_cfg = cfg.clone();
-    let host = tokio::task::spawn_blocking(move || Host::start(start_cfg))
+    let host = tokio::task::spawn_blocking(move || crate::reconcile::start(start_cfg))
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))??;
 
-    if let Some(cc) = cfg.cluster.clone() {
-        let cluster = crate::cluster::Cluster::start(cc, host.clone()).await?;
-        let _ = host.cluster.set(cluster);
-    }
+    let cluster = match cfg.cluster.clone() {
+        Some(cc) => Some(crate::cluster::Cluster::start(cc, host.clone()).await?),
+        None => None,
+    };
+    let app = App {
+        host: host.clone(),
+        cluster,
+    };
 
     // Before the API: dockerd may be waiting for the plugin already.
     let docker = match &cfg.docker_plugin {
@@ -55,7 +59,7 @@ pub async fn serve(cfg: AgentConfig) -> Result<()> {
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         info!("shutting down; sandboxes keep running");
     };
-    axum::serve(listener, crate::api::router(host.clone()))
+    axum::serve(listener, crate::api::router(app))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|e| AgentError::Internal(format!("serve: {e}")))?;
@@ -65,7 +69,6 @@ pub async fn serve(cfg: AgentConfig) -> Result<()> {
     tokio::task::spawn_blocking(move || host.shutdown())
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))?;
-    crate::firewall::stop_redirect();
     let _ = std::fs::remove_file(&sock);
     drop(lock);
     Ok(())

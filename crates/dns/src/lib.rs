@@ -169,12 +169,13 @@ mod tests {
                     .map(|(i, (net, ip, aliases))| Endpoint {
                         network: net.to_string(),
                         ifname: format!("eth{i}"),
-                        host_ifname: format!("wv{id}{i}"),
                         ip: ip.parse().unwrap(),
                         prefix_len: 24,
                         gateway: "10.0.0.1".parse().unwrap(),
                         aliases: aliases.iter().map(|a| a.to_string()).collect(),
-                        kind: Default::default(),
+                        kind: weft_model::sandbox::EndpointKind::Veth {
+                            host_ifname: format!("wv{id}{i}"),
+                        },
                         mac: None,
                     })
                     .collect(),

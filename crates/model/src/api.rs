@@ -130,6 +130,23 @@ pub struct NetworkView {
     /// Overlay networks: the range across hosts, backend, VNI.
     #[serde(default)]
     pub overlay: Option<crate::overlay::Overlay>,
+    /// What the network's driver programmed on this host, read back from
+    /// the kernel (`network inspect` and `status` fill it; `ls` does not).
+    #[serde(default)]
+    pub programmed: Vec<ProgrammedView>,
+}
+
+/// One kernel object a driver made for a network, as the kernel has it now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgrammedView {
+    /// What it is to the network: bridge, parent, vxlan device, …
+    pub what: String,
+    pub name: String,
+    pub present: bool,
+    /// State as read: up/down/missing and the settings that matter.
+    pub detail: String,
+    /// The standard command that shows the same thing.
+    pub check: String,
 }
 
 /// The agent's view of its cluster, for `weft status`.
@@ -138,6 +155,10 @@ pub struct StatusView {
     pub version: String,
     pub networks: usize,
     pub sandboxes: usize,
+    /// Objects the drivers programmed that are missing from the kernel now
+    /// (deleted behind weft's back): network, and what is missing.
+    #[serde(default)]
+    pub missing: Vec<(String, ProgrammedView)>,
     /// Absent on a single-host agent.
     pub cluster: Option<ClusterView>,
 }

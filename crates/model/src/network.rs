@@ -46,19 +46,13 @@ impl std::fmt::Display for Driver {
 pub struct Network {
     pub name: String,
     pub id: String,
-    pub driver: Driver,
+    /// What the driver needs, and only that: a network is exactly one kind.
+    /// Flattened with the tag `driver`, so a record reads as before
+    /// (`"driver": "bridge", "bridge": "weft0", …`).
+    #[serde(flatten)]
+    pub settings: DriverSettings,
     pub subnet: Ipv4Net,
     pub gateway: Ipv4Addr,
-    /// The Linux bridge that carries this network on this host (bridge driver).
-    pub bridge: String,
-    /// macvlan: the parent interface, whether weft created it (an 802.1q
-    /// sub-interface), and the host's own address on the LAN (host access).
-    #[serde(default)]
-    pub parent: Option<String>,
-    #[serde(default)]
-    pub parent_created: bool,
-    #[serde(default)]
-    pub host_access: Option<Ipv4Addr>,
     /// Dynamic addresses come from here (static ones from the whole subnet).
     #[serde(default)]
     pub ip_range: Option<Ipv4Net>,
@@ -71,14 +65,81 @@ pub struct Network {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub options: BTreeMap<String, String>,
-    /// Overlay networks: the cluster-wide range and backend. `subnet` and
-    /// `gateway` are then this host's leased subnet and its gateway (in
-    /// etcd, where no host is meant, they are the whole range).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub overlay: Option<Overlay>,
+}
+
+/// A network's driver-specific settings: one variant per driver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "driver", rename_all = "lowercase")]
+pub enum DriverSettings {
+    Bridge(BridgeSettings),
+    Macvlan(MacvlanSettings),
+    Overlay(OverlaySettings),
+}
+
+/// bridge: the Linux bridge that carries the network on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BridgeSettings {
+    pub bridge: String,
+}
+
+/// macvlan: the parent interface, whether weft created it (an 802.1q
+/// sub-interface), and the host's own address on the LAN (host access).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MacvlanSettings {
+    pub parent: String,
+    #[serde(default)]
+    pub parent_created: bool,
+    #[serde(default)]
+    pub host_access: Option<Ipv4Addr>,
+}
+
+/// overlay: a bridge per host, joined to the other hosts by a backend.
+/// The network's `subnet` and `gateway` are this host's leased subnet and
+/// its gateway (in etcd, where no host is meant, they are the whole range).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlaySettings {
+    pub bridge: String,
+    pub overlay: Overlay,
+}
+
+impl DriverSettings {
+    pub fn driver(&self) -> Driver {
+        match self {
+            DriverSettings::Bridge(_) => Driver::Bridge,
+            DriverSettings::Macvlan(_) => Driver::Macvlan,
+            DriverSettings::Overlay(_) => Driver::Overlay,
+        }
+    }
 }
 
 impl Network {
+    pub fn driver(&self) -> Driver {
+        self.settings.driver()
+    }
+
+    /// The Linux bridge of weft's that endpoints attach to (bridge, overlay).
+    pub fn bridge(&self) -> Option<&str> {
+        match &self.settings {
+            DriverSettings::Bridge(b) => Some(&b.bridge),
+            DriverSettings::Overlay(o) => Some(&o.bridge),
+            DriverSettings::Macvlan(_) => None,
+        }
+    }
+
+    pub fn overlay(&self) -> Option<&Overlay> {
+        match &self.settings {
+            DriverSettings::Overlay(o) => Some(&o.overlay),
+            _ => None,
+        }
+    }
+
+    pub fn macvlan(&self) -> Option<&MacvlanSettings> {
+        match &self.settings {
+            DriverSettings::Macvlan(m) => Some(m),
+            _ => None,
+        }
+    }
+
     pub fn masquerade(&self) -> bool {
         !self.internal && self.uses_bridge()
     }
@@ -86,17 +147,17 @@ impl Network {
     /// Whether sandboxes attach through a Linux bridge of weft's (bridge and
     /// overlay drivers; macvlan attaches to its parent).
     pub fn uses_bridge(&self) -> bool {
-        matches!(self.driver, Driver::Bridge | Driver::Overlay)
+        self.bridge().is_some()
     }
 
     /// Global networks live in etcd and exist on every host.
     pub fn is_global(&self) -> bool {
-        self.driver == Driver::Overlay
+        self.overlay().is_some()
     }
 
     /// The addresses the network spans across all hosts.
     pub fn range(&self) -> Ipv4Net {
-        self.overlay.as_ref().map_or(self.subnet, |o| o.range)
+        self.overlay().map_or(self.subnet, |o| o.range)
     }
 
     /// The host's macvlan interface for host access.
@@ -238,7 +299,7 @@ pub fn plan(
         }
         let used = existing
             .iter()
-            .filter_map(|n| n.overlay.as_ref().map(|o| o.vni))
+            .filter_map(|n| n.overlay().map(|o| o.vni))
             .collect();
         let req = OverlayRequest {
             range: spec.subnet.or(spec.overlay.range),
@@ -328,7 +389,6 @@ pub fn plan(
         }
     }
     if driver == Driver::Macvlan {
-        bridge = String::new();
         let p = parent.as_ref().ok_or(NetworkError::NoParent)?;
         if spec.subnet.is_none() {
             return Err(NetworkError::MacvlanSubnet);
@@ -336,13 +396,16 @@ pub fn plan(
         if spec.internal {
             return Err(NetworkError::NotForMacvlan("internal"));
         }
-        if let Some(other) = existing.iter().find(|n| n.parent.as_ref() == Some(p)) {
+        if let Some(other) = existing
+            .iter()
+            .find(|n| n.macvlan().is_some_and(|m| &m.parent == p))
+        {
             return Err(NetworkError::ParentTaken {
                 parent: p.clone(),
                 other: other.name.clone(),
             });
         }
-    } else if let Some(other) = existing.iter().find(|n| n.bridge == bridge) {
+    } else if let Some(other) = existing.iter().find(|n| n.bridge() == Some(&bridge)) {
         return Err(NetworkError::BridgeTaken {
             name: bridge,
             other: other.name.clone(),
@@ -410,22 +473,28 @@ pub fn plan(
             });
         }
     }
+    let settings = match (driver, overlay, parent) {
+        (Driver::Macvlan, _, Some(parent)) => DriverSettings::Macvlan(MacvlanSettings {
+            parent,
+            parent_created: false,
+            host_access,
+        }),
+        (Driver::Overlay, Some(overlay), _) => {
+            DriverSettings::Overlay(OverlaySettings { bridge, overlay })
+        }
+        _ => DriverSettings::Bridge(BridgeSettings { bridge }),
+    };
     Ok(Network {
         name: spec.name.clone(),
         id: id.to_string(),
-        driver,
+        settings,
         subnet,
         gateway,
-        bridge,
-        parent,
-        parent_created: false,
-        host_access,
         ip_range: spec.ip_range.map(|r| r.trunc()),
         mtu,
         internal: spec.internal,
         labels: spec.labels.clone(),
         options: spec.options.clone(),
-        overlay,
     })
 }
 
@@ -474,7 +543,7 @@ mod tests {
         let n = plan(&spec("b"), ID, &existing, &routes).unwrap();
         assert_eq!(n.subnet.to_string(), "172.19.0.0/16");
         assert_eq!(n.gateway.to_string(), "172.19.0.1");
-        assert_eq!(n.bridge, "wbr-0123456789");
+        assert_eq!(n.bridge(), Some("wbr-0123456789"));
         assert!(n.masquerade());
     }
 
@@ -516,7 +585,7 @@ mod tests {
                 .insert("bridge.name".into(), "this-name-is-too-long".into());
         })
         .contains("1 to 15"));
-        let taken = existing[0].bridge.clone();
+        let taken = existing[0].bridge().unwrap().to_string();
         assert!(with(&|s| {
             s.options.insert("bridge.name".into(), taken.clone());
         })
@@ -532,7 +601,7 @@ mod tests {
         let n = plan(&s, ID, &existing, &[]).unwrap();
         assert_eq!(n.range().to_string(), "10.40.0.0/16");
         assert!(n.is_global() && n.uses_bridge() && n.masquerade());
-        assert_eq!(n.overlay.as_ref().unwrap().vni, 1);
+        assert_eq!(n.overlay().unwrap().vni, 1);
         // A local network may not overlap an overlay's range, nor the reverse.
         let mut b = spec("b");
         b.subnet = Some("10.40.5.0/24".parse().unwrap());
@@ -563,7 +632,7 @@ mod tests {
             .insert("com.docker.network.bridge.name".into(), "mybr0".into());
         s.options.insert("mtu".into(), "1400".into());
         let n = plan(&s, ID, &[], &[]).unwrap();
-        assert_eq!((n.bridge.as_str(), n.mtu), ("mybr0", Some(1400)));
+        assert_eq!((n.bridge(), n.mtu), (Some("mybr0"), Some(1400)));
     }
 
     #[test]
@@ -575,5 +644,33 @@ mod tests {
         a.internal = true;
         assert_eq!(default_route_network([&z, &b, &a]), Some("beta"));
         assert_eq!(default_route_network([&a]), None);
+    }
+
+    #[test]
+    fn records_read_as_before_and_hold_one_driver() {
+        let old = r#"{"name":"front","id":"0123456789abcdef","driver":"bridge","subnet":"10.10.0.0/24",
+            "gateway":"10.10.0.1","bridge":"wbr-0123456789","parent":null,"parent_created":false,
+            "host_access":null,"ip_range":null,"mtu":null,"internal":false,"labels":{},"options":{}}"#;
+        let n: Network = serde_json::from_str(old).unwrap();
+        assert_eq!(n.driver(), Driver::Bridge);
+        assert_eq!(n.bridge(), Some("wbr-0123456789"));
+        let back = serde_json::to_value(&n).unwrap();
+        assert_eq!(back["driver"], "bridge");
+        assert_eq!(back["bridge"], "wbr-0123456789");
+        assert!(
+            back.get("parent").is_none(),
+            "a bridge network has no parent field"
+        );
+        let mut m = spec("lan");
+        m.driver = Some("macvlan".into());
+        m.subnet = Some("172.16.10.0/24".parse().unwrap());
+        m.options.insert("parent".into(), "eth0".into());
+        let n = plan(&m, ID, &[], &[]).unwrap();
+        assert_eq!(
+            (n.bridge(), n.macvlan().map(|m| m.parent.as_str())),
+            (None, Some("eth0"))
+        );
+        let again: Network = serde_json::from_value(serde_json::to_value(&n).unwrap()).unwrap();
+        assert_eq!(again, n);
     }
 }

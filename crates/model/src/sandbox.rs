@@ -121,38 +121,44 @@ pub struct Endpoint {
     pub network: String,
     /// Interface name inside the sandbox (eth0, eth1, …).
     pub ifname: String,
-    /// Host end of the veth pair; owned by weft through its name.
-    pub host_ifname: String,
     pub ip: Ipv4Addr,
     pub prefix_len: u8,
     pub gateway: Ipv4Addr,
     /// More names the sandbox answers to on this network.
     #[serde(default)]
     pub aliases: Vec<String>,
-    #[serde(default)]
+    /// How it is plugged in; flattened with the tag `kind`, so a record
+    /// reads as before (`"kind": "veth", "host_ifname": "wv…"`).
+    #[serde(flatten)]
     pub kind: EndpointKind,
     /// A MAC the runtime asked for; otherwise derived from the address.
     #[serde(default)]
     pub mac: Option<String>,
 }
 
-impl EndpointKind {
-    /// How a network's driver plugs endpoints in.
-    pub fn of(driver: crate::network::Driver) -> Self {
-        match driver {
-            crate::network::Driver::Bridge | crate::network::Driver::Overlay => EndpointKind::Veth,
-            crate::network::Driver::Macvlan => EndpointKind::Macvlan,
+impl Endpoint {
+    /// The host end of a veth endpoint (macvlan endpoints have none).
+    pub fn host_ifname(&self) -> Option<&str> {
+        match &self.kind {
+            EndpointKind::Veth { host_ifname } => Some(host_ifname),
+            EndpointKind::Macvlan => None,
         }
     }
 }
 
+impl EndpointKind {
+    pub fn is_veth(&self) -> bool {
+        matches!(self, EndpointKind::Veth { .. })
+    }
+}
+
 /// How an endpoint is plugged in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
 pub enum EndpointKind {
-    /// A veth pair whose host end is on the network's bridge.
-    #[default]
-    Veth,
+    /// A veth pair whose host end is on the network's bridge; owned by weft
+    /// through the host end's name.
+    Veth { host_ifname: String },
     /// A macvlan interface of the network's parent: no host end.
     Macvlan,
 }
@@ -392,5 +398,21 @@ mod tests {
         let n = host_veth_name("0123456789abcdef0123", 0);
         assert_eq!(n, "wv01234567890");
         assert!(n.len() <= 15);
+    }
+
+    #[test]
+    fn endpoint_records_read_as_before() {
+        let old = r#"{"network":"bridge","ifname":"eth0","host_ifname":"wv01234567890","ip":"172.17.0.2",
+            "prefix_len":16,"gateway":"172.17.0.1","aliases":[],"kind":"veth","mac":null}"#;
+        let ep: Endpoint = serde_json::from_str(old).unwrap();
+        assert_eq!(ep.host_ifname(), Some("wv01234567890"));
+        let mac = Endpoint {
+            kind: EndpointKind::Macvlan,
+            ..ep.clone()
+        };
+        let v = serde_json::to_value(&mac).unwrap();
+        assert_eq!(v["kind"], "macvlan");
+        assert!(v.get("host_ifname").is_none());
+        assert_eq!(serde_json::from_value::<Endpoint>(v).unwrap(), mac);
     }
 }

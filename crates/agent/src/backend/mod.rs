@@ -17,6 +17,15 @@ use weft_kernel::Netlink;
 pub(crate) use weft_model::api::PeerView as PeerState;
 use weft_model::{BackendKind, Lease, Network};
 
+/// Why a backend could not program something.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Kernel(#[from] weft_kernel::KernelError),
+    #[error("{0}")]
+    Other(String),
+}
+
 /// This host as the backends need it.
 #[derive(Debug, Clone)]
 pub(crate) struct Local {

@@ -69,7 +69,9 @@ impl Userspace {
                 }
             }
         }
-        let o = net.overlay.as_ref().expect("overlay network");
+        let Some(o) = net.overlay() else {
+            return Err(format!("network {} is not an overlay network", net.name));
+        };
         let mut cfg = TunnelConfig::new(
             name.clone(),
             TunnelConfig::mtu_for(me.underlay_mtu, self.secure),
@@ -108,7 +110,9 @@ impl Backend for Userspace {
             Ok(d) => d,
             Err(e) => return all_failed(peers, &e),
         };
-        let port = net.overlay.as_ref().expect("overlay").port;
+        let Some(port) = net.overlay().map(|o| o.port) else {
+            return all_failed(peers, "not an overlay network");
+        };
         if verify {
             if let Ok(kernel) = nl.routes_of(OVERLAY_ROUTE_PROTOCOL) {
                 self.routes

@@ -79,7 +79,9 @@ impl Vxlan {
         net: &Network,
         me: &Local,
     ) -> Result<u32, String> {
-        let o = net.overlay.as_ref().expect("overlay network");
+        let Some(o) = net.overlay() else {
+            return Err(format!("network {} is not an overlay network", net.name));
+        };
         let name = vxlan_device(&net.id);
         let mtu = me.underlay_mtu.saturating_sub(o.backend.overhead());
         let existing = nl.link_by_name(&name).map_err(|e| e.to_string())?;
@@ -217,7 +219,7 @@ impl Backend for Vxlan {
         if verify {
             self.verify(nl, dev);
         }
-        let direct = net.overlay.as_ref().is_some_and(|o| o.direct_routing);
+        let direct = net.overlay().is_some_and(|o| o.direct_routing);
         let connected = if direct {
             nl.connected_subnets().unwrap_or_default()
         } else {

@@ -38,7 +38,7 @@ impl Identity {
                 ))
             })?,
             Err(_) => Identity {
-                host_id: crate::sandboxes::random_id(),
+                host_id: crate::ids::random_id(),
                 node: String::new(),
                 public_ip: Ipv4Addr::UNSPECIFIED,
                 etcd_lease: 0,

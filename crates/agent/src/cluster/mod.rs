@@ -69,7 +69,7 @@ impl Cluster {
     /// Starts the cluster tasks. The agent serves its API at once; the
     /// cluster catches up as soon as etcd answers.
     pub async fn start(cfg: ClusterConfig, host: Host) -> Result<Arc<Cluster>> {
-        let data = host.lock().cfg.clone();
+        let data = host.config().clone();
         let mut nl = Netlink::open()?;
         let me = Identity::load_or_create(&data.cluster_file(), &cfg, &mut nl)?;
         let underlay = nl
@@ -111,14 +111,14 @@ impl Cluster {
     }
 
     pub fn status(&self) -> ClusterView {
-        let mut v = self.status.lock().unwrap().clone();
+        let mut v = crate::host::recover(self.status.lock()).clone();
         let l = self.lease.load(Ordering::Relaxed);
         v.etcd_lease = (l != 0).then_some(l);
         v
     }
 
     fn set_health(&self, err: Option<String>) {
-        let mut s = self.status.lock().unwrap();
+        let mut s = crate::host::recover(self.status.lock());
         if s.etcd_healthy != err.is_none() {
             match &err {
                 None => info!("etcd reachable"),
@@ -184,8 +184,8 @@ impl Cluster {
     }
 
     fn save_identity(&self, f: impl FnOnce(&mut Identity)) {
-        let path = self.host.lock().cfg.cluster_file();
-        let mut me = self.me.lock().unwrap();
+        let path = self.host.config().cluster_file();
+        let mut me = crate::host::recover(self.me.lock());
         f(&mut me);
         if let Err(e) = me.save(&path) {
             warn!(error = %e, "cannot record the cluster identity");
@@ -268,12 +268,12 @@ impl Cluster {
         bound: &mut HashMap<String, i64>,
         verify: bool,
     ) -> std::result::Result<(), EtcdError> {
-        let me = self.me.lock().unwrap().clone();
+        let me = crate::host::recover(self.me.lock()).clone();
         let mut views = Vec::new();
         let names: Vec<String> = global.networks.keys().cloned().collect();
         for name in names {
             let net = global.networks[&name].clone();
-            let Some(overlay) = net.overlay.clone() else {
+            let Some(overlay) = net.overlay().cloned() else {
                 continue;
             };
             let mut view = OverlayStatus {
@@ -304,6 +304,11 @@ impl Cluster {
                 Err(LeaseError::Etcd(e)) => return Err(e),
                 Err(LeaseError::Key(e)) => {
                     view.problem = Some(format!("no key for the secure backend, not joining: {e}"));
+                    views.push(view);
+                    continue;
+                }
+                Err(LeaseError::NotOverlay) => {
+                    view.problem = Some("not an overlay network; skipped".into());
                     views.push(view);
                     continue;
                 }
@@ -374,7 +379,7 @@ impl Cluster {
                 });
             }
         }
-        self.status.lock().unwrap().networks = views;
+        crate::host::recover(self.status.lock()).networks = views;
         Ok(())
     }
 
@@ -394,7 +399,9 @@ impl Cluster {
             return Err(LeaseError::Etcd(EtcdError::LeaseGone(0)));
         }
         let name = &net.name;
-        let overlay = net.overlay.as_ref().expect("overlay network");
+        let Some(overlay) = net.overlay() else {
+            return Err(LeaseError::NotOverlay);
+        };
         let vtep = (overlay.backend == weft_model::BackendKind::Vxlan)
             .then(|| format_mac(&vtep_mac(&me.host_id, overlay.vni)));
         // secure: the host's public key, from the key the backend will use.
@@ -499,9 +506,13 @@ impl Cluster {
         let global = Global::from_list(kvs);
         let mut existing: Vec<Network> = global.networks.values().cloned().collect();
         existing.extend(self.host.local_networks());
-        let net = network::plan(&spec, &crate::sandboxes::random_id(), &existing, &[])
+        let net = network::plan(&spec, &crate::ids::random_id(), &existing, &[])
             .map_err(|e| AgentError::BadRequest(e.to_string()))?;
-        let vni = net.overlay.as_ref().expect("overlay").vni;
+        let Some(vni) = net.overlay().map(|o| o.vni) else {
+            return Err(AgentError::BadRequest(
+                "only overlay networks live in etcd; leave out --etcd-endpoints for a local network".into(),
+            ));
+        };
         let created = self
             .etcd
             .create(
@@ -560,7 +571,7 @@ impl Cluster {
                 "network {name} changed while removing it; try again"
             )));
         }
-        if let Some(o) = &net.overlay {
+        if let Some(o) = net.overlay() {
             self.etcd.delete(&vni_key(o.vni)).await.map_err(err)?;
         }
         self.etcd
@@ -576,12 +587,21 @@ impl Cluster {
         })
     }
 
+    /// Waits until this host has (or no longer has) the network: woken by
+    /// every change the host publishes, never polling its lock.
     async fn wait_local(&self, name: &str, present: bool) -> Result<()> {
-        for _ in 0..250 {
-            if self.host.network(name).is_ok() == present {
-                return Ok(());
+        let mut changes = self.host.subscribe();
+        let has = || self.host.snapshot().networks.contains_key(name) == present;
+        let waited = tokio::time::timeout(Duration::from_secs(5), async {
+            while !has() {
+                if changes.changed().await.is_err() {
+                    break;
+                }
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        })
+        .await;
+        if waited.is_ok() && has() {
+            return Ok(());
         }
         let why = self
             .status()
@@ -616,6 +636,8 @@ enum LeaseError {
     Full,
     /// secure: this host has no usable key, so it must not join.
     Key(String),
+    /// A network in etcd under networks/ that is not an overlay network.
+    NotOverlay,
 }
 
 impl From<EtcdError> for LeaseError {

@@ -3,18 +3,17 @@
 
 use super::proto::{self, PortBinding};
 use super::{address_key, network_key, short, DockerNetwork, Empty, Plugin, Reservation};
-use crate::bridge;
+use crate::attach::{self, Attach, DefaultRoute, EndpointRequest, Namespace};
+use crate::driver;
 use crate::error::{AgentError, Result};
-use crate::firewall;
 use crate::host::Inner;
 use ipnet::Ipv4Net;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
-use std::os::fd::AsRawFd;
 use tracing::{info, warn};
 use weft_model::ports::PortRange;
-use weft_model::sandbox::{host_veth_name, DockerEndpoint, EndpointKind, External, Runtime};
+use weft_model::sandbox::{host_veth_name, DockerEndpoint, External, Runtime};
 use weft_model::{keys, subnet, Attachment, Endpoint, NetworkSpec, PortMapping, Protocol};
 use weft_model::{Published, Sandbox};
 use weft_store::{Store, StoreJson};
@@ -84,6 +83,7 @@ fn endpoint_of<'a>(
     inner
         .sandboxes
         .get(endpoint_id)
+        .map(|s| &**s)
         .filter(|s| docker_of(s).is_some_and(|d| d.network_id == network_id))
         .and_then(|s| s.attachment.endpoints().first().map(|e| (s, e)))
         .ok_or_else(|| {
@@ -118,6 +118,7 @@ fn holder<'a>(inner: &'a Inner, m: &PortMapping, except: &str) -> Option<&'a San
     inner
         .sandboxes
         .values()
+        .map(|s| &**s)
         .filter(|s| s.id != except)
         .find(|s| s.ports.iter().any(|p| p.mapping.conflicts_with(m)))
 }
@@ -190,7 +191,7 @@ impl Plugin {
                 if !net.uses_bridge() {
                     return Err(bad(format!(
                         "weft network {name} is a {} network; Docker's containers join weft's bridge networks",
-                        net.driver
+                        net.driver()
                     )));
                 }
                 if pool.trunc() != net.subnet {
@@ -350,13 +351,19 @@ impl Plugin {
                 short(other)
             )));
         }
-        let state = inner.networks.get_mut(&network).ok_or_else(|| {
+        let state = inner.networks.get(&network).ok_or_else(|| {
             AgentError::NotFound(format!(
                 "weft network {network} of Docker network {} does not exist (removed with `weft network rm`?); \
                  create it again with `weft network create`",
                 short(&req.network_id)
             ))
         })?;
+        if !state.net.uses_bridge() {
+            return Err(bad(format!(
+                "weft network {network} is a {} network; Docker's containers join weft's bridge networks",
+                state.net.driver()
+            )));
+        }
         let requested = match iface.address.as_str() {
             "" => None,
             a => {
@@ -371,47 +378,23 @@ impl Plugin {
             }
         };
         // An address weft's IPAM reserved for this endpoint is in the pool already.
-        let reserved = requested.filter(|ip| st.reserved.contains(&(network.clone(), *ip)));
-        let from_ipam = reserved.is_some();
-        let ip = match reserved {
-            Some(ip) => ip,
-            None => state.pool.allocate(requested).map_err(|e| {
-                bad(format!(
-                    "{e} (weft network {network}; Docker's default IPAM does not see weft's own \
-                     sandboxes: --ipam-driver weft does)"
-                ))
-            })?,
-        };
-        let ep = Endpoint {
-            network: network.clone(),
-            ifname: container_end(&eid),
-            host_ifname: host_veth_name(&eid, 0),
-            ip,
-            prefix_len: state.net.subnet.prefix_len(),
-            gateway: state.net.gateway,
-            aliases: Vec::new(),
-            kind: EndpointKind::Veth,
-            mac: (!iface.mac_address.is_empty()).then(|| iface.mac_address.clone()),
-        };
+        let from_ipam = requested.is_some_and(|ip| st.reserved.contains(&(network.clone(), ip)));
         let sb = Sandbox {
             id: eid.clone(),
             name: name.clone(),
             attachment: Attachment::Networks {
-                endpoints: vec![ep.clone()],
+                endpoints: Vec::new(),
             },
             netns: None,
             process: None,
             auto_remove: false,
             command: vec!["docker".into(), eid.clone()],
-            created_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created_unix: crate::ids::now_unix(),
             network_setup_us: 0,
             ports: Vec::new(),
             external: Some(External {
                 container_id: eid.clone(),
-                ifname: ep.ifname.clone(),
+                ifname: container_end(&eid),
                 runtime: Runtime::Docker(DockerEndpoint {
                     network_id: req.network_id.clone(),
                     address_from_ipam: from_ipam,
@@ -419,25 +402,39 @@ impl Plugin {
                 }),
             }),
         };
-        let recorded = bridge::endpoint_mac(&ep)
-            .and_then(|mac| Ok((mac, inner.runtime.create_json(&keys::sandbox(&eid), &sb)?)));
-        let mac = match recorded {
-            Ok((mac, ())) => mac,
-            Err(e) => {
-                if !from_ipam {
-                    state.pool.release(ip);
-                }
-                return Err(e);
-            }
+        // Join plugs it in; until then it holds its address and names.
+        let a = Attach {
+            sandbox: sb,
+            endpoints: vec![EndpointRequest {
+                network: network.clone(),
+                ip: requested,
+                aliases: Vec::new(),
+                ifname: container_end(&eid),
+                host_ifname: host_veth_name(&eid, 0),
+                mac: (!iface.mac_address.is_empty()).then(|| iface.mac_address.clone()),
+                reserved: from_ipam,
+            }],
+            namespace: Namespace::Later,
+            default_route: DefaultRoute::On(None),
+            ports: Vec::new(),
+            resolv: None,
+            replace: false,
+            started: None,
         };
+        let sb = attach::attach(inner, a).map_err(|e| match e {
+            AgentError::BadRequest(m) => bad(format!(
+                "{m} (weft network {network}; Docker's default IPAM does not see weft's own \
+                 sandboxes: --ipam-driver weft does)"
+            )),
+            e => e,
+        })?;
+        let ep = sb.attachment.endpoints()[0].clone();
+        let (ip, mac) = (ep.ip, driver::endpoint_mac(&ep)?);
         if from_ipam {
             // The endpoint holds the address now; the reservation is done.
             st.reserved.remove(&(network.clone(), ip));
             inner.runtime.delete(&address_key(&network, ip))?;
         }
-        inner.dns.add(&sb);
-        inner.names.insert(name.clone(), eid.clone());
-        inner.sandboxes.insert(eid.clone(), sb);
         info!(endpoint = short(&eid), %network, %ip, "Docker endpoint created");
         // Only what Docker did not choose itself.
         let chosen = proto::Interface {
@@ -473,17 +470,21 @@ impl Plugin {
         else {
             return Ok(Empty {});
         };
-        if let Err(e) = firewall::delete_ports(&sb.ports) {
+        if let Err(e) = inner.firewall.delete_ports(&sb.ports) {
             warn!(endpoint = short(&sb.id), error = %e, "deleting published ports failed; rewriting the table");
-            inner.sandboxes.remove(&sb.id);
-            let rewritten = firewall::apply_all(inner);
-            inner.sandboxes.insert(sb.id.clone(), sb.clone());
+            let kept = inner.sandboxes.remove(&sb.id);
+            let rewritten = inner.apply_firewall();
+            if let Some(k) = kept {
+                inner.sandboxes.insert(sb.id.clone(), k);
+            }
             rewritten?;
         }
         let from_ipam = docker_of(&sb).is_some_and(|d| d.address_from_ipam);
         for ep in sb.attachment.endpoints() {
             // Docker has moved the container's end back out by now; the pair goes as one.
-            inner.nl.delete_link(&ep.host_ifname)?;
+            if let Some(n) = inner.networks.get(&ep.network) {
+                n.driver.detach(&mut inner.nl, ep, None)?;
+            }
             inner.nl.delete_link(&ep.ifname)?;
             if from_ipam && inner.networks.contains_key(&ep.network) {
                 // Still Docker's until it releases it through the IPAM driver.
@@ -500,9 +501,7 @@ impl Plugin {
             }
         }
         inner.runtime.delete(&keys::sandbox(&sb.id))?;
-        inner.sandboxes.remove(&sb.id);
-        inner.names.remove(&sb.name);
-        inner.dns.remove(&sb.id);
+        inner.unregister(&sb.id);
         info!(endpoint = short(&sb.id), "Docker endpoint deleted");
         Ok(Empty {})
     }
@@ -516,7 +515,7 @@ impl Plugin {
                 proto::PORT_MAP.to_string(),
                 serde_json::to_value(bindings).expect("serialisable"),
             );
-            if let Ok(mac) = bridge::endpoint_mac(ep) {
+            if let Ok(mac) = driver::endpoint_mac(ep) {
                 value.insert(proto::MAC_ADDRESS.to_string(), mac_string(mac).into());
             }
         }
@@ -531,36 +530,28 @@ impl Plugin {
         let inner = &mut *g;
         let (sb, ep) = endpoint_of(inner, &req.network_id, &req.endpoint_id)?;
         let (mut sb, ep) = (sb.clone(), ep.clone());
-        let state = inner.networks.get(&ep.network).ok_or_else(|| {
-            AgentError::NotFound(format!(
-                "weft network {} does not exist (removed with `weft network rm`?)",
-                ep.network
-            ))
-        })?;
-        let (bridge_index, mtu, internal) = (state.bridge_index, state.net.mtu, state.net.internal);
-        // A pair left by an earlier Join of this endpoint would be in the way.
-        inner.nl.delete_link(&ep.host_ifname)?;
-        inner.nl.delete_link(&ep.ifname)?;
-        let here = std::fs::File::open("/proc/thread-self/ns/net")
-            .map_err(|e| AgentError::Internal(format!("open own network namespace: {e}")))?;
-        inner.nl.add_veth(
-            &ep.host_ifname,
-            Some(bridge_index),
-            &ep.ifname,
-            here.as_raw_fd(),
-            mtu,
-        )?;
-        let finished = crate::netns_pool::quiet_host_end(&ep.host_ifname).and_then(|_| {
-            if let Some(d) = docker_mut(&mut sb) {
-                d.sandbox_key = Some(req.sandbox_key.clone());
-            }
-            Ok(inner.runtime.put_json(&keys::sandbox(&sb.id), &sb)?)
-        });
-        if let Err(e) = finished {
-            let _ = inner.nl.delete_link(&ep.host_ifname);
-            return Err(e);
+        let internal = inner
+            .networks
+            .get(&ep.network)
+            .ok_or_else(|| {
+                AgentError::NotFound(format!(
+                    "weft network {} does not exist (removed with `weft network rm`?)",
+                    ep.network
+                ))
+            })?
+            .net
+            .internal;
+        attach::plug_for_runtime(inner, &ep)?;
+        if let Some(d) = docker_mut(&mut sb) {
+            d.sandbox_key = Some(req.sandbox_key.clone());
         }
-        inner.sandboxes.insert(sb.id.clone(), sb);
+        if let Err(e) = inner.runtime.put_json(&keys::sandbox(&sb.id), &sb) {
+            if let Some(n) = inner.networks.get(&ep.network) {
+                let _ = n.driver.detach(&mut inner.nl, &ep, None);
+            }
+            return Err(e.into());
+        }
+        inner.register(sb);
         info!(endpoint = short(&req.endpoint_id), sandbox = %req.sandbox_key, "Docker endpoint joined");
         Ok(proto::JoinReply {
             interface_name: proto::InterfaceName {
@@ -586,13 +577,13 @@ impl Plugin {
             return Ok(Empty {});
         };
         let mut sb = sb.clone();
-        firewall::delete_ports(&sb.ports)?;
+        inner.firewall.delete_ports(&sb.ports)?;
         sb.ports.clear();
         if let Some(d) = docker_mut(&mut sb) {
             d.sandbox_key = None;
         }
         inner.runtime.put_json(&keys::sandbox(&sb.id), &sb)?;
-        inner.sandboxes.insert(sb.id.clone(), sb);
+        inner.register(sb);
         Ok(Empty {})
     }
 
@@ -703,18 +694,20 @@ impl Plugin {
                 target: ep.ip,
             })
             .collect();
-        firewall::delete_ports(&sb.ports)?;
+        inner.firewall.delete_ports(&sb.ports)?;
         let old = std::mem::replace(&mut sb.ports, published);
-        let applied = firewall::add_ports(&sb.ports)
+        let applied = inner
+            .firewall
+            .add_ports(&sb.ports)
             .and_then(|_| Ok(inner.runtime.put_json(&keys::sandbox(&sb.id), &sb)?));
         if let Err(e) = applied {
-            let _ = firewall::delete_ports(&sb.ports);
-            let _ = firewall::add_ports(&old);
+            let _ = inner.firewall.delete_ports(&sb.ports);
+            let _ = inner.firewall.add_ports(&old);
             return Err(e);
         }
         let shown: Vec<String> = sb.ports.iter().map(|p| p.mapping.to_string()).collect();
         info!(endpoint = short(&sb.id), ports = %shown.join(" "), "Docker ports published");
-        inner.sandboxes.insert(sb.id.clone(), sb);
+        inner.register(sb);
         Ok(Empty {})
     }
 
@@ -729,10 +722,10 @@ impl Plugin {
             return Ok(Empty {});
         }
         let mut sb = sb.clone();
-        firewall::delete_ports(&sb.ports)?;
+        inner.firewall.delete_ports(&sb.ports)?;
         sb.ports.clear();
         inner.runtime.put_json(&keys::sandbox(&sb.id), &sb)?;
-        inner.sandboxes.insert(sb.id.clone(), sb);
+        inner.register(sb);
         Ok(Empty {})
     }
 }

@@ -94,7 +94,7 @@ impl Plugin {
             if !n.net.uses_bridge() {
                 return Err(bad(format!(
                     "weft network {name} is a {} network; Docker's containers join weft's bridge networks",
-                    n.net.driver
+                    n.net.driver()
                 )));
             }
             // Docker checks a pool it did not ask for against the host's

@@ -20,12 +20,13 @@ fn names() -> &'static Names {
                     endpoints: vec![Endpoint {
                         network: "front".into(),
                         ifname: "eth0".into(),
-                        host_ifname: format!("wv{i}"),
-                        ip: ip.parse().unwrap(),
+                                                ip: ip.parse().unwrap(),
                         prefix_len: 24,
                         gateway: "10.1.0.1".parse().unwrap(),
                         aliases: vec![format!("{name}-alias")],
-                        kind: Default::default(),
+                        kind: weft_model::sandbox::EndpointKind::Veth {
+                            host_ifname: format!("wv{i}"),
+                        },
                         mac: None,
                     }],
                 },
