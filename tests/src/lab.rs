@@ -115,18 +115,27 @@ impl TestLab {
             .expect("status JSON")
     }
 
-    /// Host `i`'s leased subnet of the lab network.
+    /// Host `i`'s leased subnet of the lab network (an agent just started
+    /// may take a moment to join: waits up to 10 s).
     pub fn subnet(&self, i: usize) -> ipnet::Ipv4Net {
-        let s = self.status(i);
-        s["cluster"]["networks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["name"] == NET)
-            .and_then(|n| n["subnet"].as_str())
-            .expect("a subnet")
-            .parse()
-            .unwrap()
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.status(i);
+            let found = s["cluster"]["networks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|n| n["name"] == NET)
+                .and_then(|n| n["subnet"].as_str())
+                .map(|s| s.parse().unwrap());
+            match found {
+                Some(n) => return n,
+                None if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                None => panic!("host {i} has no subnet of {NET} after 10 s: {s}"),
+            }
+        }
     }
 
     /// The overlay routes weft programmed in host `i` (destination, gateway).

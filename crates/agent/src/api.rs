@@ -40,7 +40,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Reply<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| AgentError::Internal(format!("task failed: {e}")))?
+        ?
         .map(Json)
 }
 

@@ -95,7 +95,10 @@ impl Resolver {
     pub fn serve(&self, network: &str, gateway: Ipv4Addr) -> Result<()> {
         let addr = SocketAddr::from((gateway, 53));
         let bind_err = |e: std::io::Error| {
-            AgentError::Internal(format!("DNS for network {network}: listen on {addr}: {e}"))
+            AgentError::Io {
+                what: format!("DNS for network {network}: listen on {addr}"),
+                source: e,
+            }
         };
         let udp = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
         udp.set_nonblocking(true).map_err(bind_err)?;

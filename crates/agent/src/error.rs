@@ -48,6 +48,9 @@ pub enum AgentError {
         #[source]
         source: Box<AgentError>,
     },
+    /// A blocking task of the agent's panicked or was cancelled.
+    #[error("agent task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
     #[error("{0}")]
     Internal(String),
     /// A dependency (etcd) cannot be reached now; retrying later may work.

@@ -63,9 +63,10 @@ impl Prepared {
             let peer = ns_nl.link_by_name("eth0")?;
             match (host, peer) {
                 (Some(h), Some(p)) => Ok((h.index, p.index)),
-                _ => Err(crate::error::AgentError::Internal(format!(
-                    "veth {host_ifname} vanished while made"
-                ))),
+                _ => Err(crate::error::AgentError::Vanished {
+                    what: format!("veth {host_ifname}"),
+                    place: "this host while it was made".into(),
+                }),
             }
         })();
         match made {

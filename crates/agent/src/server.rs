@@ -10,13 +10,14 @@ use tracing::info;
 
 pub async fn serve(cfg: AgentConfig) -> Result<()> {
     std::fs::create_dir_all(&cfg.state_dir)
-        .map_err(|e| AgentError::Internal(format!("create {}: {e}", cfg.state_dir.display())))?;
+        .map_err(AgentError::io(format!("create {}", cfg.state_dir.display())))?;
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(cfg.lock_path())
-        .map_err(|e| AgentError::Internal(format!("open {}: {e}", cfg.lock_path().display())))?;
+        .map_err(AgentError::io(format!("open {}", cfg.lock_path().display())))?;
+    // SAFETY: flock(2) on a descriptor `lock` owns and keeps open; no memory is involved.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(AgentError::Conflict(format!(
             "another weft agent is already running with state dir {}; stop it, or give this one its own --state-dir",
@@ -47,9 +48,9 @@ pub async fn serve(cfg: AgentConfig) -> Result<()> {
     let sock = cfg.socket_path();
     let _ = std::fs::remove_file(&sock);
     let listener = tokio::net::UnixListener::bind(&sock)
-        .map_err(|e| AgentError::Internal(format!("listen on {}: {e}", sock.display())))?;
+        .map_err(AgentError::io(format!("listen on {}", sock.display())))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| AgentError::Internal(format!("chmod {}: {e}", sock.display())))?;
+        .map_err(AgentError::io(format!("chmod {}", sock.display())))?;
     info!(socket = %sock.display(), "agent ready");
 
     let shutdown = async {
@@ -62,7 +63,7 @@ pub async fn serve(cfg: AgentConfig) -> Result<()> {
     axum::serve(listener, crate::api::router(app))
         .with_graceful_shutdown(shutdown)
         .await
-        .map_err(|e| AgentError::Internal(format!("serve: {e}")))?;
+        .map_err(AgentError::io("serve the API"))?;
     if let Some(d) = docker {
         d.stop();
     }

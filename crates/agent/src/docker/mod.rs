@@ -220,7 +220,7 @@ where
     };
     let done = tokio::task::spawn_blocking(move || f(&plugin, req))
         .await
-        .unwrap_or_else(|e| Err(AgentError::Internal(format!("task failed: {e}"))));
+        .unwrap_or_else(|e| Err(AgentError::Task(e)));
     match done {
         Ok(r) => reply(
             StatusCode::OK,
@@ -390,7 +390,7 @@ fn clear_socket(path: &Path) -> Result<()> {
         )));
     }
     std::fs::remove_file(path)
-        .map_err(|e| AgentError::Internal(format!("remove {}: {e}", path.display())))
+        .map_err(AgentError::io(format!("remove {}", path.display())))
 }
 
 /// Loads the plugin's state and serves it on `path` until stopped.
@@ -400,14 +400,14 @@ pub(crate) async fn listen(host: Host, path: &Path) -> Result<Served> {
         .map_err(|e| AgentError::Internal(e.to_string()))??;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
-            .map_err(|e| AgentError::Internal(format!("create {}: {e}", dir.display())))?;
+            .map_err(AgentError::io(format!("create {}", dir.display())))?;
     }
     clear_socket(path)?;
     let listener = tokio::net::UnixListener::bind(path)
-        .map_err(|e| AgentError::Internal(format!("listen on {}: {e}", path.display())))?;
+        .map_err(AgentError::io(format!("listen on {}", path.display())))?;
     // dockerd runs as root; nobody else may drive the host's networking.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| AgentError::Internal(format!("chmod {}: {e}", path.display())))?;
+        .map_err(AgentError::io(format!("chmod {}", path.display())))?;
     let app = router(Arc::new(plugin));
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
