@@ -18,7 +18,7 @@
 mod netns;
 mod wait;
 
-pub use netns::{list_with_prefix, outside, veth_pair, Netns, NETNS_DIR};
+pub use netns::{command_in, list_with_prefix, outside, veth_pair, Netns, NETNS_DIR};
 pub use wait::{eventually, eventually_every, output_within, run_within, Check};
 
 use std::fmt;

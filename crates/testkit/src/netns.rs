@@ -64,15 +64,9 @@ impl Netns {
     }
 
     /// A command that runs `program` inside this namespace:
-    /// `nsenter --net=/run/netns/NAME -- PROGRAM`. Only the network
-    /// namespace changes (mount namespace and /sys stay the machine's),
-    /// and nsenter execs the program, so the child's pid is the program's.
+    /// `nsenter --net=/run/netns/NAME -- PROGRAM` (see [`command_in`]).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.path().display()))
-            .arg("--")
-            .arg(program);
-        cmd
+        command_in(&self.path(), program)
     }
 
     /// Makes `cmd` enter this namespace by itself: the child calls setns(2)
@@ -176,6 +170,20 @@ impl std::fmt::Debug for Netns {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Netns({})", self.name)
     }
+}
+
+/// A command that runs `program` inside the network namespace of the file
+/// `netns` (ours, or one that weft or `weft lab` made):
+/// `nsenter --net=NETNS -- PROGRAM`. Only the network namespace changes
+/// (mount namespace and /sys stay the machine's, so namespace files that
+/// agents bind-mount stay visible), and nsenter execs the program, so the
+/// child's pid is the program's.
+pub fn command_in(netns: &Path, program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .arg(program);
+    cmd
 }
 
 /// A plumbing command (`ip`): a process group of its own, so that a Ctrl-C
