@@ -91,6 +91,14 @@ impl Netns {
         Ok(())
     }
 
+    /// A Command for `program` that enters this namespace by itself (see
+    /// [`Netns::enter`]).
+    pub fn entered(&self, program: impl AsRef<OsStr>) -> Result<Command> {
+        let mut cmd = Command::new(program);
+        self.enter(&mut cmd)?;
+        Ok(cmd)
+    }
+
     /// Runs a shell script inside this namespace; panics with its output
     /// unless it succeeds, else returns its stdout.
     pub fn sh(&self, script: &str) -> String {
@@ -110,6 +118,16 @@ impl Netns {
     pub fn try_sh(&self, script: &str) -> Output {
         self.command("sh")
             .args(["-c", script])
+            .output()
+            .expect("running nsenter")
+    }
+
+    /// Runs `args[0]` with the rest as its arguments inside this namespace
+    /// and returns its output, whatever its status.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let (program, rest) = args.split_first().expect("a program to run");
+        self.command(program)
+            .args(rest)
             .output()
             .expect("running nsenter")
     }
