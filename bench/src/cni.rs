@@ -2,7 +2,7 @@
 //! way a container runtime does, from inside a host namespace of their own.
 
 use crate::harness::{Harness, Sample};
-use crate::netns::Netns;
+use crate::netns::{self, Netns};
 use crate::sys::{self, bail, failed, remove_tree, require_exe, timed, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -63,7 +63,7 @@ impl CniHarness {
             seq: 0,
             host: None,
         };
-        h.host = Some(Netns::add(&format!("wftbcnihost-{pid}"))?);
+        h.host = Some(netns::add(&format!("wftbcnihost-{pid}"))?);
         Ok(h)
     }
 
@@ -72,7 +72,7 @@ impl CniHarness {
             .host
             .as_ref()
             .expect("host namespace exists while running");
-        let mut cmd = host.command(&self.plugin)?;
+        let mut cmd = host.entered(&self.plugin)?;
         cmd.env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("CNI_COMMAND", command)
@@ -114,7 +114,7 @@ impl Harness for CniHarness {
         self.seq += 1;
         // Not measured: a runtime makes the namespace before calling CNI.
         let sb = CniSandbox {
-            ns: Netns::add(&id)?,
+            ns: netns::add(&id)?,
             id,
         };
         let s = self.exec("ADD", &sb)?;

@@ -4,7 +4,7 @@
 //! busybox image, or any file tree, see [`DockerHarness::import_tree`]).
 
 use crate::harness::{Harness, Sample};
-use crate::netns::Netns;
+use crate::netns::{self, Netns};
 use crate::sys::{
     self, bail, failed, remove_cgroup, remove_tree, require_exe, run, run_ok, timed, wait_gone,
     wait_until, Context, CreatedDirs, Daemon, ProcId, Result,
@@ -94,7 +94,7 @@ impl DockerHarness {
         let config = serde_json::json!({ "deprecated-key-path": dir.join("key.json") });
         fs::write(dir.join("daemon.json"), config.to_string()).context("writing daemon.json")?;
         fs::create_dir(dir.join("cli")).context("creating the docker client config dir")?;
-        h.netns = Some(Netns::add(&format!("wftbdock-{pid}"))?);
+        h.netns = Some(netns::add(&format!("wftbdock-{pid}"))?);
 
         let mut driver = opts.storage_driver.clone();
         let mut iptables = true;
@@ -149,7 +149,7 @@ impl DockerHarness {
             .netns
             .as_ref()
             .expect("namespace made before the daemon")
-            .command(&opts.dockerd)?;
+            .entered(&opts.dockerd)?;
         cmd.env_clear()
             .env("PATH", PATH)
             .arg("--data-root")

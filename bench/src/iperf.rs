@@ -135,7 +135,7 @@ pub fn run_client(
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         sys::check_interrupted()?;
-        let mut cmd = ns.command(&opts.bin)?;
+        let mut cmd = ns.entered(&opts.bin)?;
         cmd.args(["-c", &host.to_string(), "-p", &port.to_string()])
             .args(["-t", &opts.seconds.to_string()])
             .args(["-C", &opts.congestion])

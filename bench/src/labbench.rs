@@ -5,23 +5,17 @@
 use std::path::{Path, PathBuf};
 use weft_lab::Lab;
 
-/// `--weft`, else the `weft` next to the running benchmark.
+/// `--weft`, else `$WEFT_BIN`, else the `weft` next to the running
+/// benchmark (weft-testkit's rule).
 pub fn weft_binary(given: Option<&PathBuf>) -> Result<PathBuf, String> {
-    let weft = match given {
-        Some(w) => w.clone(),
-        None => std::env::current_exe()
-            .map_err(|e| e.to_string())?
-            .parent()
-            .ok_or("no exe dir")?
-            .join("weft"),
-    };
-    if !weft.exists() {
-        return Err(format!(
+    match given {
+        Some(w) if w.exists() => Ok(w.clone()),
+        Some(w) => Err(format!(
             "{} is missing: cargo build --release -p weft",
-            weft.display()
-        ));
+            w.display()
+        )),
+        None => weft_testkit::find_weft_bin().map_err(|e| e.to_string()),
     }
-    Ok(weft)
 }
 
 /// Takes a lab down on drop.

@@ -1,8 +1,7 @@
-//! Benchmarks of weft against Docker's default bridge and the CNI reference
-//! plugins. The `attach` binary (src/bin/attach.rs) times attaching and
-//! removing sandboxes; `ports` (src/bin/ports.rs) measures published ports
-//! (throughput through them, and the cost of publishing with thousands
-//! published). See bench/README.md.
+//! Benchmarks of weft against Docker's default bridge, the CNI reference
+//! plugins, kernel VXLAN and hand-built flannel-style paths: the five
+//! binaries of src/bin (attach, ports, converge, tunnel, overlay), each
+//! described in bench/README.md. Their namespaces come from weft-testkit.
 
 pub mod cni;
 pub mod docker;

@@ -85,7 +85,7 @@ pub struct TableCount {
 }
 
 fn nft(ns: &Netns, args: &[&str]) -> Result<Vec<u8>> {
-    let mut cmd = ns.command("nft")?;
+    let mut cmd = ns.entered("nft")?;
     cmd.args(args);
     let out = run_ok(&mut cmd, NFT_TIMEOUT)
         .context(format_args!("listing weft's nft table in {}", ns.name()))?;

@@ -5,13 +5,10 @@
 //! ports at 203.0.113.1, or the sandboxes directly through routes added with
 //! [`Outside::route_via_host`].
 
-use crate::netns::{veth_pair, Netns};
+use crate::netns::{self, Netns};
 use crate::sys::{Context, Result};
-use std::net::Ipv4Addr;
+pub use weft_testkit::outside::{HOST_ADDR, OUTSIDE_ADDR};
 
-pub const HOST_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
-pub const OUTSIDE_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
-const PREFIX_LEN: u8 = 24;
 /// The host's end of the pair (in the host's namespace).
 pub const HOST_IF: &str = "wftbh0";
 /// The outside's end.
@@ -26,15 +23,8 @@ pub struct Outside {
 impl Outside {
     /// Makes namespace `name` (starting with `wftb`) and the veth pair to `host`.
     pub fn attach(host: &Netns, name: &str) -> Result<Outside> {
-        let ns = Netns::add(name)?;
-        veth_pair(
-            host,
-            HOST_IF,
-            &format!("{HOST_ADDR}/{PREFIX_LEN}"),
-            &ns,
-            OUTSIDE_IF,
-            &format!("{OUTSIDE_ADDR}/{PREFIX_LEN}"),
-        )?;
+        let ns = netns::add(name)?;
+        weft_testkit::outside::join(host, HOST_IF, &ns, OUTSIDE_IF)?;
         Ok(Outside { ns })
     }
 
@@ -46,7 +36,7 @@ impl Outside {
     /// outside reaches sandboxes directly (routed by the host, no NAT).
     pub fn route_via_host(&self, subnet: &str) -> Result<()> {
         self.ns
-            .ip(&["route", "add", subnet, "via", &HOST_ADDR.to_string()])
+            .try_ip(&["route", "add", subnet, "via", &HOST_ADDR.to_string()])
             .context(format_args!(
                 "adding route {subnet} via {HOST_ADDR} in {}",
                 self.ns.name()

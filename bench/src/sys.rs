@@ -38,6 +38,12 @@ impl fmt::Debug for Error {
 
 impl std::error::Error for Error {}
 
+impl From<weft_testkit::Error> for Error {
+    fn from(e: weft_testkit::Error) -> Error {
+        Error(e.0)
+    }
+}
+
 pub fn bail<T>(msg: impl Into<String>) -> Result<T> {
     Err(Error::new(msg))
 }

@@ -2,7 +2,7 @@
 //! commands a user types, `weft run -d` (optionally with `-p`) and `weft rm -f`.
 
 use crate::harness::{Harness, Sample};
-use crate::netns::Netns;
+use crate::netns::{self, Netns};
 use crate::sys::{
     self, bail, failed, remove_tree, require_exe, run_ok, timed, wait_gone, wait_until, Context,
     Daemon, ProcId, Result,
@@ -101,9 +101,9 @@ impl WeftHarness {
             live: Vec::new(),
         };
         sys::create_fresh_dir(&h.data_dir)?;
-        h.netns = Some(Netns::add(&format!("wftbench-{pid}"))?);
+        h.netns = Some(netns::add(&format!("wftbench-{pid}"))?);
 
-        let mut cmd = h.ns().command(&h.bin)?;
+        let mut cmd = h.ns().entered(&h.bin)?;
         cmd.arg("agent")
             .arg("--state-dir")
             .arg(&h.state_dir)
@@ -175,7 +175,7 @@ impl WeftHarness {
     /// A weft CLI command, run inside the agent's namespace, finding the
     /// agent through WEFT_STATE_DIR.
     pub fn cli(&self) -> Result<Command> {
-        let mut cmd = self.ns().command(&self.bin)?;
+        let mut cmd = self.ns().entered(&self.bin)?;
         cmd.env("WEFT_STATE_DIR", &self.state_dir);
         Ok(cmd)
     }

@@ -6,9 +6,10 @@ use std::net::Ipv4Addr;
 use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use weft_kernel::{Netns, OVERLAY_ROUTE_PROTOCOL};
 use weft_lab::{Lab, LabSpec};
+use weft_model::api::{NetworkView, SandboxView, StatusView};
 
 pub const ROOT: &str = "/dev/shm/wft-labs";
 pub const NET: &str = "lab";
@@ -85,18 +86,28 @@ impl TestLab {
     }
 
     pub fn sandbox_on(&self, i: usize, name: &str, net: &str) -> Ipv4Addr {
-        let v: serde_json::Value = serde_json::from_str(&self.weft_ok(
+        let v: SandboxView = self.weft_json(
             i,
             &[
-                "--format", "json", "run", "-d", "--name", name, "--net", net, "--", "sleep", "1d",
+                "run", "-d", "--name", name, "--net", net, "--", "sleep", "1d",
             ],
-        ))
-        .expect("run prints JSON");
-        v["attachment"]["endpoints"][0]["ip"]
-            .as_str()
-            .expect("an address")
-            .parse()
-            .unwrap()
+        );
+        v.attachment.endpoints().first().expect("an address").ip
+    }
+
+    /// Runs weft as host `i` with `--format json` first and reads its
+    /// answer as a `T` (one of weft-model's API types).
+    pub fn weft_json<T: serde::de::DeserializeOwned>(&self, i: usize, args: &[&str]) -> T {
+        let mut all = vec!["--format", "json"];
+        all.extend_from_slice(args);
+        let out = self.weft_ok(i, &all);
+        serde_json::from_str(&out).unwrap_or_else(|e| {
+            panic!(
+                "weft {args:?} on h{} printed no {}: {e}\n{out}",
+                i + 1,
+                std::any::type_name::<T>()
+            )
+        })
     }
 
     /// A shell script inside sandbox `name` on host `i`.
@@ -110,9 +121,15 @@ impl TestLab {
             .success()
     }
 
-    pub fn status(&self, i: usize) -> serde_json::Value {
-        serde_json::from_str(&self.weft_ok(i, &["--format", "json", "status"]))
-            .expect("status JSON")
+    pub fn status(&self, i: usize) -> StatusView {
+        self.weft_json(i, &["status"])
+    }
+
+    /// `weft network inspect NAME` on host `i`.
+    pub fn network(&self, i: usize, name: &str) -> NetworkView {
+        let mut v: Vec<NetworkView> = self.weft_json(i, &["network", "inspect", name]);
+        assert_eq!(v.len(), 1, "network inspect {name} on h{}: {v:?}", i + 1);
+        v.remove(0)
     }
 
     /// Host `i`'s leased subnet of the lab network (an agent just started
@@ -121,19 +138,18 @@ impl TestLab {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let s = self.status(i);
-            let found = s["cluster"]["networks"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|n| n["name"] == NET)
-                .and_then(|n| n["subnet"].as_str())
-                .map(|s| s.parse().unwrap());
+            let found = s
+                .cluster
+                .iter()
+                .flat_map(|c| c.networks.iter())
+                .find(|n| n.name == NET)
+                .and_then(|n| n.subnet);
             match found {
                 Some(n) => return n,
                 None if std::time::Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50))
                 }
-                None => panic!("host {i} has no subnet of {NET} after 10 s: {s}"),
+                None => panic!("host {i} has no subnet of {NET} after 10 s: {s:?}"),
             }
         }
     }
@@ -159,21 +175,20 @@ impl TestLab {
         self.in_netns(&self.lab.dir.join("netns/underlay"), script)
     }
 
+    /// A command run in the lab's underlay namespace (the switch).
+    pub fn underlay_command(&self, program: &str) -> std::process::Command {
+        weft_testkit::command_in(&self.lab.dir.join("netns/underlay"), program)
+    }
+
     fn in_netns(&self, ns: &std::path::Path, script: &str) -> Output {
-        std::process::Command::new("nsenter")
-            .arg(format!("--net={}", ns.display()))
-            .args(["sh", "-c", script])
+        weft_testkit::command_in(ns, "sh")
+            .args(["-c", script])
             .output()
             .expect("nsenter")
     }
 
     /// Waits until `cond` holds, polling every 5 ms; returns how long it took.
-    pub fn wait(&self, timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-        let start = Instant::now();
-        while !cond() {
-            assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        start.elapsed()
+    pub fn wait(&self, timeout: Duration, what: &str, cond: impl FnMut() -> bool) -> Duration {
+        weft_testkit::eventually_every(what, timeout, Duration::from_millis(5), cond)
     }
 }

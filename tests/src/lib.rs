@@ -1,129 +1,22 @@
-//! Test harness: throwaway "hosts" (network namespaces) with their own weft
-//! agent and directories. Everything a test makes is named `wft…`, lives in
+//! Test harness: throwaway "hosts" (network namespaces of weft-testkit)
+//! with their own weft agent and directories. Everything a test makes is named `wft…`, lives in
 //! namespaces the test created, and is removed on drop, pass or fail.
 
 pub mod lab;
 
+pub use weft_testkit::{
+    eventually, host_ifname, output_within, text, unique, veth_pair, weft_bin, Netns,
+};
+
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// A short name unique across parallel tests and processes.
-pub fn unique(prefix: &str) -> String {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}{:x}{n:x}", std::process::id() & 0xfffff)
-}
-
-/// The weft binary built with this workspace (or $WEFT_BIN).
-pub fn weft_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("WEFT_BIN") {
-        return p.into();
-    }
-    // target/<profile>/deps/<test-binary> -> target/<profile>/weft
-    let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("weft");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p weft`",
-        bin.display()
-    );
-    bin
-}
-
-/// A network namespace made by `ip netns add`, deleted on drop.
-pub struct TestNs {
-    pub name: String,
-}
-
-impl TestNs {
-    pub fn new(prefix: &str) -> TestNs {
-        let name = unique(prefix);
-        sh(&format!(
-            "ip netns add {name} && ip -n {name} link set lo up"
-        ));
-        TestNs { name }
-    }
-
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.name))
-    }
-
-    /// A command that runs inside this namespace (entered between fork and exec).
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let file = File::open(self.path()).expect("open netns");
-        let mut cmd = Command::new(program);
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd
-    }
-
-    /// Runs a shell command inside this namespace; panics with its output on failure.
-    pub fn sh(&self, script: &str) -> String {
-        let out = self
-            .command("sh")
-            .args(["-c", script])
-            .output()
-            .expect("run sh");
-        assert!(
-            out.status.success(),
-            "in {}: `{script}` failed: {}{}",
-            self.name,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Runs a shell command inside this namespace and returns its output, whatever its status.
-    pub fn try_sh(&self, script: &str) -> Output {
-        self.command("sh")
-            .args(["-c", script])
-            .output()
-            .expect("run sh")
-    }
-}
-
-impl Drop for TestNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// Runs a shell command in the test's own namespace (only `ip netns`/`ip link … netns` plumbing).
-pub fn sh(script: &str) -> String {
-    let out = Command::new("sh")
-        .args(["-c", script])
-        .output()
-        .expect("run sh");
-    assert!(
-        out.status.success(),
-        "`{script}` failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use weft_model::api::{NetworkView, SandboxView};
 
 /// A simulated host: a namespace with its own weft agent and directories.
 pub struct TestHost {
-    pub ns: TestNs,
+    pub ns: Netns,
     pub dir: PathBuf,
     pub subnet: Option<String>,
     /// More `weft agent` arguments.
@@ -145,8 +38,8 @@ impl TestHost {
 
     /// A host whose agent also gets these environment variables.
     pub fn with_agent_env(subnet: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> TestHost {
-        let ns = TestNs::new("wfth");
-        let dir = PathBuf::from(format!("/dev/shm/{}", ns.name));
+        let ns = Netns::new("wfth");
+        let dir = PathBuf::from(format!("/dev/shm/{}", ns.name()));
         std::fs::create_dir_all(&dir).expect("test dir");
         let mut host = TestHost {
             ns,
@@ -261,32 +154,62 @@ impl TestHost {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// `weft run -d --name NAME [extra] -- CMD`; returns the sandbox as JSON.
-    pub fn run_detached(&self, name: &str, extra: &[&str], cmd: &[&str]) -> serde_json::Value {
-        let mut args = vec!["--format", "json", "run", "-d", "--name", name];
+    /// Runs weft with `--format json` first and reads its answer as a `T`
+    /// (one of weft-model's API types); panics if it fails or does not parse.
+    pub fn weft_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
+        let mut all = vec!["--format", "json"];
+        all.extend_from_slice(args);
+        let out = self.weft_ok(&all);
+        serde_json::from_str(&out).unwrap_or_else(|e| {
+            panic!(
+                "weft {args:?} printed no {}: {e}\n{out}",
+                std::any::type_name::<T>()
+            )
+        })
+    }
+
+    /// `weft run -d --name NAME [extra] -- CMD`; returns the sandbox.
+    pub fn run_detached(&self, name: &str, extra: &[&str], cmd: &[&str]) -> SandboxView {
+        let mut args = vec!["run", "-d", "--name", name];
         args.extend_from_slice(extra);
         args.push("--");
         args.extend_from_slice(cmd);
-        serde_json::from_str(&self.weft_ok(&args)).expect("run -d prints JSON")
+        self.weft_json(&args)
+    }
+
+    /// The sandbox `name` as `weft ps` shows it.
+    pub fn sandbox(&self, name: &str) -> SandboxView {
+        self.ps()
+            .into_iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no sandbox {name}"))
     }
 
     /// The first address of a sandbox.
     pub fn ip_of(&self, name: &str) -> String {
-        let ps = self.ps();
-        let sb = ps
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == name)
-            .unwrap_or_else(|| panic!("no sandbox {name}"));
-        sb["attachment"]["endpoints"][0]["ip"]
-            .as_str()
-            .expect("an address")
+        self.sandbox(name)
+            .attachment
+            .endpoints()
+            .first()
+            .unwrap_or_else(|| panic!("sandbox {name} has no address"))
+            .ip
             .to_string()
     }
 
-    pub fn ps(&self) -> serde_json::Value {
-        serde_json::from_str(&self.weft_ok(&["--format", "json", "ps"])).expect("ps JSON")
+    pub fn ps(&self) -> Vec<SandboxView> {
+        self.weft_json(&["ps"])
+    }
+
+    /// `weft network ls`.
+    pub fn networks(&self) -> Vec<NetworkView> {
+        self.weft_json(&["network", "ls"])
+    }
+
+    /// `weft network inspect NAME`.
+    pub fn network(&self, name: &str) -> NetworkView {
+        let mut v: Vec<NetworkView> = self.weft_json(&["network", "inspect", name]);
+        assert_eq!(v.len(), 1, "network inspect {name}: {v:?}");
+        v.remove(0)
     }
 
     /// Runs a shell script inside a sandbox with `weft exec`.
@@ -306,19 +229,10 @@ impl TestHost {
     /// An "outside" network behind this host: a namespace joined to the host
     /// by a veth pair, the host at 203.0.113.1/24 and the outside at
     /// 203.0.113.2/24, with no route back to any sandbox.
-    pub fn outside(&self) -> TestNs {
-        let out = TestNs::new("wfto");
-        let (hv, ov) = (unique("wfu"), unique("wfu"));
-        sh(&format!(
-            "ip link add {hv} netns {} type veth peer name {ov} netns {}",
-            self.ns.name, out.name
-        ));
-        self.ns.sh(&format!(
-            "ip addr add 203.0.113.1/24 dev {hv} && ip link set {hv} up"
-        ));
-        out.sh(&format!(
-            "ip addr add 203.0.113.2/24 dev {ov} && ip link set {ov} up"
-        ));
+    pub fn outside(&self) -> Netns {
+        let out = Netns::new("wfto");
+        weft_testkit::outside::join(&self.ns, &unique("wftu"), &out, &unique("wftu"))
+            .unwrap_or_else(|e| panic!("{e}"));
         out
     }
 
@@ -365,13 +279,11 @@ impl Drop for TestHost {
             // Restart to clean up through weft itself when a test left it stopped.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.start_agent()));
         }
-        if let Ok(ps) = serde_json::from_slice::<serde_json::Value>(
+        if let Ok(ps) = serde_json::from_slice::<Vec<SandboxView>>(
             &self.weft(&["--format", "json", "ps"]).stdout,
         ) {
-            for s in ps.as_array().into_iter().flatten() {
-                if let Some(id) = s["id"].as_str() {
-                    let _ = self.weft(&["rm", "-f", id]);
-                }
+            for s in ps {
+                let _ = self.weft(&["rm", "-f", &s.id]);
             }
         }
         self.kill_agent(libc::SIGTERM);
@@ -397,26 +309,16 @@ impl Drop for TestHost {
     }
 }
 
-/// Stdout and stderr of an output, for assertion messages.
-pub fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// A simulated LAN: a bridge in a namespace of its own that hosts plug into
 /// with veth pairs, as machines into a switch.
 pub struct Lan {
-    pub ns: TestNs,
+    pub ns: Netns,
     pub bridge: String,
 }
 
 impl Lan {
     pub fn new() -> Lan {
-        let ns = TestNs::new("wftl");
+        let ns = Netns::new("wftl");
         let bridge = "wftlan0".to_string();
         ns.sh(&format!(
             "ip link add {bridge} type bridge && ip link set {bridge} up"
@@ -426,16 +328,10 @@ impl Lan {
 
     /// Plugs `host` in; returns the name of its interface on the LAN.
     pub fn plug(&self, host: &TestHost) -> String {
-        let (hv, lv) = (unique("wfp"), unique("wfq"));
-        sh(&format!(
-            "ip link add {hv} netns {} type veth peer name {lv} netns {}",
-            host.ns.name, self.ns.name
-        ));
-        self.ns.sh(&format!(
-            "ip link set {lv} master {} && ip link set {lv} up",
-            self.bridge
-        ));
-        host.ns.sh(&format!("ip link set {hv} up"));
+        let (hv, lv) = (unique("wftp"), unique("wftq"));
+        veth_pair(&host.ns, &hv, None, &self.ns, &lv, None).unwrap_or_else(|e| panic!("{e}"));
+        self.ns
+            .sh(&format!("ip link set {lv} master {}", self.bridge));
         hv
     }
 

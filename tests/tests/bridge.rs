@@ -152,7 +152,7 @@ fn host_none_and_container_modes() {
     );
     // Only base is left: the foreground runs removed themselves.
     let ps = h.ps();
-    assert_eq!(ps.as_array().unwrap().len(), 1, "{ps}");
+    assert_eq!(ps.len(), 1, "{ps:?}");
 }
 
 #[test]
@@ -160,7 +160,7 @@ fn foreground_run_returns_the_exit_code_and_removes_the_sandbox() {
     let h = TestHost::new(Some("10.75.0.0/16"));
     let out = h.weft(&["run", "--", "sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
-    assert_eq!(h.ps().as_array().unwrap().len(), 0);
+    assert_eq!(h.ps().len(), 0);
     h.wait_sandbox_veths(&[]);
 }
 
@@ -168,10 +168,10 @@ fn foreground_run_returns_the_exit_code_and_removes_the_sandbox() {
 fn default_subnet_avoids_the_hosts_routes() {
     // Start a host whose namespace already routes 172.17.0.0/16: weft must pick another.
     let h = TestHost::new(None);
-    let nets = h.weft_ok(&["--format", "json", "network", "ls"]);
-    let first: serde_json::Value = serde_json::from_str(&nets).unwrap();
+    let first = h.networks();
     assert_eq!(
-        first[0]["subnet"], "172.17.0.0/16",
+        first[0].subnet.to_string(),
+        "172.17.0.0/16",
         "empty host takes the first of the pool"
     );
     drop(h);
@@ -182,9 +182,8 @@ fn default_subnet_avoids_the_hosts_routes() {
     h.ns.sh("ip link del weft0; ip link add wftdum0 type bridge && ip addr add 172.17.5.1/16 dev wftdum0 && ip link set wftdum0 up && ip route add unreachable 172.18.0.0/16");
     h.subnet = None;
     h.start_agent();
-    let nets: serde_json::Value =
-        serde_json::from_str(&h.weft_ok(&["--format", "json", "network", "ls"])).unwrap();
-    assert_eq!(nets[0]["subnet"], "172.19.0.0/16", "{nets}");
+    let nets = h.networks();
+    assert_eq!(nets[0].subnet.to_string(), "172.19.0.0/16", "{nets:?}");
 }
 
 #[test]

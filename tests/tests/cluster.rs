@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use weft_e2e::lab::{TestLab, NET, ROOT};
 use weft_e2e::{text, unique, weft_bin};
+use weft_model::api::SandboxView;
 
 #[test]
 fn sandboxes_on_three_hosts_reach_each_other_by_their_own_addresses_vxlan() {
@@ -120,7 +121,9 @@ fn a_new_host_is_routed_everywhere_within_a_second_and_a_leaving_one_disappears(
     let h4 = lab.add_host().unwrap();
     let agent_up = started.elapsed();
     let subnet = lab.wait(Duration::from_secs(5), "h4's lease", || {
-        lab.status(h4)["cluster"]["networks"][0]["subnet"].is_string()
+        lab.status(h4)
+            .cluster
+            .is_some_and(|c| c.networks.first().is_some_and(|n| n.subnet.is_some()))
     });
     let s4 = lab.subnet(h4);
     let lease_at = Instant::now();
@@ -146,9 +149,8 @@ fn a_new_host_is_routed_everywhere_within_a_second_and_a_leaving_one_disappears(
         (0..3).all(|i| !lab.routes(i).iter().any(|(d, _)| *d == s4))
     });
     println!("h4 left: its route was gone from every host after {gone:?}");
-    let peers = lab.status(0)["cluster"]["networks"][0]["peers"]
-        .as_array()
-        .unwrap()
+    let peers = lab.status(0).cluster.expect("a cluster").networks[0]
+        .peers
         .len();
     assert_eq!(peers, 2, "h1 has two peers left");
 }
@@ -219,15 +221,10 @@ fn an_agent_killed_and_restarted_keeps_its_subnet_and_traffic_flows_through() {
 }
 
 fn lab_ip(lab: &TestLab, i: usize, name: &str) -> std::net::Ipv4Addr {
-    let ps: serde_json::Value =
-        serde_json::from_str(&lab.weft_ok(i, &["--format", "json", "ps"])).unwrap();
-    ps.as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .and_then(|s| s["attachment"]["endpoints"][0]["ip"].as_str())
-        .unwrap()
-        .parse()
+    let ps: Vec<SandboxView> = lab.weft_json(i, &["ps"]);
+    ps.iter()
+        .find(|s| s.name == name)
+        .map(|s| s.attachment.endpoints()[0].ip)
         .unwrap()
 }
 
@@ -241,7 +238,7 @@ fn traffic_and_new_sandboxes_survive_an_etcd_outage_and_a_host_joins_after() {
     lab.wait(
         Duration::from_secs(20),
         "h1 to see etcd unreachable",
-        || lab.status(0)["cluster"]["etcd_healthy"] == false,
+        || lab.status(0).cluster.is_some_and(|c| !c.etcd_healthy),
     );
     let mut checks = 0;
     while down.elapsed() < Duration::from_secs(30) {
@@ -262,7 +259,7 @@ fn traffic_and_new_sandboxes_survive_an_etcd_outage_and_a_host_joins_after() {
     );
     lab.start_etcd().unwrap();
     lab.wait(Duration::from_secs(20), "h1 to reconnect", || {
-        lab.status(0)["cluster"]["etcd_healthy"] == true
+        lab.status(0).cluster.is_some_and(|c| c.etcd_healthy)
     });
     let h3 = lab.add_host().unwrap();
     let s3 = lab.subnet(h3);
@@ -417,16 +414,16 @@ fn an_unreachable_peer_is_reported_not_routed() {
     assert!(out.status.success(), "{}", text(&out));
     lab.wait(Duration::from_secs(3), "h1 to report the peer", || {
         let s = lab.status(0);
-        s["cluster"]["networks"][0]["peers"]
-            .as_array()
-            .is_some_and(|peers| {
-                peers.iter().any(|p| {
-                    p["node"] == "far"
-                        && p["problem"]
-                            .as_str()
+        s.cluster.is_some_and(|c| {
+            c.networks.first().is_some_and(|n| {
+                n.peers.iter().any(|p| {
+                    p.node == "far"
+                        && p.problem
+                            .as_deref()
                             .is_some_and(|e| e.contains("not on a subnet directly connected"))
                 })
             })
+        })
     });
     assert!(!lab
         .routes(0)
@@ -478,16 +475,15 @@ fn lab_down_removes_a_lab_killed_half_way() {
     }
     up.kill().unwrap();
     up.wait().unwrap();
-    let lab: serde_json::Value =
+    let lab: weft_lab::Lab =
         serde_json::from_str(&std::fs::read_to_string(dir.join("lab.json")).unwrap()).unwrap();
-    let pids: Vec<i64> = lab["hosts"]
-        .as_array()
-        .unwrap()
+    let pids: Vec<i32> = lab
+        .hosts
         .iter()
-        .filter_map(|h| h["agent"]["pid"].as_i64())
-        .chain(lab["etcd"]["pid"].as_i64())
+        .filter_map(|h| h.agent.as_ref().map(|a| a.pid))
+        .chain(lab.etcd.as_ref().map(|e| e.pid))
         .collect();
-    assert!(!pids.is_empty(), "something was running: {lab}");
+    assert!(!pids.is_empty(), "something was running: {lab:?}");
     let out = Command::new(weft_bin())
         .args(["lab", "down", "--name", &name, "--root", ROOT])
         .output()

@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::process::{Output, Stdio};
-use weft_e2e::{text, TestHost, TestNs};
+use weft_e2e::{text, weft_bin, Netns, TestHost};
 
 fn conf(h: &TestHost, version: &str, extra: serde_json::Value) -> serde_json::Value {
     let mut c = serde_json::json!({
@@ -28,7 +28,7 @@ fn cni(
     conf: &serde_json::Value,
 ) -> Output {
     let mut child =
-        h.ns.command(weft_e2e::weft_bin())
+        h.ns.command(weft_bin())
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("CNI_COMMAND", command)
@@ -59,7 +59,7 @@ fn add_check_del_over_spec_versions() {
     let h = TestHost::new(Some("10.181.0.0/16"));
     h.weft_ok(&["network", "create", "--subnet", "10.182.0.0/24", "cninet"]);
     for (i, version) in ["0.4.0", "1.0.0", "1.1.0"].iter().enumerate() {
-        let c = TestNs::new("wftc");
+        let c = Netns::new("wftc");
         let netns = c.path().display().to_string();
         let id = format!("ctr{i}{}", "0".repeat(20));
         let out = cni(
@@ -136,14 +136,14 @@ fn add_check_del_over_spec_versions() {
         );
         assert!(!out.status.success(), "CHECK after DEL must fail");
     }
-    assert_eq!(h.ps().as_array().unwrap().len(), 0);
+    assert_eq!(h.ps().len(), 0);
 }
 
 #[test]
 fn capabilities_ports_ips_mac_aliases() {
     let h = TestHost::new(Some("10.183.0.0/16"));
     h.weft_ok(&["network", "create", "--subnet", "10.184.0.0/24", "cninet"]);
-    let (a, b) = (TestNs::new("wftc"), TestNs::new("wftc"));
+    let (a, b) = (Netns::new("wftc"), Netns::new("wftc"));
     let rc = serde_json::json!({ "runtimeConfig": {
         "portMappings": [{ "hostPort": 8088, "containerPort": 80, "protocol": "tcp" }],
         "ips": ["10.184.0.77/24"],
@@ -199,7 +199,7 @@ fn capabilities_ports_ips_mac_aliases() {
     let gc = serde_json::json!({ "cni.dev/valid-attachments": [{ "containerID": "bbbb", "ifname": "eth0" }] });
     let out = cni(&h, "GC", "", "", &conf(&h, "1.1.0", gc));
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(h.ps().as_array().unwrap().len(), 1);
+    assert_eq!(h.ps().len(), 1);
     assert!(
         !h.ns.sh("nft list table inet weft").contains("8088"),
         "ports of the collected attachment"
@@ -225,7 +225,7 @@ fn capabilities_ports_ips_mac_aliases() {
 #[test]
 fn errors_are_cni_json() {
     let h = TestHost::new(Some("10.185.0.0/16"));
-    let c = TestNs::new("wftc");
+    let c = Netns::new("wftc");
     let netns = c.path().display().to_string();
     let code = |out: &Output| {
         assert!(!out.status.success(), "{}", text(out));
@@ -283,5 +283,5 @@ fn errors_are_cni_json() {
         .as_array()
         .unwrap()
         .contains(&serde_json::json!("0.4.0")));
-    assert_eq!(h.ps().as_array().unwrap().len(), 0);
+    assert_eq!(h.ps().len(), 0);
 }

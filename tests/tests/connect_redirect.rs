@@ -5,37 +5,19 @@
 //! never see each other's ports, and nothing stays attached after an agent
 //! stops, is killed or restarts.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use weft_e2e::{TestHost, TestNs};
+use weft_e2e::{Netns, TestHost};
 use weft_kernel::connect_redirect::{
     attached_programs, cgroup2_root, program_exists, AttachPoint, ConnectRedirect,
 };
 use weft_model::ports::{PortMapping, PortRange, Protocol};
-
-/// Runs `f` on a new thread inside `ns` (only that thread enters it).
-fn in_ns<T: Send + 'static>(ns: &TestNs, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let file = File::open(ns.path()).expect("open netns");
-    std::thread::spawn(move || {
-        // SAFETY: setns for this thread only, on a descriptor we own.
-        assert_eq!(
-            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-            0,
-            "setns: {}",
-            std::io::Error::last_os_error()
-        );
-        f()
-    })
-    .join()
-    .expect("thread in namespace")
-}
+use weft_testkit::ScratchDir;
 
 fn v4(a: &str) -> SocketAddr {
     a.parse().unwrap()
@@ -118,8 +100,8 @@ fn attached_everywhere() -> Vec<u32> {
 
 #[test]
 fn programs_translate_connections_of_their_own_namespace_only() {
-    let a = TestNs::new("wftr");
-    let b = TestNs::new("wftr");
+    let a = Netns::new("wftr");
+    let b = Netns::new("wftr");
     for ns in [&a, &b] {
         // A "sandbox" address: local to the namespace, so no routes needed.
         ns.sh("ip addr add 10.201.7.1/32 dev lo");
@@ -127,7 +109,7 @@ fn programs_translate_connections_of_their_own_namespace_only() {
     let target = Ipv4Addr::new(10, 201, 7, 1);
 
     // Namespace A: servers and its redirect.
-    let (mut ra, servers_a, tcp_port, udp_a) = in_ns(&a, move || {
+    let (mut ra, servers_a, tcp_port, udp_a) = a.run(move || {
         let l = TcpListener::bind((target, 0)).unwrap();
         let port = l.local_addr().unwrap().port();
         let range = TcpListener::bind((target, 9001)).unwrap();
@@ -176,9 +158,9 @@ fn programs_translate_connections_of_their_own_namespace_only() {
     // Namespace B: the same port leads to B's own server. B loads as under
     // `ip netns exec`, which hides the cgroup mounts: in a mount namespace
     // of this thread's own without them.
-    let scratch = ScratchDir::new(&b.name);
-    let scratch_path = scratch.0.clone();
-    let (mut rb, servers_b, tcp_b) = in_ns(&b, move || {
+    let scratch = ScratchDir::new("wftr");
+    let scratch_path = scratch.path().to_path_buf();
+    let (mut rb, servers_b, tcp_b) = b.run(move || {
         private_mounts_without_cgroup2();
         assert!(cgroup2_root().is_err(), "cgroup2 still visible");
         let l = TcpListener::bind((target, 0)).unwrap();
@@ -190,7 +172,7 @@ fn programs_translate_connections_of_their_own_namespace_only() {
         )
     });
     assert!(
-        !scratch.0.join("cgroup2").exists(),
+        !scratch.path().join("cgroup2").exists(),
         "the private mount point is gone"
     );
     rb.add(
@@ -199,7 +181,7 @@ fn programs_translate_connections_of_their_own_namespace_only() {
     )
     .unwrap();
 
-    in_ns(&a, move || {
+    a.run(move || {
         let (got, local, peer) = fetch(v4("127.0.0.1:18080")).expect("A -> 127.0.0.1:18080");
         assert_eq!(got, "A");
         // Connected straight to the target: the source is chosen for it…
@@ -232,7 +214,7 @@ fn programs_translate_connections_of_their_own_namespace_only() {
         let s = socket_bound_to_loopback();
         assert!(s.is_err(), "loopback-bound socket was redirected");
     });
-    in_ns(&b, move || {
+    b.run(move || {
         let (got, _, _) = fetch(v4("127.0.0.1:18080")).expect("B -> 127.0.0.1:18080");
         assert_eq!(got, "B", "B's own mapping, never A's");
         // A's range and UDP port mean nothing here.
@@ -242,15 +224,11 @@ fn programs_translate_connections_of_their_own_namespace_only() {
 
     // Not local yet: not translated. Once the address appears, the watcher
     // sees it and connections to it are.
-    in_ns(&a, move || {
-        assert!(fetch(SocketAddr::from((later, 18081))).is_err())
-    });
+    a.run(move || assert!(fetch(SocketAddr::from((later, 18081))).is_err()));
     a.sh("ip addr add 10.201.8.1/32 dev lo");
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let r = in_ns(&a, move || {
-            fetch(SocketAddr::from((later, 18081))).map(|r| r.0)
-        });
+        let r = a.run(move || fetch(SocketAddr::from((later, 18081))).map(|r| r.0));
         if r.as_deref().ok() == Some("A") {
             break;
         }
@@ -263,7 +241,7 @@ fn programs_translate_connections_of_their_own_namespace_only() {
     // And gone with the address.
     a.sh("ip addr del 10.201.8.1/32 dev lo");
     let deadline = Instant::now() + Duration::from_secs(3);
-    while in_ns(&a, move || fetch(SocketAddr::from((later, 18081))).is_ok()) {
+    while a.run(move || fetch(SocketAddr::from((later, 18081))).is_ok()) {
         assert!(
             Instant::now() < deadline,
             "still redirected after the address went"
@@ -279,7 +257,7 @@ fn programs_translate_connections_of_their_own_namespace_only() {
         Protocol::Tcp,
     ))
     .unwrap();
-    in_ns(&a, || {
+    a.run(|| {
         let e = fetch(v4("127.0.0.1:18080")).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
     });
@@ -290,7 +268,7 @@ fn programs_translate_connections_of_their_own_namespace_only() {
     )])
     .unwrap();
     assert_eq!(ra.entries(), 1);
-    in_ns(&a, || {
+    a.run(|| {
         assert_eq!(fetch(v4("127.0.0.1:18080")).unwrap().0, "A");
         assert!(fetch(v4("127.0.0.1:9001")).is_err(), "the range went");
     });
@@ -306,23 +284,6 @@ fn programs_translate_connections_of_their_own_namespace_only() {
     }
     drop(servers_a);
     drop(servers_b);
-}
-
-/// A directory under /dev/shm, removed on drop.
-struct ScratchDir(std::path::PathBuf);
-
-impl ScratchDir {
-    fn new(name: &str) -> ScratchDir {
-        let p = std::path::PathBuf::from(format!("/dev/shm/{name}"));
-        std::fs::create_dir_all(&p).unwrap();
-        ScratchDir(p)
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Moves the calling thread into a mount namespace of its own, where every
@@ -431,11 +392,11 @@ fn wait_gone(ids: &[u32]) {
 }
 
 /// Asks until the answer comes (the sandbox's server may still be starting).
-fn fetch_retry(ns: &TestNs, to: &str) -> (String, SocketAddr, SocketAddr) {
+fn fetch_retry(ns: &Netns, to: &str) -> (String, SocketAddr, SocketAddr) {
     let to = v4(to);
     let mut last = None;
     for _ in 0..50 {
-        match in_ns(ns, move || fetch(to)) {
+        match ns.run(move || fetch(to)) {
             Ok(r) if !r.0.is_empty() => return r,
             other => last = Some(other),
         }
@@ -444,7 +405,7 @@ fn fetch_retry(ns: &TestNs, to: &str) -> (String, SocketAddr, SocketAddr) {
     panic!("{to}: {last:?}");
 }
 
-fn conntrack(ns: &TestNs) -> String {
+fn conntrack(ns: &Netns) -> String {
     ns.sh("cat /proc/net/nf_conntrack")
 }
 
@@ -477,7 +438,7 @@ fn localhost_goes_through_the_bpf_path_and_no_nat() {
     assert!(ct.contains(&format!("src={gateway} ")), "{ct}");
 
     // UDP, connected and not (retried: socat's UDP side may start later).
-    let (reply, local, from) = in_ns(&h.ns, || {
+    let (reply, local, from) = h.ns.run(|| {
         let mut buf = [0u8; 64];
         for _ in 0..20 {
             let c = UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -565,8 +526,8 @@ fn two_agents_publishing_the_same_port_do_not_interfere() {
         );
     }
     // A namespace without an agent keeps its own 127.0.0.1:8080.
-    let plain = TestNs::new("wftr");
-    let got = in_ns(&plain, || {
+    let plain = Netns::new("wftr");
+    let got = plain.run(|| {
         let l = TcpListener::bind("127.0.0.1:8080").unwrap();
         let s = Server::start(l, "mine");
         let r = fetch(v4("127.0.0.1:8080")).map(|r| r.0);

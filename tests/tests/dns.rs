@@ -3,13 +3,13 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Stdio};
-use weft_e2e::{text, TestHost, TestNs};
+use weft_e2e::{text, Netns, TestHost};
 
 /// A host whose upstream resolvers are a dnsmasq in an "outside" namespace
 /// (203.0.113.2) and, listed first, an address nobody answers on (203.0.113.9).
 struct Setup {
     h: TestHost,
-    _outside: TestNs,
+    _outside: Netns,
     dnsmasq: Child,
     resolv: std::path::PathBuf,
 }
@@ -107,14 +107,7 @@ fn names_aliases_ptr_isolation_and_nxdomain() {
     h.weft_ok(&["network", "connect", "--alias", "spy", "other", "client"]);
     assert_eq!(
         dig(h, "hidden", "spy").0,
-        h.ps()
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["name"] == "client")
-            .unwrap()["attachment"]["endpoints"][1]["ip"]
-            .as_str()
-            .unwrap()
+        h.sandbox("client").attachment.endpoints()[1].ip.to_string()
     );
     assert_eq!(
         dig(h, "client", "hidden").0,

@@ -32,13 +32,11 @@
 //! for a remote driver (dockerd reads them only from its own drivers' data),
 //! so the test reads the published ports from weft and nft.
 
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use weft_e2e::{text, unique, TestHost, TestNs};
+use weft_e2e::{eventually, output_within, text, unique, Netns, TestHost};
+use weft_testkit::ScratchDir;
 
 const DOCKER: &str = "/usr/bin/docker";
 const IMAGE: &str = "wftbusybox:test";
@@ -50,60 +48,6 @@ const APPLETS: &[&str] = &[
 ];
 /// Made by dockerd and containerd at fixed places; here only in their own /run.
 const FIXED_DIRS: &[&str] = &["/run/docker", "/run/containerd"];
-
-/// Runs a command with a deadline; kills it (and reports so) when it is exceeded.
-fn output_within(mut cmd: Command, limit: Duration) -> Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let pid = child.id() as i32;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(out) => out.expect("wait"),
-        Err(_) => {
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("{cmd:?} took more than {limit:?}");
-        }
-    }
-}
-
-/// Waits up to `secs` seconds for `f` to hold.
-fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> Result<(), String>) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        match f() {
-            Ok(()) => return,
-            Err(e) if Instant::now() > deadline => panic!("{what}: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
-/// A directory of the test's own, removed on drop (declare it first, so
-/// that it goes last).
-struct Scratch {
-    path: PathBuf,
-}
-
-impl Scratch {
-    fn new() -> Scratch {
-        let path = PathBuf::from(format!("/dev/shm/{}", unique("wftd")));
-        std::fs::create_dir_all(&path).expect("scratch dir");
-        Scratch { path }
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
 
 /// The mount namespace of the process at `proc` (/proc/PID), as `mnt:[INODE]`.
 fn mount_ns(proc: &str) -> Option<String> {
@@ -198,14 +142,13 @@ impl Dockerd {
             .append(true)
             .open(self.dir.join("dockerd.log"))
             .expect("dockerd log");
-        let netns = std::fs::File::open(&self.netns).expect("open netns");
-        // unshare and sh exec, so the child is dockerd itself.
+        // nsenter, unshare and sh exec, so the child is dockerd itself.
         let script = "mount -t tmpfs -o mode=0755 wftrun /run \
             && mkdir -p /run/docker/plugins \
             && ln -s \"$0\" /run/docker/plugins/weft.sock \
             && exec dockerd \"$@\"";
         let d = &self.dir;
-        let mut cmd = Command::new("/usr/bin/unshare");
+        let mut cmd = weft_testkit::command_in(&self.netns, "/usr/bin/unshare");
         cmd.args([
             "--mount",
             "--propagation",
@@ -242,14 +185,6 @@ impl Dockerd {
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let child = cmd.spawn().expect("start dockerd");
         let pid = child.id();
         self.child = Some(child);
@@ -584,30 +519,21 @@ impl Drop for Dockerd {
 fn docker_endpoints(h: &TestHost) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = h
         .ps()
-        .as_array()
-        .unwrap()
         .iter()
-        .filter(|s| s["command"][0] == "docker")
+        .filter(|s| s.command.first().is_some_and(|c| c == "docker"))
         .map(|s| {
             (
-                s["command"][1].as_str().unwrap_or("").to_string(),
-                s["attachment"]["endpoints"][0]["ip"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string(),
+                s.command.get(1).cloned().unwrap_or_default(),
+                s.attachment
+                    .endpoints()
+                    .first()
+                    .map(|e| e.ip.to_string())
+                    .unwrap_or_default(),
             )
         })
         .collect();
     v.sort();
     v
-}
-
-/// `weft network inspect` of one network, as JSON.
-fn inspect_network(h: &TestHost, name: &str) -> serde_json::Value {
-    let v: serde_json::Value =
-        serde_json::from_str(&h.weft_ok(&["--format", "json", "network", "inspect", name]))
-            .expect("inspect JSON");
-    v[0].clone()
 }
 
 fn sorted(mut v: Vec<(String, String)>) -> Vec<(String, String)> {
@@ -616,7 +542,7 @@ fn sorted(mut v: Vec<(String, String)>) -> Vec<(String, String)> {
 }
 
 /// An HTTP GET with busybox from a namespace; the body, or "" on failure.
-fn get_from(ns: &TestNs, url: &str) -> String {
+fn get_from(ns: &Netns, url: &str) -> String {
     let out = ns.try_sh(&format!("timeout 5 busybox wget -q -O - {url}"));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
@@ -645,17 +571,19 @@ fn published(h: &TestHost) -> String {
 
 /// The reach of one network: by address, by name both ways, the web page,
 /// and the published port from the host and from outside.
-fn check_reach(d: &Dockerd, h: &TestHost, outside: &TestNs, web_ip: &str) {
+fn check_reach(d: &Dockerd, h: &TestHost, outside: &Netns, web_ip: &str) {
     ping_ok(d, "client", web_ip);
     ping_ok(d, "client", "web");
     ping_ok(d, "web", "client");
     assert_eq!(get_in(d, "client", "web"), "hello from web");
-    eventually("published port from the host", 10, || {
-        match get_from(&h.ns, "http://203.0.113.1:18080/").as_str() {
+    eventually(
+        "published port from the host",
+        Duration::from_secs(10),
+        || match get_from(&h.ns, "http://203.0.113.1:18080/").as_str() {
             "hello from web" => Ok(()),
             got => Err(format!("{got:?}; {}", published(h))),
-        }
-    });
+        },
+    );
     assert_eq!(
         get_from(&h.ns, "http://127.0.0.1:18080/"),
         "hello from web",
@@ -670,8 +598,9 @@ fn check_reach(d: &Dockerd, h: &TestHost, outside: &TestNs, web_ip: &str) {
 
 #[test]
 fn docker_containers_on_a_weft_network() {
-    let scratch = Scratch::new();
-    let plugin = scratch.path.join("weft.sock");
+    // Declared first, so that it goes last.
+    let scratch = ScratchDir::new("wftd");
+    let plugin = scratch.path().join("weft.sock");
     let mut h = TestHost::with_agent_args(
         Some("10.191.0.0/16"),
         &["--docker-plugin-socket", &plugin.display().to_string()],
@@ -679,7 +608,7 @@ fn docker_containers_on_a_weft_network() {
     let outside = h.outside();
     // A weft network made beforehand, with a sandbox of weft's own on it.
     h.weft_ok(&["network", "create", "--subnet", "10.193.0.0/24", "wpre"]);
-    let www = scratch.path.join("www");
+    let www = scratch.path().join("www");
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("index.html"), "hello from wapi\n").unwrap();
     h.run_detached(
@@ -713,11 +642,11 @@ fn docker_containers_on_a_weft_network() {
 
     // A Docker network that makes its weft network (Docker's own IPAM) …
     d.run("network create -d weft -o weft.network=wnet --subnet 10.192.0.0/24 dnet");
-    let wnet = inspect_network(&h, "wnet");
-    assert_eq!(wnet["subnet"], "10.192.0.0/24", "{wnet}");
-    assert_eq!(wnet["gateway"], "10.192.0.1", "{wnet}");
+    let wnet = h.network("wnet");
+    assert_eq!(wnet.subnet.to_string(), "10.192.0.0/24", "{wnet:?}");
+    assert_eq!(wnet.gateway.to_string(), "10.192.0.1", "{wnet:?}");
     assert_eq!(
-        wnet["labels"]["com.docker.network.id"].as_str(),
+        wnet.labels.get("com.docker.network.id").map(String::as_str),
         Some(d.inspect("dnet", "{{.Id}}").as_str())
     );
     // … and one on the weft network that exists, with weft's IPAM.
@@ -740,7 +669,7 @@ fn docker_containers_on_a_weft_network() {
             (web_ep.clone(), web_ip.clone()),
             (client_ep.clone(), client_ip.clone())
         ]),
-        "weft ps: {}",
+        "weft ps: {:?}",
         h.ps()
     );
     // Docker's embedded resolver answers for the containers' names.
@@ -770,12 +699,14 @@ fn docker_containers_on_a_weft_network() {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("weft port: {port:?}"));
     assert!((49153..=60999).contains(&host_port), "{port}");
-    eventually("the chosen host port", 10, || {
-        match get_from(&h.ns, &format!("http://203.0.113.1:{host_port}/")).as_str() {
+    eventually(
+        "the chosen host port",
+        Duration::from_secs(10),
+        || match get_from(&h.ns, &format!("http://203.0.113.1:{host_port}/")).as_str() {
             "hello from eph" => Ok(()),
             got => Err(got.to_string()),
-        }
-    });
+        },
+    );
     d.ok(&["rm", "-f", "eph"]);
     assert!(!published(&h).contains(&host_port.to_string()));
 
@@ -809,14 +740,9 @@ fn docker_containers_on_a_weft_network() {
     d.ok(&["network", "disconnect", "dpre", "client"]);
     let addrs = d.exec_ok("client", "ip -4 -o addr");
     assert!(!addrs.contains("10.193.0."), "{addrs}");
-    let wpre = inspect_network(&h, "wpre");
-    let on_wpre: Vec<&str> = wpre["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["sandbox"].as_str().unwrap())
-        .collect();
-    assert_eq!(on_wpre, vec!["wapi"], "{wpre}");
+    let wpre = h.network("wpre");
+    let on_wpre: Vec<&str> = wpre.endpoints.iter().map(|e| e.sandbox.as_str()).collect();
+    assert_eq!(on_wpre, vec!["wapi"], "{wpre:?}");
 
     // The agent killed and restarted: the kernel was not touched, and the
     // restarted agent knows every endpoint and port.
@@ -850,10 +776,10 @@ fn docker_containers_on_a_weft_network() {
     assert_eq!(nets, vec!["dnet", "dpre"]);
     eventually(
         "web restarted with dockerd",
-        30,
+        Duration::from_secs(30),
         || match docker_endpoints(&h).len() {
             1 => Ok(()),
-            n => Err(format!("{n} endpoints: {}", h.ps())),
+            n => Err(format!("{n} endpoints: {:?}", h.ps())),
         },
     );
     d.ok(&["start", "client"]);
@@ -867,15 +793,7 @@ fn docker_containers_on_a_weft_network() {
     d.ok(&["rm", "-f", "web", "client"]);
     assert_eq!(docker_endpoints(&h), vec![]);
     d.ok(&["network", "rm", "dnet", "dpre"]);
-    let nets: Vec<String> = h
-        .weft_ok(&["--format", "json", "network", "ls"])
-        .parse::<serde_json::Value>()
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["name"].as_str().unwrap().to_string())
-        .collect();
+    let nets: Vec<String> = h.networks().into_iter().map(|n| n.name).collect();
     assert_eq!(
         nets,
         vec!["bridge", "wpre"],

@@ -2,7 +2,7 @@
 //! non-zero exit, and nothing half-made.
 
 use std::os::unix::process::CommandExt;
-use weft_e2e::{text, TestHost};
+use weft_e2e::{text, weft_bin, TestHost};
 
 /// What a failed command could have left behind.
 fn footprint(h: &TestHost) -> (Vec<String>, Vec<String>, Vec<String>, usize) {
@@ -10,7 +10,7 @@ fn footprint(h: &TestHost) -> (Vec<String>, Vec<String>, Vec<String>, usize) {
         h.links(),
         h.state_files("netns"),
         h.state_files("store"),
-        h.ps().as_array().unwrap().len(),
+        h.ps().len(),
     )
 }
 
@@ -110,7 +110,11 @@ fn no_agent_running_says_how_to_start_one() {
 #[test]
 fn not_root_is_refused() {
     let h = TestHost::new(Some("10.94.0.0/16"));
-    let mut cmd = h.weft_cmd(&["ps"]);
+    // weft_cmd's nsenter would run as nobody too and fail to enter the
+    // namespace; the same command entering it by setns before the setuid.
+    let mut cmd = std::process::Command::new(weft_bin());
+    h.ns.enter(&mut cmd).expect("enter the host's namespace");
+    cmd.arg("ps").env("WEFT_STATE_DIR", h.state_dir());
     unsafe {
         cmd.pre_exec(|| {
             if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
@@ -136,7 +140,7 @@ fn not_root_is_refused() {
 fn a_second_agent_on_the_same_state_dir_is_refused() {
     let h = TestHost::new(Some("10.95.0.0/16"));
     let out =
-        h.ns.command(weft_e2e::weft_bin())
+        h.ns.command(weft_bin())
             .arg("agent")
             .arg("--state-dir")
             .arg(h.state_dir())

@@ -1,7 +1,8 @@
 //! Sandbox lifecycle: concurrency, complete removal, agent restarts.
 
 use std::collections::HashSet;
-use weft_e2e::{text, TestHost};
+use weft_e2e::{host_ifname, text, TestHost};
+use weft_model::api::State;
 
 #[test]
 fn fifty_concurrent_runs_get_fifty_distinct_addresses() {
@@ -30,17 +31,10 @@ fn fifty_concurrent_runs_get_fifty_distinct_addresses() {
     }
     let ps = h.ps();
     let ips: HashSet<String> = ps
-        .as_array()
-        .unwrap()
         .iter()
-        .map(|s| {
-            s["attachment"]["endpoints"][0]["ip"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
+        .map(|s| s.attachment.endpoints()[0].ip.to_string())
         .collect();
-    assert_eq!(ips.len(), 50, "{ps}");
+    assert_eq!(ips.len(), 50, "{ps:?}");
     // And every one of them is really configured in its namespace.
     for i in [0, 25, 49] {
         let name = format!("c{i}");
@@ -60,11 +54,8 @@ fn rm_leaves_no_veth_address_namespace_or_file() {
     let before_links = h.sandbox_veths();
     let v = h.run_detached("gone", &[], &["sleep", "infinity"]);
     let ip = h.ip_of("gone");
-    let netns = v["netns"].as_str().unwrap().to_string();
-    let veth = v["attachment"]["endpoints"][0]["host_ifname"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let netns = v.netns.clone().expect("a namespace");
+    let veth = host_ifname(&v.attachment.endpoints()[0]).expect("a host veth");
     assert!(h.links().contains(&veth));
     assert!(std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
@@ -94,7 +85,7 @@ fn rm_leaves_no_veth_address_namespace_or_file() {
     let addrs = h.ns.sh("ip -o -4 addr");
     assert!(!addrs.contains(&ip), "{addrs}");
     let ps = h.ps();
-    assert_eq!(ps.as_array().unwrap().len(), 0);
+    assert_eq!(ps.len(), 0);
     // The address is free again (next-fit hands out others first, so ask for it).
     h.run_detached("again", &["--ip", &ip], &["sleep", "infinity"]);
 }
@@ -121,13 +112,7 @@ fn sigkill_of_the_agent_loses_no_packets_and_the_restarted_agent_adopts() {
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("300 packets transmitted, 300 received"), "{s}");
 
-    let names: HashSet<String> = h
-        .ps()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect();
+    let names: HashSet<String> = h.ps().into_iter().map(|s| s.name).collect();
     assert_eq!(names, HashSet::from(["p1".to_string(), "p2".to_string()]));
     let p2 = h.ip_of("p2");
     let out = h.exec("p1", &format!("ping -c 1 -W 2 {p2}"));
@@ -141,8 +126,8 @@ fn a_restarted_agent_removes_what_it_owns_and_nobody_wants() {
     let mut h = TestHost::new(Some("10.84.0.0/16"));
     h.run_detached("keep", &[], &["sleep", "infinity"]);
     let v = h.run_detached("lost", &[], &["sleep", "infinity"]);
-    let lost_id = v["id"].as_str().unwrap();
-    let lost_pid = v["pid"].as_i64().unwrap() as i32;
+    let lost_id = &v.id;
+    let lost_pid = v.pid.expect("a pid");
     h.kill_agent(libc::SIGKILL);
     // The record of "lost" disappears while the agent is down (as after a crash mid-write).
     let rec = h
@@ -155,7 +140,7 @@ fn a_restarted_agent_removes_what_it_owns_and_nobody_wants() {
     h.start_agent();
     let wv = h.sandbox_veths();
     assert_eq!(wv.len(), 1, "only keep's veth remains: {wv:?}");
-    assert_eq!(h.ps().as_array().unwrap().len(), 1);
+    assert_eq!(h.ps().len(), 1);
     assert!(h.exec("keep", "ping -c 1 -W 2 10.84.0.1").status.success());
 }
 
@@ -163,10 +148,7 @@ fn a_restarted_agent_removes_what_it_owns_and_nobody_wants() {
 fn a_deleted_veth_is_restored_on_restart() {
     let mut h = TestHost::new(Some("10.85.0.0/16"));
     let v = h.run_detached("heal", &[], &["sleep", "infinity"]);
-    let veth = v["attachment"]["endpoints"][0]["host_ifname"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let veth = host_ifname(&v.attachment.endpoints()[0]).expect("a host veth");
     h.ns.sh(&format!("ip link del {veth}"));
     assert!(!h.exec("heal", "ping -c 1 -W 1 10.85.0.1").status.success());
     h.kill_agent(libc::SIGTERM);
@@ -179,11 +161,11 @@ fn a_deleted_veth_is_restored_on_restart() {
 fn stop_ends_the_process_and_keeps_the_sandbox_until_rm() {
     let h = TestHost::new(Some("10.86.0.0/16"));
     let v = h.run_detached("s", &[], &["sleep", "infinity"]);
-    let pid = v["pid"].as_i64().unwrap();
-    assert_eq!(v["state"], "running");
+    let pid = v.pid.expect("a pid");
+    assert_eq!(v.state, State::Running);
     h.weft_ok(&["stop", "-t", "5", "s"]);
     let ps = h.ps();
-    assert_eq!(ps[0]["state"], "exited", "{ps}");
+    assert_eq!(ps[0].state, State::Exited, "{ps:?}");
     assert!(
         !std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists() || {
             // A zombie waiting for init to reap it has an empty cmdline.
@@ -200,7 +182,7 @@ fn stop_ends_the_process_and_keeps_the_sandbox_until_rm() {
     );
     // Not running any more, so rm needs no -f.
     h.weft_ok(&["rm", "s"]);
-    assert_eq!(h.ps().as_array().unwrap().len(), 0);
+    assert_eq!(h.ps().len(), 0);
 }
 
 #[test]
@@ -216,7 +198,7 @@ fn an_attach_that_fails_half_way_is_rolled_back() {
     assert!(!out.status.success(), "{}", text(&out));
     assert_eq!(h.state_files("netns"), files, "namespace file left");
     assert_eq!(h.sandbox_veths(), veths, "veth left");
-    assert_eq!(h.ps().as_array().unwrap().len(), 1);
+    assert_eq!(h.ps().len(), 1);
     // A restarted agent puts the bridge back, and attaching works again.
     h.kill_agent(libc::SIGTERM);
     h.start_agent();
@@ -274,5 +256,5 @@ fn a_full_bridge_refuses_the_1024th_sandbox_cleanly() {
         1023,
         "the refused attach left a veth"
     );
-    assert_eq!(h.ps().as_array().unwrap().len(), 1023);
+    assert_eq!(h.ps().len(), 1023);
 }

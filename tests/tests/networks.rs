@@ -2,10 +2,7 @@
 //! sandbox, connect/disconnect, isolation and internal networks.
 
 use weft_e2e::{text, TestHost};
-
-fn json(s: &str) -> serde_json::Value {
-    serde_json::from_str(s).expect("JSON")
-}
+use weft_model::api::{RemovedNetwork, State};
 
 /// The error of a weft command that must fail.
 fn err_of(h: &TestHost, args: &[&str]) -> String {
@@ -47,28 +44,19 @@ fn create_ls_inspect_rm_prune() {
         "bridge.name=wftmybr",
         "ranged",
     ]);
-    let ls = json(&h.weft_ok(&["--format", "json", "network", "ls"]));
-    let names: Vec<&str> = ls
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["name"].as_str().unwrap())
-        .collect();
+    let ls = h.networks();
+    let names: Vec<&str> = ls.iter().map(|n| n.name.as_str()).collect();
     assert_eq!(names, ["back", "bridge", "front", "ranged"]);
-    let back = ls
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == "back")
-        .unwrap();
+    let back = ls.iter().find(|n| n.name == "back").unwrap();
     assert_eq!(
-        back["subnet"], "172.17.0.0/16",
+        back.subnet.to_string(),
+        "172.17.0.0/16",
         "first free subnet of the pool"
     );
-    let ranged = &json(&h.weft_ok(&["--format", "json", "network", "inspect", "ranged"]))[0];
-    assert_eq!(ranged["gateway"], "10.103.0.254");
-    assert_eq!(ranged["bridge"], "wftmybr");
-    assert_eq!(ranged["mtu"], 1400);
+    let ranged = h.network("ranged");
+    assert_eq!(ranged.gateway.to_string(), "10.103.0.254");
+    assert_eq!(ranged.bridge, "wftmybr");
+    assert_eq!(ranged.mtu, Some(1400));
     let table = h.weft_ok(&["network", "inspect", "front"]);
     assert!(
         table.contains("team=a") && table.contains("10.102.0.0/24"),
@@ -90,20 +78,15 @@ fn create_ls_inspect_rm_prune() {
     // rm is refused while a sandbox is attached, naming it; prune keeps it too.
     let e = err_of(&h, &["network", "rm", "ranged"]);
     assert!(e.contains("sandboxes attached (r)"), "{e}");
-    let pruned = json(&h.weft_ok(&["--format", "json", "network", "prune"]));
-    let pruned: Vec<&str> = pruned
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["name"].as_str().unwrap())
-        .collect();
+    let pruned: Vec<RemovedNetwork> = h.weft_json(&["network", "prune"]);
+    let pruned: Vec<&str> = pruned.iter().map(|n| n.name.as_str()).collect();
     assert_eq!(pruned, ["back", "front"]);
     // -f disconnects the sandbox, which keeps running.
     h.weft_ok(&["network", "rm", "-f", "ranged"]);
-    assert_eq!(h.ps()[0]["state"], "running");
+    assert_eq!(h.ps()[0].state, State::Running);
     assert!(!h.links().contains(&"wftmybr".to_string()));
-    let ls = json(&h.weft_ok(&["--format", "json", "network", "ls"]));
-    assert_eq!(ls.as_array().unwrap().len(), 1);
+    let ls = h.networks();
+    assert_eq!(ls.len(), 1);
     let e = err_of(&h, &["network", "rm", "bridge"]);
     assert!(e.contains("default network"), "{e}");
 }
@@ -231,14 +214,7 @@ fn connect_and_disconnect_a_running_sandbox() {
     h.run_detached("a", &[], &["sleep", "infinity"]);
     h.run_detached("b", &["--net", "blue"], &["sleep", "infinity"]);
     let b = h.ip_of("b");
-    let pid = h
-        .ps()
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "a")
-        .unwrap()["pid"]
-        .clone();
+    let pid = h.sandbox("a").pid;
     assert!(
         !h.exec("a", &format!("ping -c 1 -W 1 {b}")).status.success(),
         "isolated before connect"
@@ -272,14 +248,7 @@ fn connect_and_disconnect_a_running_sandbox() {
     assert!(route.contains("default via 10.121.0.1 dev eth0"), "{route}");
     assert!(h.exec("a", "ping -c 1 -W 2 10.121.0.1").status.success());
     // Same process all along: not restarted.
-    let now = h
-        .ps()
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "a")
-        .unwrap()["pid"]
-        .clone();
+    let now = h.sandbox("a").pid;
     assert_eq!(pid, now);
     let e = err_of(&h, &["network", "disconnect", "blue", "a"]);
     assert!(e.contains("not on network blue"), "{e}");

@@ -39,37 +39,14 @@ use std::cell::RefCell;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use weft_e2e::{text, unique, weft_bin, TestHost};
+use weft_e2e::{eventually, output_within, text, unique, weft_bin, TestHost};
 
 /// Busybox applets linked in each root file system.
 const APPLETS: &[&str] = &[
     "sh", "cat", "echo", "mkdir", "sleep", "httpd", "wget", "nslookup", "nc", "ip", "ping",
     "hostname", "grep", "head", "ls", "ps", "true", "timeout",
 ];
-
-/// Runs a command with a deadline; kills it (and reports so) when it is exceeded.
-fn output_within(mut cmd: Command, limit: Duration) -> Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let pid = child.id() as i32;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(out) => out.expect("wait"),
-        Err(_) => {
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("{cmd:?} took more than {limit:?}");
-        }
-    }
-}
 
 /// One podman "installation" of the test's own, run in a TestHost's namespace.
 /// Drop removes every container, process, mount, netns file, cgroup and
@@ -415,32 +392,19 @@ fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Waits up to `secs` seconds for `f` to hold.
-fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> Result<(), String>) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        match f() {
-            Ok(()) => return,
-            Err(e) if Instant::now() > deadline => panic!("{what}: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
 /// weft's sandboxes as (container id of the runtime, address).
 fn weft_sandboxes(h: &TestHost) -> Vec<(String, String)> {
     h.ps()
-        .as_array()
-        .unwrap()
         .iter()
         .map(|s| {
             (
                 // An attachment made over CNI shows as the command `cni <container id>`.
-                s["command"][1].as_str().unwrap_or("").to_string(),
-                s["attachment"]["endpoints"][0]["ip"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string(),
+                s.command.get(1).cloned().unwrap_or_default(),
+                s.attachment
+                    .endpoints()
+                    .first()
+                    .map(|e| e.ip.to_string())
+                    .unwrap_or_default(),
             )
         })
         .collect()
@@ -497,7 +461,7 @@ fn podman_cni_containers_reach_each_other_and_a_published_port() {
         (client.clone(), client_ip.clone()),
     ];
     want.sort();
-    assert_eq!(sandboxes, want, "weft ps: {}", h.ps());
+    assert_eq!(sandboxes, want, "weft ps: {:?}", h.ps());
     assert_eq!(h.sandbox_veths().len(), 2);
 
     // resolv.conf: weft's resolver on the gateway comes first.
@@ -535,16 +499,18 @@ fn podman_cni_containers_reach_each_other_and_a_published_port() {
     assert!(nx.contains("NXDOMAIN"), "{nx}");
 
     // The published port: from the host itself and from outside, at the host's address.
-    let host_get = |ns: &weft_e2e::TestNs, url: &str| {
+    let host_get = |ns: &weft_e2e::Netns, url: &str| {
         let out = ns.try_sh(&format!("timeout 5 busybox wget -q -O - {url}"));
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    eventually("published port from the host", 5, || {
-        match host_get(&h.ns, "http://203.0.113.1:18080/").as_str() {
+    eventually(
+        "published port from the host",
+        Duration::from_secs(5),
+        || match host_get(&h.ns, "http://203.0.113.1:18080/").as_str() {
             "hello from web" => Ok(()),
             got => Err(format!("{got:?}")),
-        }
-    });
+        },
+    );
     assert_eq!(
         host_get(&outside, "http://203.0.113.1:18080/"),
         "hello from web",
@@ -592,22 +558,26 @@ fn podman_cni_containers_reach_each_other_and_a_published_port() {
     p.netns.borrow_mut().push(PathBuf::from(key));
     assert!(
         weft_sandboxes(&h).iter().any(|s| s.0 == brief),
-        "brief is attached: {}",
+        "brief is attached: {:?}",
         h.ps()
     );
-    eventually("the ended container's attachment is removed", 10, || {
-        let ids: Vec<String> = weft_sandboxes(&h).into_iter().map(|s| s.0).collect();
-        if ids.contains(&brief) {
-            Err(format!("{ids:?}"))
-        } else {
-            Ok(())
-        }
-    });
+    eventually(
+        "the ended container's attachment is removed",
+        Duration::from_secs(10),
+        || {
+            let ids: Vec<String> = weft_sandboxes(&h).into_iter().map(|s| s.0).collect();
+            if ids.contains(&brief) {
+                Err(format!("{ids:?}"))
+            } else {
+                Ok(())
+            }
+        },
+    );
 
     // Everything goes with `podman rm -af`; nothing is left to force.
     let forced = p.clean();
     assert!(forced.is_empty(), "left behind by podman: {forced:?}");
-    assert!(weft_sandboxes(&h).is_empty(), "weft ps: {}", h.ps());
+    assert!(weft_sandboxes(&h).is_empty(), "weft ps: {:?}", h.ps());
     assert!(h.sandbox_veths().is_empty());
     assert!(!p.dir.exists());
 }

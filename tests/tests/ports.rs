@@ -192,5 +192,5 @@ fn ports_need_a_network_that_is_not_internal() {
             "{args:?}: {err}"
         );
     }
-    assert_eq!(h.ps().as_array().unwrap().len(), 0);
+    assert_eq!(h.ps().len(), 0);
 }

@@ -3,9 +3,10 @@
 //! and replayed datagrams dropped and counted in `weft status`, and a host
 //! with the wrong key kept out.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 use weft_e2e::lab::{TestLab, NET};
 use weft_e2e::text;
@@ -19,21 +20,9 @@ struct Capture {
 impl Capture {
     fn start(lab: &TestLab, name: &str, filter: &str) -> Capture {
         let file = lab.lab.dir.join(format!("{name}.pcap"));
-        let child = Command::new("nsenter")
-            .arg(format!(
-                "--net={}",
-                lab.lab.dir.join("netns/underlay").display()
-            ))
-            .args([
-                "tcpdump",
-                "--immediate-mode",
-                "-U",
-                "-s",
-                "0",
-                "-i",
-                "ul0",
-                "-w",
-            ])
+        let child = lab
+            .underlay_command("tcpdump")
+            .args(["--immediate-mode", "-U", "-s", "0", "-i", "ul0", "-w"])
             .arg(&file)
             .arg(filter)
             .stdout(Stdio::null())
@@ -128,8 +117,13 @@ fn send_marker(lab: &TestLab, b: Ipv4Addr, marker: &str) {
     );
 }
 
-fn counters(lab: &TestLab, i: usize) -> serde_json::Value {
-    lab.status(i)["cluster"]["networks"][0]["counters"].clone()
+/// Host `i`'s datapath counters of its first overlay network (none yet: empty).
+fn counters(lab: &TestLab, i: usize) -> BTreeMap<String, u64> {
+    lab.status(i)
+        .cluster
+        .and_then(|c| c.networks.into_iter().next())
+        .map(|n| n.counters)
+        .unwrap_or_default()
 }
 
 fn three_hosts(backend: &str) -> (TestLab, Ipv4Addr) {
@@ -178,7 +172,7 @@ fn udp_backend_carries_ping_and_tcp_in_plain_udp_on_8285() {
     lab.wait(
         Duration::from_secs(5),
         "h2 to count received packets",
-        || counters(&lab, 1)["rx_packets"].as_u64().unwrap_or(0) > 0,
+        || counters(&lab, 1).get("rx_packets").copied().unwrap_or(0) > 0,
     );
 }
 
@@ -221,12 +215,7 @@ fn secure_backend_drops_and_counts_modified_and_replayed_datagrams() {
     lab.sandbox(0, "a");
     let b = lab.sandbox(1, "b");
     assert!(lab.ping(0, "a", b));
-    let port = {
-        let v: serde_json::Value =
-            serde_json::from_str(&lab.weft_ok(0, &["--format", "json", "network", "inspect", NET]))
-                .unwrap();
-        v[0]["overlay"]["port"].as_u64().unwrap() as u16
-    };
+    let port = lab.network(0, NET).overlay.expect("an overlay").port;
     let (h1, h2) = (lab.hosts[0].ip, lab.hosts[1].ip);
     // Data messages from h2 to h1 (b answering a's pings).
     let cap = Capture::start(&lab, "replay", &format!("udp and src host {h2}"));
@@ -291,7 +280,7 @@ fn secure_backend_drops_and_counts_modified_and_replayed_datagrams() {
         sock.send_to(&modified, to).unwrap();
     });
     sender.join().unwrap();
-    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let n = |v: &BTreeMap<String, u64>, k: &str| v.get(k).copied().unwrap_or(0);
     lab.wait(
         Duration::from_secs(6),
         "h1 to count the replay and the forgery",
@@ -350,7 +339,7 @@ fn a_host_with_the_wrong_key_cannot_join_the_traffic() {
         "the impostor gets no answer: {}",
         text(&ping)
     );
-    let n = |k: &str| counters(&lab, 0)[k].as_u64().unwrap_or(0);
+    let n = |k: &str| counters(&lab, 0).get(k).copied().unwrap_or(0);
     lab.wait(
         Duration::from_secs(6),
         "h1 to reject the impostor's handshake",

@@ -36,13 +36,9 @@ fn traffic_crosses_hosts_inside_vxlan_on_port_8472_only() {
     // the sandboxes' addresses inside, and no frame with a sandbox address
     // in its outer header.
     let cap = lab.lab.dir.join("capture.txt");
-    let mut tcpdump = std::process::Command::new("nsenter")
-        .arg(format!(
-            "--net={}",
-            lab.lab.dir.join("netns/underlay").display()
-        ))
+    let mut tcpdump = lab
+        .underlay_command("tcpdump")
         .args([
-            "tcpdump",
             "-l",
             "-n",
             "-T",
@@ -57,12 +53,9 @@ fn traffic_crosses_hosts_inside_vxlan_on_port_8472_only() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut plain = std::process::Command::new("nsenter")
-        .arg(format!(
-            "--net={}",
-            lab.lab.dir.join("netns/underlay").display()
-        ))
-        .args(["tcpdump", "-l", "-n", "-i", "ul0", "net 10.40.0.0/16"])
+    let mut plain = lab
+        .underlay_command("tcpdump")
+        .args(["-l", "-n", "-i", "ul0", "net 10.40.0.0/16"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -113,12 +106,7 @@ fn two_vxlan_networks_have_their_own_vni_and_cannot_reach_each_other() {
             .status
             .success()
     });
-    let vni = |net: &str| {
-        let v: serde_json::Value =
-            serde_json::from_str(&lab.weft_ok(0, &["--format", "json", "network", "inspect", net]))
-                .unwrap();
-        v[0]["overlay"]["vni"].as_u64().unwrap()
-    };
+    let vni = |net: &str| lab.network(0, net).overlay.expect("an overlay").vni;
     assert_ne!(vni(NET), vni("blue"));
     let a = lab.sandbox(0, "a");
     let b = lab.sandbox(1, "b");

@@ -528,7 +528,7 @@ fn weft_throughput(
 
 /// net.ipv4.tcp_congestion_control as seen inside `ns`.
 fn default_congestion(ns: &Netns) -> Result<String> {
-    let mut cmd = ns.command("cat")?;
+    let mut cmd = ns.entered("cat")?;
     cmd.arg("/proc/sys/net/ipv4/tcp_congestion_control");
     let out = sys::run_ok(&mut cmd, Duration::from_secs(10)).context(format_args!(
         "reading the default congestion control of {}",

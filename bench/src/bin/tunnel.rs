@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
 use weft_bench::iperf;
-use weft_bench::netns::{veth_pair, Netns};
+use weft_bench::netns::{self, veth_pair, Netns};
 use weft_bench::reference::machine_busy_secs;
 use weft_bench::sys::{self, bail, Context, Daemon, Result};
 use weft_tunnel::{Keys, Peer, Tunnel, TunnelConfig};
@@ -130,25 +130,25 @@ fn run(args: &Args) -> Result<()> {
         "install it with `apt-get install -y iperf3`",
     )?;
     let pid = std::process::id();
-    let a = Netns::add(&format!("wftb{pid}a"))?;
-    let b = Netns::add(&format!("wftb{pid}b"))?;
+    let a = netns::add(&format!("wftb{pid}a"))?;
+    let b = netns::add(&format!("wftb{pid}b"))?;
     veth_pair(
         &a,
         "veth0",
-        &format!("{A_UNDER}/24"),
+        Some(&format!("{A_UNDER}/24")),
         &b,
         "veth0",
-        &format!("{B_UNDER}/24"),
+        Some(&format!("{B_UNDER}/24")),
     )?;
-    a.ip(&["addr", "add", &format!("{A_ADDR}/32"), "dev", "lo"])?;
-    b.ip(&["addr", "add", &format!("{B_ADDR}/32"), "dev", "lo"])?;
+    a.try_ip(&["addr", "add", &format!("{A_ADDR}/32"), "dev", "lo"])?;
+    b.try_ip(&["addr", "add", &format!("{B_ADDR}/32"), "dev", "lo"])?;
     // iperf3's connections must not start under the machine's bbr.
     iperf::start_unpaced(&a.path())?;
     iperf::start_unpaced(&b.path())?;
     let mut log = std::env::temp_dir();
     log.push(format!("wftb{pid}-iperf3.log"));
     let mut server = {
-        let mut cmd = b.command(&args.iperf3)?;
+        let mut cmd = b.entered(&args.iperf3)?;
         cmd.args(["-s", "-B", B_ADDR, "-p", &IPERF_PORT.to_string()]);
         Daemon::spawn("iperf3 server", cmd, &log, Duration::from_secs(3))?
     };
@@ -209,8 +209,8 @@ fn routes(a: &Netns, b: &Netns, dev: &str, via: Option<(&str, &str)>) -> Result<
         ra.extend(["via", va]);
         rb.extend(["via", vb]);
     }
-    a.ip(&ra)?;
-    b.ip(&rb)?;
+    a.try_ip(&ra)?;
+    b.try_ip(&rb)?;
     Ok(())
 }
 
@@ -228,11 +228,11 @@ impl Setup {
                     (a, A_UNDER, B_UNDER, "10.60.0.1/24"),
                     (b, B_UNDER, A_UNDER, "10.60.0.2/24"),
                 ] {
-                    ns.ip(&[
+                    ns.try_ip(&[
                         "link", "add", "vx0", "type", "vxlan", "id", "42", "local", local,
                         "remote", remote, "dstport", "4789", "dev", "veth0",
                     ])?;
-                    ns.ip(&[
+                    ns.try_ip(&[
                         "link",
                         "set",
                         "vx0",
@@ -240,7 +240,7 @@ impl Setup {
                         &(UNDERLAY_MTU - 50).to_string(),
                         "up",
                     ])?;
-                    ns.ip(&["addr", "add", addr, "dev", "vx0"])?;
+                    ns.try_ip(&["addr", "add", addr, "dev", "vx0"])?;
                 }
                 routes(a, b, "vx0", Some(("10.60.0.2", "10.60.0.1")))?;
             }
@@ -297,7 +297,7 @@ impl Setup {
             }
         }
         // One unmeasured ping: ARP, handshakes.
-        let mut ping = a.command("ping")?;
+        let mut ping = a.entered("ping")?;
         ping.args(["-c", "3", "-i", "0.2", "-W", "2", B_ADDR]);
         sys::run_ok(&mut ping, Duration::from_secs(10))
             .context(format_args!("ping through {}", path.label()))?;
@@ -323,12 +323,12 @@ impl Setup {
         self.reference.clear();
         match self.path {
             Path::Veth => {
-                a.ip(&["route", "del", B_NET])?;
-                b.ip(&["route", "del", A_NET])?;
+                a.try_ip(&["route", "del", B_NET])?;
+                b.try_ip(&["route", "del", A_NET])?;
             }
             Path::Vxlan => {
-                a.ip(&["link", "del", "vx0"])?;
-                b.ip(&["link", "del", "vx0"])?;
+                a.try_ip(&["link", "del", "vx0"])?;
+                b.try_ip(&["link", "del", "vx0"])?;
             }
             // The TUN devices, and their routes, went with their owners.
             _ => {}
@@ -347,7 +347,7 @@ fn process_cpu_secs() -> f64 {
 }
 
 fn measure(path: Path, streams: u32, a: &Netns, args: &Args, background: f64) -> Result<Row> {
-    let mut cmd = a.command(&args.iperf3)?;
+    let mut cmd = a.entered(&args.iperf3)?;
     cmd.args(["-c", B_ADDR, "-p", &IPERF_PORT.to_string()])
         .args(["-t", &args.seconds.to_string(), "-P", &streams.to_string()])
         .args(["-C", "cubic", "--connect-timeout", "5000", "-J"]);

@@ -71,28 +71,32 @@ fn modified_and_replayed_datagrams_are_dropped_and_counted() {
     let at = modified.len() - 20;
     modified[at] ^= 0x01;
     inject(&lab.a, &lab.b, modified);
-    assert!(
-        eventually(Duration::from_secs(3), || lab
-            .b
-            .tunnel()
-            .stats()
-            .dropped_bad_auth
-            == before.dropped_bad_auth + 1),
-        "modified datagram not counted: {:?}",
-        lab.b.tunnel().stats()
+    eventually(
+        "the modified datagram to be counted",
+        Duration::from_secs(3),
+        || {
+            let now = lab.b.tunnel().stats();
+            if now.dropped_bad_auth == before.dropped_bad_auth + 1 {
+                Ok(())
+            } else {
+                Err(format!("modified datagram not counted: {now:?}"))
+            }
+        },
     );
 
     // The same datagram again, unmodified: a replay.
     inject(&lab.a, &lab.b, data[0].clone());
-    assert!(
-        eventually(Duration::from_secs(3), || lab
-            .b
-            .tunnel()
-            .stats()
-            .dropped_replayed
-            == before.dropped_replayed + 1),
-        "replayed datagram not counted: {:?}",
-        lab.b.tunnel().stats()
+    eventually(
+        "the replayed datagram to be counted",
+        Duration::from_secs(3),
+        || {
+            let now = lab.b.tunnel().stats();
+            if now.dropped_replayed == before.dropped_replayed + 1 {
+                Ok(())
+            } else {
+                Err(format!("replayed datagram not counted: {now:?}"))
+            }
+        },
     );
     let after = lab.b.tunnel().stats();
     // Neither reached B's stack.

@@ -1,4 +1,4 @@
-//! Two throwaway "hosts" (network namespaces named wft…) joined by a veth
+//! Two throwaway "hosts" (weft-testkit namespaces named wft…) joined by a veth
 //! pair on 198.51.100.0/24, each with a subnet of its own (10.50.1.0/24,
 //! 10.50.2.0/24; the host's address in it on lo), routed through a weft tunnel. Nothing
 //! is made in the machine's own namespace; everything is removed on drop,
@@ -6,99 +6,25 @@
 
 #![allow(dead_code)]
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
+use weft_testkit::veth_pair;
+pub use weft_testkit::{eventually, Netns};
 use weft_tunnel::{Keys, Peer, RekeyPolicy, Tunnel, TunnelConfig};
 
 pub const PORT: u16 = 8285;
 pub const VETH_MTU: u32 = 1500;
-
-static SEQ: AtomicUsize = AtomicUsize::new(0);
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-}
-
-/// A network namespace `wft<pid>x<n><tag>`, deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new(tag: &str) -> Netns {
-        let name = format!(
-            "wft{}x{}{tag}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        run(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    pub fn file(&self) -> File {
-        File::open(format!("/run/netns/{}", self.name)).expect("opening the namespace file")
-    }
-
-    /// `ip -n NAME ARGS…`, which must succeed.
-    pub fn ip(&self, args: &[&str]) -> Output {
-        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
-    }
-
-    /// A command run inside the namespace (`ip netns exec`).
-    pub fn exec(&self, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args)
-            .output()
-            .expect("running ip netns exec")
-    }
-
-    /// Runs `f` on a thread that entered this namespace (sockets it opens
-    /// stay in it).
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let file = self.file();
-        thread::spawn(move || {
-            // SAFETY: setns for this short-lived thread only.
-            assert_eq!(
-                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-                0,
-                "setns"
-            );
-            f()
-        })
-        .join()
-        .expect("thread in namespace panicked")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("spawning a command");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 pub struct Host {
@@ -145,18 +71,22 @@ impl Default for Opts {
 impl Lab {
     pub fn new(o: Opts) -> Lab {
         init_tracing();
-        let na = Netns::new("a");
-        let nb = Netns::new("b");
-        na.ip(&[
-            "link", "add", "veth0", "type", "veth", "peer", "name", "veth0", "netns", &nb.name,
-        ]);
+        let na = Netns::new("wfta");
+        let nb = Netns::new("wftb");
+        veth_pair(
+            &na,
+            "veth0",
+            Some("198.51.100.1/24"),
+            &nb,
+            "veth0",
+            Some("198.51.100.2/24"),
+        )
+        .unwrap();
         let mut hosts = Vec::new();
         for (ns, under, subnet, addr) in [
             (na, "198.51.100.1", "10.50.1.0/24", "10.50.1.1"),
             (nb, "198.51.100.2", "10.50.2.0/24", "10.50.2.1"),
         ] {
-            ns.ip(&["addr", "add", &format!("{under}/24"), "dev", "veth0"]);
-            ns.ip(&["link", "set", "veth0", "up"]);
             // The host's own address in its subnet (this kernel has no
             // dummy driver, so on lo).
             ns.ip(&["addr", "add", &format!("{addr}/32"), "dev", "lo"]);
@@ -530,18 +460,4 @@ pub fn inject(from: &Host, to: &Host, datagram: Vec<u8>) {
         let s = std::net::UdpSocket::bind(src).unwrap();
         s.send_to(&datagram, dst).unwrap();
     });
-}
-
-/// Waits until `f` holds, up to `timeout`.
-pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > end {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
 }
