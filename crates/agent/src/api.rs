@@ -38,10 +38,7 @@ type Reply<T> = Result<Json<T>, AgentError>;
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
 ) -> Reply<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        ?
-        .map(Json)
+    tokio::task::spawn_blocking(f).await?.map(Json)
 }
 
 pub(crate) fn router(app: App) -> Router {

@@ -176,17 +176,8 @@ pub(crate) fn validate(inner: &Inner, a: &Attach) -> Result<()> {
                 .check_free(ip)
                 .map_err(|e| AgentError::BadRequest(format!("--net {}: {e}", r.network)))?;
         }
-        if r.mac.is_some() {
-            driver::endpoint_mac(&Endpoint {
-                network: r.network.clone(),
-                ifname: r.ifname.clone(),
-                ip: Ipv4Addr::UNSPECIFIED,
-                prefix_len: 0,
-                gateway: Ipv4Addr::UNSPECIFIED,
-                aliases: Vec::new(),
-                kind: weft_model::sandbox::EndpointKind::Macvlan,
-                mac: r.mac.clone(),
-            })?;
+        if let Some(mac) = &r.mac {
+            driver::parse_mac(mac)?;
         }
     }
     if !a.ports.is_empty() {

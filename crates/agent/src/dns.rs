@@ -94,11 +94,9 @@ impl Resolver {
     /// Starts answering on `gateway`:53 for `network`.
     pub fn serve(&self, network: &str, gateway: Ipv4Addr) -> Result<()> {
         let addr = SocketAddr::from((gateway, 53));
-        let bind_err = |e: std::io::Error| {
-            AgentError::Io {
-                what: format!("DNS for network {network}: listen on {addr}"),
-                source: e,
-            }
+        let bind_err = |e: std::io::Error| AgentError::Io {
+            what: format!("DNS for network {network}: listen on {addr}"),
+            source: e,
         };
         let udp = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
         udp.set_nonblocking(true).map_err(bind_err)?;

@@ -9,14 +9,19 @@ use std::os::unix::fs::PermissionsExt;
 use tracing::info;
 
 pub async fn serve(cfg: AgentConfig) -> Result<()> {
-    std::fs::create_dir_all(&cfg.state_dir)
-        .map_err(AgentError::io(format!("create {}", cfg.state_dir.display())))?;
+    std::fs::create_dir_all(&cfg.state_dir).map_err(AgentError::io(format!(
+        "create {}",
+        cfg.state_dir.display()
+    )))?;
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(cfg.lock_path())
-        .map_err(AgentError::io(format!("open {}", cfg.lock_path().display())))?;
+        .map_err(AgentError::io(format!(
+            "open {}",
+            cfg.lock_path().display()
+        )))?;
     // SAFETY: flock(2) on a descriptor `lock` owns and keeps open; no memory is involved.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(AgentError::Conflict(format!(

@@ -389,8 +389,7 @@ fn clear_socket(path: &Path) -> Result<()> {
             path.display()
         )));
     }
-    std::fs::remove_file(path)
-        .map_err(AgentError::io(format!("remove {}", path.display())))
+    std::fs::remove_file(path).map_err(AgentError::io(format!("remove {}", path.display())))
 }
 
 /// Loads the plugin's state and serves it on `path` until stopped.

@@ -127,9 +127,11 @@ pub(crate) fn for_network(net: &Network) -> Box<dyn NetworkDriver> {
 
 /// The MAC a runtime asked for, or the one derived from the address.
 pub(crate) fn endpoint_mac(ep: &Endpoint) -> Result<[u8; 6]> {
-    let Some(s) = &ep.mac else {
-        return Ok(mac_for(ep.ip));
-    };
+    ep.mac.as_deref().map_or(Ok(mac_for(ep.ip)), parse_mac)
+}
+
+/// A unicast MAC written as six hex bytes (02:42:0a:00:00:02).
+pub(crate) fn parse_mac(s: &str) -> Result<[u8; 6]> {
     let bad = || {
         AgentError::BadRequest(format!(
             "MAC {s:?} is not six hex bytes like 02:42:0a:00:00:02"
