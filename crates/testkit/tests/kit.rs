@@ -174,9 +174,19 @@ fn output_within_returns_output_or_kills() {
 #[test]
 fn host_ifname_of_an_endpoint() {
     let ep: weft_model::Endpoint = serde_json::from_value(serde_json::json!({
-        "network": "bridge", "ifname": "eth0", "host_ifname": "wv1234",
+        "network": "bridge", "ifname": "eth0", "kind": "veth", "host_ifname": "wv1234",
         "ip": "10.0.0.2", "prefix_len": 24, "gateway": "10.0.0.1"
     }))
     .unwrap();
     assert_eq!(host_ifname(&ep).as_deref(), Some("wv1234"));
+    let mac: weft_model::Endpoint = serde_json::from_value(serde_json::json!({
+        "network": "lan", "ifname": "eth0", "kind": "macvlan",
+        "ip": "10.0.0.3", "prefix_len": 24, "gateway": "10.0.0.1"
+    }))
+    .unwrap();
+    assert_eq!(
+        host_ifname(&mac),
+        None,
+        "a macvlan endpoint has no host end"
+    );
 }
