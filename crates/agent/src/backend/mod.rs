@@ -3,27 +3,99 @@
 //! leases) and makes the kernel match it: level-triggered, so a missed
 //! event or a restart is healed by the next call. One backend per file.
 
+#[cfg(test)]
+pub(crate) mod fake;
 mod hostgw;
+mod kernel;
 mod userspace;
 mod vxlan;
 
 pub(crate) use hostgw::HostGw;
+pub(crate) use kernel::Kernel;
 pub(crate) use userspace::{key_file, Userspace};
 pub(crate) use vxlan::Vxlan;
 
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
-use weft_kernel::Netlink;
+use weft_kernel::KernelError;
 pub(crate) use weft_model::api::PeerView as PeerState;
 use weft_model::{BackendKind, Lease, Network};
 
-/// Why a backend could not program something.
+/// Why a backend could not program something. Rendered with `to_string()`
+/// as a peer's `problem` in `weft status`, so each message reads as the
+/// reason a peer (or every peer of the network) has no traffic.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error(transparent)]
-    Kernel(#[from] weft_kernel::KernelError),
-    #[error("{0}")]
-    Other(String),
+    #[error("network {network} is not an overlay network")]
+    NotOverlay { network: String },
+    /// vxlan: the device could not be made, found, brought up or addressed.
+    #[error("no VXLAN device {device}: {source}")]
+    VxlanDevice {
+        device: String,
+        #[source]
+        source: KernelError,
+    },
+    /// A device made a moment ago is not there.
+    #[error("{device} vanished right after it was made")]
+    DeviceVanished { device: String },
+    /// udp/secure: the TUN device of a started tunnel could not be found
+    /// or addressed.
+    #[error("TUN device {device}: {source}")]
+    TunDevice {
+        device: String,
+        #[source]
+        source: KernelError,
+    },
+    /// secure: this host's own key cannot be read or made.
+    #[error("the host's key: {0}")]
+    HostKey(#[source] weft_tunnel::Error),
+    #[error("cannot start the tunnel: {0}")]
+    TunnelStart(#[source] weft_tunnel::Error),
+    #[error("cannot give the tunnel its peers: {0}")]
+    TunnelPeers(#[source] weft_tunnel::Error),
+    /// secure: the key in a peer's lease does not decode.
+    #[error("its public key is not valid: {0}")]
+    PeerKeyInvalid(#[source] weft_tunnel::Error),
+    /// secure: a peer's lease carries no key, so it gets no traffic at all.
+    #[error(
+        "its lease has no public key (is that host running the secure backend?); no traffic to it"
+    )]
+    NoPeerKey,
+    /// vxlan: a peer's lease carries no VTEP MAC.
+    #[error("its lease has no VTEP MAC (is that host running the vxlan backend?)")]
+    NoVtepMac,
+    /// host-gw: the peer is not on a connected subnet.
+    #[error("{0} is not on a subnet directly connected to this host; host-gw needs all hosts on one L2 segment (use the vxlan backend otherwise)")]
+    NotOnLink(Ipv4Addr),
+    #[error("route to {subnet}{}: {source}", via_text(.via))]
+    Route {
+        subnet: Ipv4Net,
+        via: Option<Ipv4Addr>,
+        #[source]
+        source: KernelError,
+    },
+    #[error("neighbour {ip} lladdr {}: {source}", weft_model::overlay::format_mac(.mac))]
+    Neighbour {
+        ip: Ipv4Addr,
+        mac: [u8; 6],
+        #[source]
+        source: KernelError,
+    },
+    #[error("fdb {} dst {remote}: {source}", weft_model::overlay::format_mac(.mac))]
+    Fdb {
+        mac: [u8; 6],
+        remote: Ipv4Addr,
+        #[source]
+        source: KernelError,
+    },
+    /// The blocking task that programs the kernel did not finish (it
+    /// panicked); the next verify re-reads the kernel and heals.
+    #[error("programming the kernel failed unexpectedly: {0}")]
+    Panicked(String),
+}
+
+fn via_text(via: &Option<Ipv4Addr>) -> String {
+    via.map(|v| format!(" via {v}")).unwrap_or_default()
 }
 
 /// This host as the backends need it.
@@ -52,11 +124,12 @@ pub(crate) fn peer_state(p: &Lease) -> PeerState {
 }
 
 /// Every peer reported with the same problem (the backend could not start).
-pub(crate) fn all_failed(peers: &[Lease], problem: &str) -> Vec<PeerState> {
+pub(crate) fn all_failed(peers: &[Lease], problem: &BackendError) -> Vec<PeerState> {
+    let problem = problem.to_string();
     peers
         .iter()
         .map(|p| PeerState {
-            problem: Some(problem.to_string()),
+            problem: Some(problem.clone()),
             ..peer_state(p)
         })
         .collect()
@@ -76,14 +149,14 @@ pub(crate) trait Backend: Send {
     /// behind weft's back.
     fn program(
         &mut self,
-        nl: &mut Netlink,
+        nl: &mut dyn Kernel,
         net: &Network,
         me: &Local,
         peers: &[Lease],
         verify: bool,
     ) -> Vec<PeerState>;
     /// Removes everything programmed for the network.
-    fn teardown(&mut self, nl: &mut Netlink);
+    fn teardown(&mut self, nl: &mut dyn Kernel);
     /// Route destinations this backend owns (marked with the overlay
     /// protocol), so the agent can remove stale ones nobody wants.
     fn owned_routes(&self) -> Vec<Ipv4Net>;

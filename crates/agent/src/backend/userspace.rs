@@ -9,12 +9,12 @@
 //! The TUN device lives as long as the agent's process: a restarted agent
 //! makes it again (a short interruption that kernel backends do not have).
 
-use super::{all_failed, peer_state, Backend, Local, PeerState};
+use super::{all_failed, peer_state, Backend, BackendError, Kernel, Local, PeerState};
 use ipnet::Ipv4Net;
 use std::collections::BTreeSet;
 use std::net::SocketAddrV4;
 use tracing::{info, warn};
-use weft_kernel::{Netlink, Route, OVERLAY_ROUTE_PROTOCOL};
+use weft_kernel::{Route, OVERLAY_ROUTE_PROTOCOL};
 use weft_model::{Lease, Network};
 use weft_tunnel::{decode_key, Keys, Peer, Tunnel, TunnelConfig};
 
@@ -51,10 +51,10 @@ impl Userspace {
 
     fn ensure_tunnel(
         &mut self,
-        nl: &mut Netlink,
+        nl: &mut dyn Kernel,
         net: &Network,
         me: &Local,
-    ) -> Result<u32, String> {
+    ) -> Result<u32, BackendError> {
         let name = tun_device(&net.id);
         if let (Some(_), Some(dev)) = (&self.tunnel, self.dev) {
             match nl.link_by_name(&name) {
@@ -70,7 +70,9 @@ impl Userspace {
             }
         }
         let Some(o) = net.overlay() else {
-            return Err(format!("network {} is not an overlay network", net.name));
+            return Err(BackendError::NotOverlay {
+                network: net.name.clone(),
+            });
         };
         let mut cfg = TunnelConfig::new(
             name.clone(),
@@ -78,18 +80,26 @@ impl Userspace {
             SocketAddrV4::new(me.public_ip, o.port),
         );
         if self.secure {
-            let keys = Keys::load_or_create(&key_file(&me.data_dir))
-                .map_err(|e| format!("the host's key: {e}"))?;
+            let keys =
+                Keys::load_or_create(&key_file(&me.data_dir)).map_err(BackendError::HostKey)?;
             cfg.crypto = Some(keys);
         }
-        let tunnel = Tunnel::start(cfg).map_err(|e| format!("cannot start the tunnel: {e}"))?;
+        let tunnel = Tunnel::start(cfg).map_err(BackendError::TunnelStart)?;
+        let no_device = |source| BackendError::TunDevice {
+            device: name.clone(),
+            source,
+        };
+        // On failure below the tunnel is dropped, which stops it; the next
+        // call starts again.
         let dev = nl
             .link_by_name(&name)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("{name} vanished"))?
+            .map_err(no_device)?
+            .ok_or_else(|| BackendError::DeviceVanished {
+                device: name.clone(),
+            })?
             .index;
         nl.add_address(dev, Ipv4Net::new(me.subnet.network(), 32).expect("valid"))
-            .map_err(|e| e.to_string())?;
+            .map_err(no_device)?;
         info!(device = %name, port = o.port, secure = self.secure, "userspace tunnel ready");
         self.tunnel = Some(tunnel);
         self.dev = Some(dev);
@@ -100,7 +110,7 @@ impl Userspace {
 impl Backend for Userspace {
     fn program(
         &mut self,
-        nl: &mut Netlink,
+        nl: &mut dyn Kernel,
         net: &Network,
         me: &Local,
         peers: &[Lease],
@@ -111,7 +121,12 @@ impl Backend for Userspace {
             Err(e) => return all_failed(peers, &e),
         };
         let Some(port) = net.overlay().map(|o| o.port) else {
-            return all_failed(peers, "not an overlay network");
+            return all_failed(
+                peers,
+                &BackendError::NotOverlay {
+                    network: net.name.clone(),
+                },
+            );
         };
         if verify {
             if let Ok(kernel) = nl.routes_of(OVERLAY_ROUTE_PROTOCOL) {
@@ -128,16 +143,13 @@ impl Backend for Userspace {
                 (Some(k), true) => match decode_key(k) {
                     Ok(k) => Some(k),
                     Err(e) => {
-                        st.problem = Some(format!("its public key is not valid: {e}"));
+                        st.problem = Some(BackendError::PeerKeyInvalid(e).to_string());
                         out.push(st);
                         continue;
                     }
                 },
                 (None, true) => {
-                    st.problem = Some(
-                        "its lease has no public key (is that host running the secure backend?); no traffic to it"
-                            .into(),
-                    );
+                    st.problem = Some(BackendError::NoPeerKey.to_string());
                     out.push(st);
                     continue;
                 }
@@ -153,8 +165,13 @@ impl Backend for Userspace {
                     gateway: None,
                     oif: Some(dev),
                 };
-                if let Err(e) = nl.replace_route(&r, OVERLAY_ROUTE_PROTOCOL, false) {
-                    st.problem = Some(format!("route to {}: {e}", p.subnet));
+                if let Err(source) = nl.replace_route(&r, OVERLAY_ROUTE_PROTOCOL, false) {
+                    let e = BackendError::Route {
+                        subnet: p.subnet,
+                        via: None,
+                        source,
+                    };
+                    st.problem = Some(e.to_string());
                     out.push(st);
                     continue;
                 }
@@ -173,7 +190,7 @@ impl Backend for Userspace {
             if let Some(t) = &self.tunnel {
                 match t.set_peers(wanted.clone()) {
                     Ok(()) => self.peers = wanted,
-                    Err(e) => warn!(error = %e, "cannot give the tunnel its peers"),
+                    Err(e) => warn!(error = %BackendError::TunnelPeers(e), "cannot set peers"),
                 }
             }
         }
@@ -190,7 +207,7 @@ impl Backend for Userspace {
         out
     }
 
-    fn teardown(&mut self, nl: &mut Netlink) {
+    fn teardown(&mut self, nl: &mut dyn Kernel) {
         for dst in std::mem::take(&mut self.routes) {
             let _ = nl.delete_route(dst, OVERLAY_ROUTE_PROTOCOL);
         }

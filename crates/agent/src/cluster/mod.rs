@@ -8,16 +8,24 @@
 //! reconciled, never replayed, so no event can be lost. A second task keeps
 //! the etcd lease alive. While etcd is unreachable nothing is torn down:
 //! what is programmed stays, and new sandboxes use the subnet already held.
+//!
+//! `lease.rs` is how this host gets and keeps its subnet (against a narrow
+//! trait over etcd); `dataplane.rs` holds the netlink socket and the
+//! backends, which the tasks only reach on blocking threads.
 
+mod dataplane;
 mod identity;
+mod lease;
 mod state;
 
-use crate::backend::{self, Backend};
+use crate::backend;
 use crate::config::ClusterConfig;
 use crate::error::{AgentError, Result};
 use crate::host::Host;
+use dataplane::{Dataplane, Job};
 use identity::Identity;
 use ipnet::Ipv4Net;
+use lease::{Claim, LeaseError};
 use state::Global;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -25,9 +33,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tracing::{info, warn};
-use weft_kernel::{Netlink, OVERLAY_ROUTE_PROTOCOL};
+use weft_kernel::Netlink;
 use weft_model::api::{ClusterView, NetworkView, OverlayStatus, RemovedNetwork};
-use weft_model::overlay::{format_mac, pick_host_subnet, seed_of, subnet_key, vtep_mac};
+use weft_model::overlay::subnet_key;
 use weft_model::{network, Lease, Network, NetworkSpec};
 use weft_store::{Etcd, EtcdError};
 
@@ -62,6 +70,8 @@ pub struct Cluster {
     left: std::sync::atomic::AtomicBool,
     /// The interface that carries the public address, and its MTU.
     underlay: (u32, u32),
+    /// The netlink socket and the backends; only blocking threads lock it.
+    dataplane: dataplane::Shared,
     data_dir: std::path::PathBuf,
 }
 
@@ -70,17 +80,24 @@ impl Cluster {
     /// cluster catches up as soon as etcd answers.
     pub async fn start(cfg: ClusterConfig, host: Host) -> Result<Arc<Cluster>> {
         let data = host.config().clone();
-        let mut nl = Netlink::open()?;
-        let me = Identity::load_or_create(&data.cluster_file(), &cfg, &mut nl)?;
-        let underlay = nl
-            .ipv4_addresses()?
-            .into_iter()
-            .find(|(_, a)| a.addr() == me.public_ip)
-            .map(|(i, _)| i)
-            .ok_or_else(|| {
-                AgentError::Internal(format!("{} vanished from this host", me.public_ip))
-            })?;
-        let underlay_mtu = nl.link_mtu(underlay)?.unwrap_or(1500);
+        // Netlink blocks: on a blocking thread, as everything the dataplane does.
+        let (file, c2) = (data.cluster_file(), cfg.clone());
+        let (nl, me, underlay, underlay_mtu) = tokio::task::spawn_blocking(move || {
+            let mut nl = Netlink::open()?;
+            let me = Identity::load_or_create(&file, &c2, &mut nl)?;
+            let underlay = nl
+                .ipv4_addresses()?
+                .into_iter()
+                .find(|(_, a)| a.addr() == me.public_ip)
+                .map(|(i, _)| i)
+                .ok_or_else(|| {
+                    AgentError::Internal(format!("{} vanished from this host", me.public_ip))
+                })?;
+            let underlay_mtu = nl.link_mtu(underlay)?.unwrap_or(1500);
+            Ok::<_, AgentError>((nl, me, underlay, underlay_mtu))
+        })
+        .await
+        .map_err(|e| AgentError::Internal(e.to_string()))??;
         let etcd = Etcd::connect(&cfg.etcd_endpoints, &cfg.etcd_prefix, ETCD_TIMEOUT)
             .await
             .map_err(|e| AgentError::BadRequest(format!("--etcd-endpoints: {e}")))?;
@@ -104,9 +121,10 @@ impl Cluster {
             left: Default::default(),
             underlay: (underlay, underlay_mtu),
             data_dir: data.data_dir.clone(),
+            dataplane: dataplane::Shared::new(Dataplane::new(Box::new(nl))),
         });
         tokio::spawn(c.clone().keep_lease_alive());
-        tokio::spawn(c.clone().sync_forever(nl));
+        tokio::spawn(c.clone().sync_forever());
         Ok(c)
     }
 
@@ -194,15 +212,13 @@ impl Cluster {
 
     // ---- list, watch, reconcile ----------------------------------------
 
-    async fn sync_forever(self: Arc<Self>, mut nl: Netlink) {
-        let mut backends: HashMap<String, Box<dyn Backend>> = HashMap::new();
+    async fn sync_forever(self: Arc<Self>) {
+        // network -> the etcd lease its key was last bound to.
         let mut bound: HashMap<String, i64> = HashMap::new();
         let mut backoff = Duration::from_millis(200);
         let mut cleaned = false;
         loop {
-            let r = self
-                .sync_once(&mut nl, &mut backends, &mut bound, &mut cleaned)
-                .await;
+            let r = self.sync_once(&mut bound, &mut cleaned).await;
             if let Err(e) = r {
                 self.set_health(Some(e.to_string()));
                 tokio::select! {
@@ -218,19 +234,19 @@ impl Cluster {
 
     async fn sync_once(
         &self,
-        nl: &mut Netlink,
-        backends: &mut HashMap<String, Box<dyn Backend>>,
         bound: &mut HashMap<String, i64>,
         cleaned: &mut bool,
     ) -> std::result::Result<(), EtcdError> {
         let (kvs, rev) = self.etcd.list("").await?;
         let mut global = Global::from_list(kvs);
         self.set_health(None);
-        self.reconcile(nl, &mut global, backends, bound, true)
-            .await?;
+        self.reconcile(&mut global, bound, true).await?;
         if !*cleaned {
-            self.remove_stale_routes(nl, backends);
-            *cleaned = true;
+            // Once per process, after the first full sync.
+            match self.dataplane.run(Dataplane::remove_stale_routes).await {
+                Ok(()) => *cleaned = true,
+                Err(e) => warn!(error = %e, "cannot remove stale overlay routes"),
+            }
         }
         let mut watch = self.etcd.watch("", rev + 1).await?;
         let mut verify = tokio::time::interval(VERIFY_EVERY);
@@ -252,8 +268,7 @@ impl Cluster {
                 _ = verify.tick() => true,
                 _ = self.wake.notified() => false,
             };
-            self.reconcile(nl, &mut global, backends, bound, verify_now)
-                .await?;
+            self.reconcile(&mut global, bound, verify_now).await?;
         }
     }
 
@@ -262,14 +277,14 @@ impl Cluster {
     /// every other host's lease. Networks gone from etcd go from the host.
     async fn reconcile(
         &self,
-        nl: &mut Netlink,
         global: &mut Global,
-        backends: &mut HashMap<String, Box<dyn Backend>>,
         bound: &mut HashMap<String, i64>,
         verify: bool,
     ) -> std::result::Result<(), EtcdError> {
         let me = crate::host::recover(self.me.lock()).clone();
         let mut views = Vec::new();
+        // (index in views, what to program): programmed all at once below.
+        let mut jobs: Vec<(usize, Job)> = Vec::new();
         let names: Vec<String> = global.networks.keys().cloned().collect();
         for name in names {
             let net = global.networks[&name].clone();
@@ -299,14 +314,29 @@ impl Cluster {
                 views.push(view);
                 continue;
             }
-            let own = match self.own_lease(&net, global, bound, &me).await {
+            // secure: the host's public key, from the key the backend will use.
+            let public_key = if overlay.backend == weft_model::BackendKind::Secure {
+                match weft_tunnel::Keys::load_or_create(&backend::key_file(&self.data_dir)) {
+                    Ok(k) => Some(weft_tunnel::encode_key(&k.public_key())),
+                    Err(e) => {
+                        view.problem =
+                            Some(format!("no key for the secure backend, not joining: {e}"));
+                        views.push(view);
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            let claim = Claim {
+                net: &net,
+                me: &me,
+                etcd_lease: self.lease.load(Ordering::Relaxed),
+                public_key,
+            };
+            let own = match lease::own_lease(&self.etcd, &claim, global, bound).await {
                 Ok(l) => l,
                 Err(LeaseError::Etcd(e)) => return Err(e),
-                Err(LeaseError::Key(e)) => {
-                    view.problem = Some(format!("no key for the secure backend, not joining: {e}"));
-                    views.push(view);
-                    continue;
-                }
                 Err(LeaseError::NotOverlay) => {
                     view.problem = Some("not an overlay network; skipped".into());
                     views.push(view);
@@ -322,6 +352,12 @@ impl Cluster {
                 }
             };
             view.subnet = Some(own.subnet);
+            if me.leases.get(&name) != Some(&own.subnet) {
+                // Remembered, so a restart prefers it if the key expired.
+                self.save_identity(|me| {
+                    me.leases.insert(name.clone(), own.subnet);
+                });
+            }
             let host = self.host.clone();
             let (n2, l2) = (net.clone(), own.clone());
             let overhead = overlay.backend.overhead();
@@ -334,9 +370,6 @@ impl Cluster {
                 views.push(view);
                 continue;
             }
-            let backend = backends
-                .entry(name.clone())
-                .or_insert_with(|| backend::new(overlay.backend).expect("implemented"));
             let peers: Vec<Lease> = global
                 .leases_of(&name)
                 .filter(|l| l.host_id != me.host_id)
@@ -350,21 +383,31 @@ impl Cluster {
                 subnet: own.subnet,
                 data_dir: self.data_dir.clone(),
             };
-            view.peers = backend.program(nl, &net, &local, &peers, verify);
-            view.counters = backend.counters();
+            jobs.push((views.len(), Job { net, local, peers }));
             views.push(view);
         }
-        // Networks removed from the cluster.
-        let gone: Vec<String> = backends
-            .keys()
-            .filter(|n| !global.networks.contains_key(*n))
-            .cloned()
-            .collect();
-        for name in gone {
-            if let Some(mut b) = backends.remove(&name) {
-                b.teardown(nl);
+        // The kernel's part, on a blocking thread: every backend programmed,
+        // and the backends of networks removed from the cluster torn down.
+        let keep: BTreeSet<String> = global.networks.keys().cloned().collect();
+        bound.retain(|n, _| keep.contains(n));
+        let (at, jobs): (Vec<usize>, Vec<Job>) = jobs.into_iter().unzip();
+        match self
+            .dataplane
+            .run(move |dp| dp.sync(&jobs, &keep, verify))
+            .await
+        {
+            Ok(done) => {
+                for (i, p) in at.into_iter().zip(done) {
+                    views[i].peers = p.peers;
+                    views[i].counters = p.counters;
+                }
             }
-            bound.remove(&name);
+            Err(e) => {
+                warn!(error = %e, "cannot program the overlay networks");
+                for i in at {
+                    views[i].problem = Some(e.to_string());
+                }
+            }
         }
         for net in self.host.local_overlays() {
             if !global.networks.contains_key(&net.name) {
@@ -381,117 +424,6 @@ impl Cluster {
         }
         crate::host::recover(self.status.lock()).networks = views;
         Ok(())
-    }
-
-    /// This host's lease on `net`: the one in etcd (rebound to the current
-    /// etcd lease once per process or after the etcd lease changed), or a
-    /// new one, preferring the subnet recorded locally.
-    async fn own_lease(
-        &self,
-        net: &Network,
-        global: &mut Global,
-        bound: &mut HashMap<String, i64>,
-        me: &Identity,
-    ) -> std::result::Result<Lease, LeaseError> {
-        let lease_id = self.lease.load(Ordering::Relaxed);
-        if lease_id == 0 {
-            // The lease task has not got one yet; it wakes us when it has.
-            return Err(LeaseError::Etcd(EtcdError::LeaseGone(0)));
-        }
-        let name = &net.name;
-        let Some(overlay) = net.overlay() else {
-            return Err(LeaseError::NotOverlay);
-        };
-        let vtep = (overlay.backend == weft_model::BackendKind::Vxlan)
-            .then(|| format_mac(&vtep_mac(&me.host_id, overlay.vni)));
-        // secure: the host's public key, from the key the backend will use.
-        let public_key = if overlay.backend == weft_model::BackendKind::Secure {
-            match weft_tunnel::Keys::load_or_create(&backend::key_file(&self.data_dir)) {
-                Ok(k) => Some(weft_tunnel::encode_key(&k.public_key())),
-                Err(e) => return Err(LeaseError::Key(e.to_string())),
-            }
-        } else {
-            None
-        };
-        let wanted = |subnet: Ipv4Net| Lease {
-            network: name.clone(),
-            subnet,
-            host_id: me.host_id.clone(),
-            node: me.node.clone(),
-            public_ip: me.public_ip,
-            vtep_mac: vtep.clone(),
-            public_key: public_key.clone(),
-        };
-        if let Some((key, raw, have)) = global.own(name, &me.host_id) {
-            let want = wanted(have.subnet);
-            if bound.get(name) == Some(&lease_id) && have == want {
-                return Ok(have);
-            }
-            let bytes = serde_json::to_vec(&want).expect("serializable");
-            if self
-                .etcd
-                .replace(&key, &raw, bytes.clone(), Some(lease_id))
-                .await?
-            {
-                bound.insert(name.clone(), lease_id);
-                global.put_raw(&key, bytes);
-                return Ok(want);
-            }
-            // Changed under us: the next list sorts it out.
-            return Err(LeaseError::Etcd(EtcdError::Cancelled(format!(
-                "lease {key} changed while rebinding"
-            ))));
-        }
-        let mut prefer = me.leases.get(name).copied();
-        for attempt in 0..16u64 {
-            let taken: BTreeSet<Ipv4Net> = global.leases_of(name).map(|l| l.subnet).collect();
-            let Some(subnet) = pick_host_subnet(
-                overlay,
-                &taken,
-                prefer,
-                seed_of(&me.host_id) + attempt * 7919,
-            ) else {
-                return Err(LeaseError::Full);
-            };
-            let key = lease_key(name, &subnet);
-            let bytes = serde_json::to_vec(&wanted(subnet)).expect("serializable");
-            if self
-                .etcd
-                .create(&[(key.clone(), bytes.clone())], Some(lease_id))
-                .await?
-            {
-                info!(network = %name, subnet = %subnet, "leased a subnet");
-                bound.insert(name.clone(), lease_id);
-                global.put_raw(&key, bytes);
-                self.save_identity(|me| {
-                    me.leases.insert(name.clone(), subnet);
-                });
-                return Ok(wanted(subnet));
-            }
-            // Someone was faster: read the leases again and pick another.
-            prefer = None;
-            let (kvs, _) = self.etcd.list(&lease_dir(name)).await?;
-            for (k, v) in kvs {
-                global.put_raw(&k, v);
-            }
-        }
-        Err(LeaseError::Full)
-    }
-
-    /// Once per process, after the first full sync: routes marked as
-    /// weft's overlay routes that no backend wants (a peer that left while
-    /// this agent was down) go. Nobody else's routes are touched.
-    fn remove_stale_routes(&self, nl: &mut Netlink, backends: &HashMap<String, Box<dyn Backend>>) {
-        let wanted: BTreeSet<Ipv4Net> = backends.values().flat_map(|b| b.owned_routes()).collect();
-        match nl.routes_of(OVERLAY_ROUTE_PROTOCOL) {
-            Ok(routes) => {
-                for r in routes.into_iter().filter(|r| !wanted.contains(&r.dst)) {
-                    info!(subnet = %r.dst, "removing a stale overlay route");
-                    let _ = nl.delete_route(r.dst, OVERLAY_ROUTE_PROTOCOL);
-                }
-            }
-            Err(e) => warn!(error = %e, "cannot list routes"),
-        }
     }
 
     // ---- API -------------------------------------------------------------
@@ -628,20 +560,5 @@ impl Cluster {
         info!("left the cluster: leases revoked");
         self.wake.notify_one();
         Ok(())
-    }
-}
-
-enum LeaseError {
-    Etcd(EtcdError),
-    Full,
-    /// secure: this host has no usable key, so it must not join.
-    Key(String),
-    /// A network in etcd under networks/ that is not an overlay network.
-    NotOverlay,
-}
-
-impl From<EtcdError> for LeaseError {
-    fn from(e: EtcdError) -> Self {
-        LeaseError::Etcd(e)
     }
 }
