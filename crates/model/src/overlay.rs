@@ -345,7 +345,8 @@ pub struct Lease {
     /// vxlan: the MAC of this host's VTEP, stable across restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vtep_mac: Option<String>,
-    /// secure: the host's public key (base64).
+    /// secure: the host's public key, 64 lowercase hex digits
+    /// (`weft_tunnel::encode_key`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
 }
@@ -675,6 +676,24 @@ mod tests {
             .map(|s| s.parse().unwrap())
             .collect();
         assert_eq!(pick_host_subnet(&small, &all, None, 3), None);
+    }
+
+    #[test]
+    fn lease_keys_are_hex_as_documented() {
+        // What weft_tunnel::encode_key makes: 64 lowercase hex digits.
+        let key: String = (0u8..32).map(|b| format!("{b:02x}")).collect();
+        let lease = Lease {
+            network: "n".into(),
+            subnet: "10.40.3.0/24".parse().unwrap(),
+            host_id: "h".into(),
+            node: "node".into(),
+            public_ip: "198.51.100.11".parse().unwrap(),
+            vtep_mac: None,
+            public_key: Some(key.clone()),
+        };
+        let back: Lease = serde_json::from_str(&serde_json::to_string(&lease).unwrap()).unwrap();
+        assert_eq!(back.public_key.as_deref(), Some(key.as_str()));
+        assert!(key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()));
     }
 
     #[test]
