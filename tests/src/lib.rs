@@ -62,6 +62,9 @@ impl TestNs {
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let file = File::open(self.path()).expect("open netns");
         let mut cmd = Command::new(program);
+        // SAFETY: the hook runs in the child between fork and exec and only
+        // calls setns, which is async-signal-safe, on a descriptor the
+        // closure owns (closed at exec by O_CLOEXEC).
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
@@ -223,6 +226,8 @@ impl TestHost {
     /// Kills the agent with `signal` and waits for it.
     pub fn kill_agent(&mut self, signal: i32) {
         if let Some(mut child) = self.agent.take() {
+            // SAFETY: kill takes integers and touches no memory; the pid is
+            // our unreaped child's, so it cannot have been reused.
             unsafe { libc::kill(child.id() as i32, signal) };
             let deadline = Instant::now() + Duration::from_secs(10);
             while child.try_wait().unwrap().is_none() {

@@ -25,12 +25,8 @@ fn in_ns<T: Send + 'static>(ns: &TestNs, f: impl FnOnce() -> T + Send + 'static)
     let file = File::open(ns.path()).expect("open netns");
     std::thread::spawn(move || {
         // SAFETY: setns for this thread only, on a descriptor we own.
-        assert_eq!(
-            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-            0,
-            "setns: {}",
-            std::io::Error::last_os_error()
-        );
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
         f()
     })
     .join()

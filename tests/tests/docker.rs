@@ -67,6 +67,8 @@ fn output_within(mut cmd: Command, limit: Duration) -> Output {
     match rx.recv_timeout(limit) {
         Ok(out) => out.expect("wait"),
         Err(_) => {
+            // SAFETY: kill takes integers and touches no memory of ours; the
+            // pid is our child's, not yet reaped (the waiter still waits).
             unsafe { libc::kill(pid, libc::SIGKILL) };
             panic!("{cmd:?} took more than {limit:?}");
         }
@@ -242,6 +244,9 @@ impl Dockerd {
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
+        // SAFETY: the hook runs in the child between fork and exec and only
+        // calls setns, which is async-signal-safe, on a descriptor the
+        // closure owns.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
@@ -289,6 +294,8 @@ impl Dockerd {
         let Some(mut child) = self.child.take() else {
             return;
         };
+        // SAFETY: kill takes integers and touches no memory; the pid is our
+        // unreaped child's, so it cannot have been reused.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(60);
         while child.try_wait().unwrap().is_none() {
@@ -541,6 +548,7 @@ impl Dockerd {
         }
         let forced = self.leftovers();
         for pid in self.processes() {
+            // SAFETY: kill takes integers and touches no memory of ours.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         for m in self.mounts().iter().rev() {

@@ -111,6 +111,8 @@ fn no_agent_running_says_how_to_start_one() {
 fn not_root_is_refused() {
     let h = TestHost::new(Some("10.94.0.0/16"));
     let mut cmd = h.weft_cmd(&["ps"]);
+    // SAFETY: the hook runs in the child between fork and exec and only
+    // calls setgid and setuid, which are async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
             if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {

@@ -65,6 +65,8 @@ fn output_within(mut cmd: Command, limit: Duration) -> Output {
     match rx.recv_timeout(limit) {
         Ok(out) => out.expect("wait"),
         Err(_) => {
+            // SAFETY: kill takes integers and touches no memory of ours; the
+            // pid is our child's, not yet reaped (the waiter still waits).
             unsafe { libc::kill(pid, libc::SIGKILL) };
             panic!("{cmd:?} took more than {limit:?}");
         }
@@ -347,6 +349,7 @@ lock_type = "file"
         }
         forced.extend(self.leftovers());
         for pid in self.processes() {
+            // SAFETY: kill takes integers and touches no memory of ours.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         for m in self.mounts().iter().rev() {

@@ -70,12 +70,10 @@ impl Netns {
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let file = self.file();
         thread::spawn(move || {
-            // SAFETY: setns for this short-lived thread only.
-            assert_eq!(
-                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-                0,
-                "setns"
-            );
+            // SAFETY: `file` is an open namespace file this closure owns;
+            // setns changes this short-lived thread's namespace only.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns");
             f()
         })
         .join()
