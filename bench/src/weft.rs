@@ -167,6 +167,12 @@ impl WeftHarness {
         self.netns.as_ref().expect("namespace exists while running")
     }
 
+    /// The agent's API socket (STATE_DIR/weft.sock), for clients that talk
+    /// HTTP to it directly instead of through the CLI.
+    pub fn socket(&self) -> PathBuf {
+        self.state_dir.join("weft.sock")
+    }
+
     /// The agent's namespace: the "host" of its sandboxes.
     pub fn netns(&self) -> &Netns {
         self.ns()

@@ -116,6 +116,8 @@ impl TestHost {
     /// Kills the agent with `signal` and waits for it.
     pub fn kill_agent(&mut self, signal: i32) {
         if let Some(mut child) = self.agent.take() {
+            // SAFETY: kill takes integers and touches no memory; the pid is
+            // our unreaped child's, so it cannot have been reused.
             unsafe { libc::kill(child.id() as i32, signal) };
             let deadline = Instant::now() + Duration::from_secs(10);
             while child.try_wait().unwrap().is_none() {

@@ -224,6 +224,8 @@ impl Dockerd {
         let Some(mut child) = self.child.take() else {
             return;
         };
+        // SAFETY: kill takes integers and touches no memory; the pid is our
+        // unreaped child's, so it cannot have been reused.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(60);
         while child.try_wait().unwrap().is_none() {
@@ -476,6 +478,7 @@ impl Dockerd {
         }
         let forced = self.leftovers();
         for pid in self.processes() {
+            // SAFETY: kill takes integers and touches no memory of ours.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         for m in self.mounts().iter().rev() {

@@ -115,6 +115,8 @@ fn not_root_is_refused() {
     let mut cmd = std::process::Command::new(weft_bin());
     h.ns.enter(&mut cmd).expect("enter the host's namespace");
     cmd.arg("ps").env("WEFT_STATE_DIR", h.state_dir());
+    // SAFETY: the hook runs in the child between fork and exec and only
+    // calls setgid and setuid, which are async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
             if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {

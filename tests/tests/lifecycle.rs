@@ -136,6 +136,7 @@ fn a_restarted_agent_removes_what_it_owns_and_nobody_wants() {
         .join(format!("sandboxes%2F{lost_id}"));
     std::fs::remove_file(&rec).unwrap();
     // weft no longer knows the process of "lost", so the test ends it itself.
+    // SAFETY: kill takes integers and touches no memory of ours.
     unsafe { libc::kill(lost_pid, libc::SIGKILL) };
     h.start_agent();
     let wv = h.sandbox_veths();

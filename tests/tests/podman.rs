@@ -324,6 +324,7 @@ lock_type = "file"
         }
         forced.extend(self.leftovers());
         for pid in self.processes() {
+            // SAFETY: kill takes integers and touches no memory of ours.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         for m in self.mounts().iter().rev() {

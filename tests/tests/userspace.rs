@@ -45,6 +45,8 @@ impl Capture {
     /// Stops the capture; returns the UDP payloads seen (source, payload).
     fn stop(mut self) -> (Vec<u8>, Vec<(SocketAddrV4, Vec<u8>)>) {
         std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: kill takes integers and touches no memory; the pid is our
+        // unreaped child's, so it cannot have been reused.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let _ = self.child.wait();
         let raw = std::fs::read(&self.file).unwrap();
@@ -235,12 +237,15 @@ fn secure_backend_drops_and_counts_modified_and_replayed_datagrams() {
     // one copy as captured (a replay), one with a byte of ciphertext flipped.
     let ns = std::fs::File::open(lab.host_netns(1)).unwrap();
     let sender = std::thread::spawn(move || {
-        assert_eq!(
-            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
+        // SAFETY: `ns` is an open namespace file this closure owns; setns
+        // changes only this short-lived thread's namespace.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0);
+        // SAFETY: socket takes integers and touches no memory.
         let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
         let one: libc::c_int = 1;
+        // SAFETY: the option value is `one`, a live c_int of the 4 bytes
+        // passed; the kernel only reads it (a bad `sock` is an error, no UB).
         unsafe {
             libc::setsockopt(
                 sock,
@@ -258,6 +263,8 @@ fn secure_backend_drops_and_counts_modified_and_replayed_datagrams() {
             },
             sin_zero: [0; 8],
         };
+        // SAFETY: `addr` is a live, initialised sockaddr_in and the length
+        // passed is its size; the kernel only reads it.
         let rc = unsafe {
             libc::bind(
                 sock,
@@ -271,6 +278,8 @@ fn secure_backend_drops_and_counts_modified_and_replayed_datagrams() {
             "bind beside h2's tunnel: {}",
             std::io::Error::last_os_error()
         );
+        // SAFETY: bind succeeded, so `sock` is an open descriptor, which
+        // socket() made for us alone: the UdpSocket becomes its only owner.
         let sock: UdpSocket = unsafe { std::os::fd::FromRawFd::from_raw_fd(sock) };
         let to = SocketAddrV4::new(h1, port);
         sock.send_to(&data, to).unwrap();

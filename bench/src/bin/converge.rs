@@ -69,6 +69,8 @@ impl EtcdWorker {
         std::thread::spawn(move || {
             use std::os::fd::AsRawFd;
             // This thread alone enters the namespace, and ends with the benchmark.
+            // SAFETY: `ns` is an open namespace file this closure owns;
+            // setns changes only this thread's network namespace.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return;
             }

@@ -339,8 +339,9 @@ impl Setup {
 
 /// CPU time (user + system) of all threads of this process.
 fn process_cpu_secs() -> f64 {
-    // SAFETY: getrusage fills the struct we pass.
+    // SAFETY: rusage is integers only; all zeroes is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills `ru`, a live rusage we pass by pointer.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
     t(ru.ru_utime) + t(ru.ru_stime)

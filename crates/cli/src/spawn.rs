@@ -106,6 +106,8 @@ pub fn exit_code(status: std::process::ExitStatus) -> i32 {
 /// While the CLI waits for a foreground command, Ctrl-C and Ctrl-\ go to the
 /// command (same process group); the CLI stays to clean up after it.
 pub fn ignore_terminal_signals() {
+    // SAFETY: SIG_IGN installs no handler, so no code of ours runs in
+    // signal context; signal() touches no memory of ours.
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);

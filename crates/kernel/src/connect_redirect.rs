@@ -945,6 +945,8 @@ fn open_cgroup2_root(scratch: &Path) -> Result<(OwnedFd, String)> {
         ));
     }
     let opened = open_dir(&dir);
+    // SAFETY: `c` is a NUL-terminated CString that outlives the call; the
+    // descriptor opened above keeps the cgroup reachable once detached.
     unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     let _ = std::fs::remove_dir(&dir);
     Ok((
@@ -1022,9 +1024,13 @@ fn netns_cookie() -> Result<u64> {
     if fd < 0 {
         return Err(io_err("socket", io::Error::last_os_error()));
     }
+    // SAFETY: fd >= 0 was just returned by socket(): open and owned by
+    // nothing else.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut cookie = 0u64;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` (8) bytes into `cookie`, a
+    // live u64, and updates `len`, a live socklen_t.
     let r = unsafe {
         libc::getsockopt(
             sock.as_raw_fd(),
@@ -1119,10 +1125,15 @@ fn subscribe() -> Result<OwnedFd> {
     if fd < 0 {
         return Err(io_err("netlink socket", io::Error::last_os_error()));
     }
+    // SAFETY: fd >= 0 was just returned by socket(): open and owned by
+    // nothing else.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_nl is integers only; all zeroes is a valid value.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as u16;
     addr.nl_groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE;
+    // SAFETY: `addr` is a live, initialised sockaddr_nl and the length
+    // passed is its size; the kernel only reads it.
     let r = unsafe {
         libc::bind(
             sock.as_raw_fd(),
@@ -1152,6 +1163,8 @@ impl Watcher {
         if efd < 0 {
             return Err(io_err("eventfd", io::Error::last_os_error()));
         }
+        // SAFETY: efd >= 0 was just returned by eventfd(): open and owned by
+        // nothing else.
         let stop = unsafe { OwnedFd::from_raw_fd(efd) };
         let stop_raw = stop.as_raw_fd();
         let thread = std::thread::Builder::new()
@@ -1167,8 +1180,9 @@ impl Watcher {
 
 impl Drop for Watcher {
     fn drop(&mut self) {
-        // SAFETY: writing 8 bytes to our eventfd.
         let one = 1u64;
+        // SAFETY: writing 8 bytes from `one`, a live u64, to our eventfd,
+        // which `self.stop` keeps open.
         unsafe {
             libc::write(
                 self.stop.as_raw_fd(),

@@ -46,6 +46,9 @@ pub fn prepare_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ns_err(dir, "create directory", e))?;
     let c = cstr(dir);
     let none = CString::new("none").unwrap();
+    // SAFETY: every pointer is a NUL-terminated CString (`none`, `c`) that
+    // outlives the closure, and data is null, which mount accepts for a
+    // propagation change.
     let shared = |_: ()| unsafe {
         libc::mount(
             none.as_ptr(),
@@ -58,6 +61,7 @@ pub fn prepare_dir(dir: &Path) -> Result<()> {
     if check(shared(())).is_ok() && is_mount_point(dir) {
         return Ok(());
     }
+    // SAFETY: as above: live CStrings, null data (a bind mount takes none).
     check(unsafe {
         libc::mount(
             c.as_ptr(),
@@ -75,6 +79,7 @@ pub fn prepare_dir(dir: &Path) -> Result<()> {
 pub fn release_dir(dir: &Path) -> Result<()> {
     if is_mount_point(dir) {
         let c = cstr(dir);
+        // SAFETY: `c` is a NUL-terminated CString that outlives the call.
         check(unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) })
             .map_err(|e| ns_err(dir, "unmount", e))?;
     }
@@ -114,6 +119,8 @@ impl Netns {
                     .map_err(|e| ns_err(p, "create mount point file", e))?;
                 let made = (|| {
                     // This thread alone moves into the new namespace and ends soon after.
+                    // SAFETY: unshare takes a flag and touches no memory;
+                    // it changes only this thread's network namespace.
                     check(unsafe { libc::unshare(libc::CLONE_NEWNET) })
                         .map_err(|e| ns_err(p, "unshare", e))?;
                     for (k, v) in &sysctls {
@@ -123,6 +130,9 @@ impl Netns {
                     nl.set_up(1)?; // lo is always index 1 in a new namespace
                     let src = CString::new("/proc/thread-self/ns/net").unwrap();
                     let c = cstr(p);
+                    // SAFETY: `src` and `c` are NUL-terminated CStrings
+                    // that outlive the call; fstype and data may be null
+                    // for a bind mount.
                     check(unsafe {
                         libc::mount(
                             src.as_ptr(),
@@ -182,6 +192,9 @@ impl Netns {
         std::thread::Builder::new()
             .name("weft-netns".into())
             .spawn(move || {
+                // SAFETY: `file` is an open namespace file owned by this
+                // closure for the whole call; setns changes only this
+                // short-lived thread's namespace.
                 check(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) })
                     .map_err(|e| ns_err(&path, "setns", e))?;
                 f()
@@ -200,6 +213,7 @@ impl Netns {
     /// The namespace itself goes once no process is left in it.
     pub fn remove(path: &Path) -> Result<bool> {
         let c = cstr(path);
+        // SAFETY: `c` is a NUL-terminated CString that outlives the call.
         let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         let umount_err = (rc < 0).then(io::Error::last_os_error);
         match std::fs::remove_file(path) {
@@ -215,6 +229,10 @@ pub fn is_netns(path: &Path) -> bool {
     // NSFS_MAGIC: a bind-mounted namespace file lives on nsfs.
     const NSFS_MAGIC: i64 = 0x6e73_6673;
     let c = cstr(path);
+    // SAFETY: statfs is plain old data (integers and arrays of them), for
+    // which all zeroes is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated CString and `st` a writable statfs,
+    // both live across the call.
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == NSFS_MAGIC }
 }

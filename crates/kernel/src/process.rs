@@ -29,6 +29,7 @@ pub fn is_alive(p: &ProcessRef) -> bool {
 
 /// A pidfd for `p`, if that process still runs.
 pub fn pidfd(p: &ProcessRef) -> Result<Option<OwnedFd>> {
+    // SAFETY: pidfd_open takes two integers and touches no memory of ours.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, p.pid, 0) };
     if fd < 0 {
         let e = io::Error::last_os_error();
@@ -38,6 +39,8 @@ pub fn pidfd(p: &ProcessRef) -> Result<Option<OwnedFd>> {
             Err(KernelError::io(format!("pidfd_open {}", p.pid), e))
         };
     }
+    // SAFETY: fd >= 0 is a descriptor pidfd_open just returned: open, and
+    // owned by nothing else, so the OwnedFd is its only owner.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // Checked after opening: the fd now pins this pid, so a match is the same process.
     Ok(is_alive(p).then_some(fd))
@@ -46,6 +49,8 @@ pub fn pidfd(p: &ProcessRef) -> Result<Option<OwnedFd>> {
 /// Sends `signal` through a pidfd (no risk of hitting a reused pid).
 pub fn signal(fd: &OwnedFd, signal: i32) -> Result<()> {
     use std::os::fd::AsRawFd;
+    // SAFETY: integers only (the info pointer is null, passed as 0); the
+    // descriptor is borrowed from `fd`, which outlives the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
@@ -71,7 +76,9 @@ pub fn signal(fd: &OwnedFd, signal: i32) -> Result<()> {
 pub fn signal_group(p: &ProcessRef, fd: &OwnedFd, sig: i32) -> Result<()> {
     signal(fd, sig)?;
     // The pidfd pins the pid, so a group with this id is still ours.
+    // SAFETY: getpgid and kill take integers and touch no memory of ours.
     if unsafe { libc::getpgid(p.pid) } == p.pid {
+        // SAFETY: as above; -pid names the process group checked just now.
         unsafe { libc::kill(-p.pid, sig) };
     }
     Ok(())
@@ -86,6 +93,8 @@ pub fn wait_exit(fd: &OwnedFd, timeout_ms: i32) -> bool {
         revents: 0,
     };
     loop {
+        // SAFETY: `pfd` is one valid, initialised pollfd that lives across
+        // the call, and nfds is 1.
         let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
         if rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
             continue;

@@ -526,6 +526,8 @@ fn kill_and_wait(p: &ProcessRef, signal: i32) {
     if !process::is_alive(p) {
         return;
     }
+    // SAFETY: kill takes integers and touches no memory of ours; the pid
+    // was checked to be the very process just above.
     unsafe {
         libc::kill(p.pid, signal);
     }
@@ -539,6 +541,8 @@ fn kill_and_wait(p: &ProcessRef, signal: i32) {
 
 /// Collects the exit status if the process is our child (else a no-op).
 fn reap(pid: i32) {
+    // SAFETY: a null status pointer is allowed (the status is not stored);
+    // WNOHANG never blocks.
     unsafe {
         libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG);
     }
@@ -611,6 +615,7 @@ pub fn down(dir: &Path) -> Result<DownReport> {
             )));
         }
         for pid in pids {
+            // SAFETY: kill takes integers and touches no memory of ours.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
             }
@@ -626,6 +631,7 @@ pub fn down(dir: &Path) -> Result<DownReport> {
     mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for m in mounts {
         let c = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()).expect("no NUL");
+        // SAFETY: `c` is a NUL-terminated CString that outlives the call.
         unsafe {
             libc::umount2(c.as_ptr(), libc::MNT_DETACH);
         }

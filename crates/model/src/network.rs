@@ -297,15 +297,15 @@ pub fn plan(
         if spec.ip_range.is_some() {
             return Err(NetworkError::NotForOverlay("ip-range"));
         }
-        let used = existing
+        let others: Vec<(&str, &crate::overlay::Overlay)> = existing
             .iter()
-            .filter_map(|n| n.overlay().map(|o| o.vni))
+            .filter_map(|n| n.overlay().map(|o| (n.name.as_str(), o)))
             .collect();
         let req = OverlayRequest {
             range: spec.subnet.or(spec.overlay.range),
             ..spec.overlay.clone()
         };
-        Some(crate::overlay::plan(&req, &used)?)
+        Some(crate::overlay::plan(&req, &others)?)
     } else {
         let o = &spec.overlay;
         if o.host_subnet_len.is_some() {

@@ -142,6 +142,27 @@ pub enum OverlayError {
     Conflict { given: Ipv4Net, flannel: Ipv4Net },
     #[error("no free VNI left")]
     NoVni,
+    #[error(
+        "VNI {vni} (Backend.VNI of the flannel config) is already used by overlay network {holder:?}; \
+         give another VNI, or leave Backend.VNI out and weft picks the lowest free one"
+    )]
+    VniTaken { vni: u32, holder: String },
+    #[error("VNI {0} is out of range: a VNI is from 1 to 16777215")]
+    VniRange(u32),
+    #[error(
+        "UDP port {port} (Backend.Port of the flannel config) is already used by overlay network {holder:?} \
+         ({backend}); give another port, or leave Backend.Port out and weft picks a free one"
+    )]
+    PortTaken {
+        port: u16,
+        holder: String,
+        backend: BackendKind,
+    },
+    #[error(
+        "no free UDP port for a {backend} network: every port from {first} to 65535 is used by another overlay network; \
+         remove one, or give a port with the flannel config's Backend.Port"
+    )]
+    NoPort { backend: BackendKind, first: u16 },
 }
 
 /// flannel's network config (net-conf.json), the fields weft honours.
@@ -171,10 +192,12 @@ pub const DEFAULT_HOST_SUBNET_LEN: u8 = 24;
 pub const VXLAN_PORT: u16 = 8472;
 pub const UDP_PORT: u16 = 8285;
 
-/// Validates an overlay request. `used_vnis` are the VNIs of the other
-/// overlay networks; the new one gets the lowest free one from 1 (or the
-/// flannel config's VNI if free).
-pub fn plan(req: &OverlayRequest, used_vnis: &BTreeSet<u32>) -> Result<Overlay, OverlayError> {
+/// Validates an overlay request against `others`, the other overlay
+/// networks (name and overlay). The new one gets the flannel config's VNI
+/// (an error if another network has it) or else the lowest free one from 1;
+/// udp and secure networks get a UDP port no other network binds (see
+/// [`pick_port`]).
+pub fn plan(req: &OverlayRequest, others: &[(&str, &Overlay)]) -> Result<Overlay, OverlayError> {
     let mut range = req.range;
     let mut len = req.host_subnet_len;
     let mut backend_name = req.backend.clone();
@@ -222,17 +245,33 @@ pub fn plan(req: &OverlayRequest, used_vnis: &BTreeSet<u32>) -> Result<Overlay, 
         });
     }
     let vni = match vni {
-        Some(v) if !used_vnis.contains(&v) => v,
-        _ => (1..(1 << 24))
-            .find(|v| !used_vnis.contains(v))
+        Some(v) if !(1..=MAX_VNI).contains(&v) => return Err(OverlayError::VniRange(v)),
+        Some(v) => match others.iter().find(|(_, o)| o.vni == v) {
+            Some((holder, _)) => {
+                return Err(OverlayError::VniTaken {
+                    vni: v,
+                    holder: holder.to_string(),
+                })
+            }
+            None => v,
+        },
+        None => (1..=MAX_VNI)
+            .find(|v| !others.iter().any(|(_, o)| o.vni == *v))
             .ok_or(OverlayError::NoVni)?,
     };
-    // A userspace tunnel binds its own port, so each such network gets one
-    // (8285 for the first); VXLAN devices share 8472 and differ by VNI.
-    let port = port.unwrap_or(match backend {
-        BackendKind::Udp | BackendKind::Secure => UDP_PORT + (vni.min(1000) as u16 - 1),
-        _ => VXLAN_PORT,
-    });
+    let port = match port {
+        Some(p) => {
+            if let Some((holder, o)) = others.iter().find(|(_, o)| ports_clash(backend, p, o)) {
+                return Err(OverlayError::PortTaken {
+                    port: p,
+                    holder: holder.to_string(),
+                    backend: o.backend,
+                });
+            }
+            p
+        }
+        None => pick_port(backend, vni, others)?,
+    };
     Ok(Overlay {
         range,
         host_subnet_len: len,
@@ -241,6 +280,54 @@ pub fn plan(req: &OverlayRequest, used_vnis: &BTreeSet<u32>) -> Result<Overlay, 
         port,
         direct_routing,
     })
+}
+
+/// The largest VNI: VXLAN's identifier has 24 bits.
+pub const MAX_VNI: u32 = (1 << 24) - 1;
+
+/// Whether a network of `backend` on UDP port `port` cannot coexist with
+/// `other` on one host. Kernel VXLAN devices share one socket per port and
+/// tell networks apart by VNI, so vxlan networks may share a port; a
+/// userspace tunnel (udp, secure) binds its port for itself, so it shares
+/// with nobody. host-gw binds nothing.
+fn ports_clash(backend: BackendKind, port: u16, other: &Overlay) -> bool {
+    let binds = |b: BackendKind| b != BackendKind::HostGw;
+    let userspace = |b: BackendKind| matches!(b, BackendKind::Udp | BackendKind::Secure);
+    other.port == port
+        && binds(backend)
+        && binds(other.backend)
+        && (userspace(backend) || userspace(other.backend))
+}
+
+/// The port of a new network that names none. VXLAN devices share
+/// [`VXLAN_PORT`] and differ by VNI. A userspace tunnel binds a port of its
+/// own, so a udp or secure network gets `UDP_PORT + VNI - 1` (8285 for VNI
+/// 1, as before) when that port exists and no other network binds it, else
+/// the lowest port from [`UDP_PORT`] that no other network binds; and an
+/// error when there is none. The port is stored with the network, so every
+/// host uses the one picked here.
+pub fn pick_port(
+    backend: BackendKind,
+    vni: u32,
+    others: &[(&str, &Overlay)],
+) -> Result<u16, OverlayError> {
+    if !matches!(backend, BackendKind::Udp | BackendKind::Secure) {
+        return Ok(VXLAN_PORT);
+    }
+    let taken: BTreeSet<u16> = others
+        .iter()
+        .filter(|(_, o)| ports_clash(backend, o.port, o))
+        .map(|(_, o)| o.port)
+        .collect();
+    let free = |p: u16| !taken.contains(&p);
+    let derived = u16::try_from(u32::from(UDP_PORT) + vni.saturating_sub(1)).ok();
+    derived
+        .filter(|&p| free(p))
+        .or_else(|| (UDP_PORT..=u16::MAX).find(|&p| free(p)))
+        .ok_or(OverlayError::NoPort {
+            backend,
+            first: UDP_PORT,
+        })
 }
 
 /// One host's claim on a subnet of an overlay network, as stored in etcd
@@ -258,7 +345,8 @@ pub struct Lease {
     /// vxlan: the MAC of this host's VTEP, stable across restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vtep_mac: Option<String>,
-    /// secure: the host's public key (base64).
+    /// secure: the host's public key, 64 lowercase hex digits
+    /// (`weft_tunnel::encode_key`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
 }
@@ -371,15 +459,20 @@ mod tests {
 
     #[test]
     fn defaults_and_vni() {
-        let o = plan(&req("10.40.0.0/16"), &BTreeSet::new()).unwrap();
+        let o = plan(&req("10.40.0.0/16"), &[]).unwrap();
         assert_eq!(o.host_subnet_len, 24);
         assert_eq!(o.backend, DEFAULT_BACKEND);
         assert_eq!(o.port, VXLAN_PORT);
         assert_eq!(o.vni, 1);
-        let o = plan(&req("10.40.0.0/16"), &[1, 2].into_iter().collect()).unwrap();
+        let o1 = o.clone();
+        let o2 = Overlay {
+            vni: 2,
+            ..o.clone()
+        };
+        let o = plan(&req("10.40.0.0/16"), &[("a", &o1), ("b", &o2)]).unwrap();
         assert_eq!(o.vni, 3);
         // A /24 range gets /25 host subnets rather than an error.
-        let o = plan(&req("10.41.0.0/24"), &BTreeSet::new()).unwrap();
+        let o = plan(&req("10.41.0.0/24"), &[]).unwrap();
         assert_eq!(o.host_subnet_len, 25);
     }
 
@@ -391,7 +484,7 @@ mod tests {
             ),
             ..Default::default()
         };
-        let o = plan(&r, &BTreeSet::new()).unwrap();
+        let o = plan(&r, &[]).unwrap();
         assert_eq!(o.range.to_string(), "10.50.0.0/16");
         assert_eq!(o.host_subnet_len, 26);
         assert_eq!(o.backend, BackendKind::HostGw);
@@ -399,7 +492,7 @@ mod tests {
 
     #[test]
     fn bad_requests_are_refused_with_reasons() {
-        let err = |r: OverlayRequest| plan(&r, &BTreeSet::new()).unwrap_err().to_string();
+        let err = |r: OverlayRequest| plan(&r, &[]).unwrap_err().to_string();
         assert!(err(OverlayRequest::default()).contains("needs --subnet"));
         assert!(err(req("10.40.0.1/16")).contains("did you mean 10.40.0.0/16"));
         assert!(err(OverlayRequest {
@@ -424,9 +517,138 @@ mod tests {
         .contains("disagrees"));
     }
 
+    fn flannel(backend: &str, extra: &str) -> OverlayRequest {
+        OverlayRequest {
+            flannel_config: Some(format!(
+                r#"{{"Network":"10.60.0.0/16","Backend":{{"Type":"{backend}"{extra}}}}}"#
+            )),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_taken_vni_is_an_error_naming_it() {
+        let blue = plan(&flannel("vxlan", r#","VNI":7"#), &[]).unwrap();
+        assert_eq!(blue.vni, 7);
+        let e = plan(&flannel("vxlan", r#","VNI":7"#), &[("blue", &blue)]).unwrap_err();
+        assert_eq!(
+            e,
+            OverlayError::VniTaken {
+                vni: 7,
+                holder: "blue".into()
+            }
+        );
+        let msg = e.to_string();
+        assert!(msg.contains("VNI 7") && msg.contains("\"blue\""), "{msg}");
+        assert!(msg.contains("leave Backend.VNI out"), "{msg}");
+        // A free one is kept; none given: the lowest free one.
+        assert_eq!(
+            plan(&flannel("vxlan", r#","VNI":8"#), &[("blue", &blue)])
+                .unwrap()
+                .vni,
+            8
+        );
+        assert_eq!(
+            plan(&flannel("vxlan", ""), &[("blue", &blue)]).unwrap().vni,
+            1
+        );
+        for bad in [0, MAX_VNI + 1] {
+            let e = plan(&flannel("vxlan", &format!(r#","VNI":{bad}"#)), &[]).unwrap_err();
+            assert_eq!(e, OverlayError::VniRange(bad));
+        }
+    }
+
+    #[test]
+    fn userspace_networks_get_distinct_ports() {
+        // VNI 1 keeps 8285, VNI n gets 8285 + n - 1 while that is free.
+        let first = plan(&flannel("udp", r#","VNI":1"#), &[]).unwrap();
+        assert_eq!(first.port, UDP_PORT);
+        // VNIs from 1000 on all used to get 9284.
+        let mut made: Vec<(String, Overlay)> = Vec::new();
+        for vni in [1000, 1001, 5000, 60000, MAX_VNI] {
+            let others: Vec<(&str, &Overlay)> = made.iter().map(|(n, o)| (n.as_str(), o)).collect();
+            let o = plan(&flannel("secure", &format!(r#","VNI":{vni}"#)), &others).unwrap();
+            made.push((format!("n{vni}"), o));
+        }
+        let ports: BTreeSet<u16> = made.iter().map(|(_, o)| o.port).collect();
+        assert_eq!(ports.len(), made.len(), "{made:?}");
+        assert_eq!(made[0].1.port, UDP_PORT + 999);
+        assert_eq!(made[1].1.port, UDP_PORT + 1000);
+        assert_eq!(made[2].1.port, UDP_PORT + 4999);
+        // 60000 and 2^24-1 have no port of their own: the lowest free one.
+        assert_eq!(made[3].1.port, UDP_PORT);
+        assert_eq!(made[4].1.port, UDP_PORT + 1);
+
+        // The derived port taken by another network: the lowest free one.
+        let taker = Overlay {
+            port: UDP_PORT + 4,
+            ..first.clone()
+        };
+        let o = plan(
+            &flannel("udp", r#","VNI":5"#),
+            &[("a", &first), ("taker", &taker)],
+        )
+        .unwrap();
+        assert_eq!(o.port, UDP_PORT + 1);
+
+        // VXLAN networks share 8472 among themselves, but no userspace
+        // tunnel may take it, nor they a tunnel's port.
+        let vx = plan(&flannel("vxlan", ""), &[]).unwrap();
+        let vx2 = plan(&flannel("vxlan", ""), &[("vx", &vx)]).unwrap();
+        assert_eq!((vx.port, vx2.port), (VXLAN_PORT, VXLAN_PORT));
+        let e = plan(
+            &flannel("udp", &format!(r#","Port":{VXLAN_PORT}"#)),
+            &[("vx", &vx)],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("already used by overlay network \"vx\""),
+            "{e}"
+        );
+        let e = plan(
+            &flannel("vxlan", &format!(r#","Port":{UDP_PORT}"#)),
+            &[("first", &first)],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, OverlayError::PortTaken { port: UDP_PORT, .. }),
+            "{e}"
+        );
+        // host-gw binds nothing: it clashes with nobody.
+        let hg = plan(
+            &flannel("host-gw", &format!(r#","Port":{UDP_PORT}"#)),
+            &[("first", &first)],
+        );
+        assert!(hg.is_ok());
+    }
+
+    #[test]
+    fn no_free_port_is_a_clear_error() {
+        let base = plan(&flannel("udp", ""), &[]).unwrap();
+        let all: Vec<Overlay> = (UDP_PORT..=u16::MAX)
+            .map(|port| Overlay {
+                port,
+                ..base.clone()
+            })
+            .collect();
+        let others: Vec<(&str, &Overlay)> = all.iter().map(|o| ("x", o)).collect();
+        let e = pick_port(BackendKind::Secure, 3, &others).unwrap_err();
+        assert_eq!(
+            e,
+            OverlayError::NoPort {
+                backend: BackendKind::Secure,
+                first: UDP_PORT
+            }
+        );
+        assert!(e.to_string().contains("Backend.Port"), "{e}");
+        // vxlan still gets its shared port.
+        assert_eq!(pick_port(BackendKind::Vxlan, 3, &others), Ok(VXLAN_PORT));
+    }
+
     #[test]
     fn picks_preferred_then_free_subnets() {
-        let o = plan(&req("10.40.0.0/16"), &BTreeSet::new()).unwrap();
+        let o = plan(&req("10.40.0.0/16"), &[]).unwrap();
         let mut taken = BTreeSet::new();
         let want: Ipv4Net = "10.40.7.0/24".parse().unwrap();
         assert_eq!(pick_host_subnet(&o, &taken, Some(want), 0), Some(want));
@@ -446,7 +668,7 @@ mod tests {
                 host_subnet_len: Some(25),
                 ..req("10.41.0.0/24")
             },
-            &BTreeSet::new(),
+            &[],
         )
         .unwrap();
         let all: BTreeSet<Ipv4Net> = ["10.41.0.0/25", "10.41.0.128/25"]
@@ -454,6 +676,24 @@ mod tests {
             .map(|s| s.parse().unwrap())
             .collect();
         assert_eq!(pick_host_subnet(&small, &all, None, 3), None);
+    }
+
+    #[test]
+    fn lease_keys_are_hex_as_documented() {
+        // What weft_tunnel::encode_key makes: 64 lowercase hex digits.
+        let key: String = (0u8..32).map(|b| format!("{b:02x}")).collect();
+        let lease = Lease {
+            network: "n".into(),
+            subnet: "10.40.3.0/24".parse().unwrap(),
+            host_id: "h".into(),
+            node: "node".into(),
+            public_ip: "198.51.100.11".parse().unwrap(),
+            vtep_mac: None,
+            public_key: Some(key.clone()),
+        };
+        let back: Lease = serde_json::from_str(&serde_json::to_string(&lease).unwrap()).unwrap();
+        assert_eq!(back.public_key.as_deref(), Some(key.as_str()));
+        assert!(key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()));
     }
 
     #[test]
@@ -470,7 +710,7 @@ mod tests {
 
     #[test]
     fn subnet_file_is_flannels() {
-        let o = plan(&req("10.40.0.0/16"), &BTreeSet::new()).unwrap();
+        let o = plan(&req("10.40.0.0/16"), &[]).unwrap();
         let s: Ipv4Net = "10.40.3.0/24".parse().unwrap();
         let text = subnet_file(&o, &s, "10.40.3.1".parse().unwrap(), 1500, true);
         assert_eq!(

@@ -23,6 +23,13 @@
 //!
 //! The caller (the agent) addresses the device and routes remote subnets
 //! into it; this crate only moves packets. IPv4 only.
+//!
+//! Locks: a poisoned lock is recovered (`.unwrap_or_else(|p| p.into_inner())`),
+//! as everywhere in weft. Every critical section here replaces or inserts
+//! whole values (a peer snapshot, a session, an index entry, an endpoint) or
+//! runs a replay-window update that cannot panic half-way, so the data is
+//! valid whenever a panic could happen; one worker's panic must not take the
+//! other workers, and the tunnel, down with it.
 
 mod error;
 mod keys;
@@ -316,7 +323,12 @@ impl Tunnel {
     /// next batch; sessions of peers whose public key stays are kept.
     pub fn set_peers(&self, peers: Vec<Peer>) -> Result<()> {
         let secure = self.shared.crypto.is_some();
-        let old = self.shared.peers.read().expect("peers lock").clone();
+        let old = self
+            .shared
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut new = Peers::default();
         let mut seen = HashSet::new();
         for p in peers {
@@ -339,7 +351,7 @@ impl Tunnel {
                         .entry(key)
                         .or_insert_with(|| match old.by_key.get(&key) {
                             Some(sp) => {
-                                *sp.endpoint.lock().expect("endpoint lock") = p.endpoint;
+                                *sp.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = p.endpoint;
                                 sp.clone()
                             }
                             None => Arc::new(SecurePeer::new(key, p.endpoint)),
@@ -355,7 +367,7 @@ impl Tunnel {
             });
         }
         tracing::debug!(ifname = %self.ifname, peers = new.list.len(), "peers replaced");
-        *self.shared.peers.write().expect("peers lock") = Arc::new(new);
+        *self.shared.peers.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
         Ok(())
     }
 
@@ -440,7 +452,7 @@ fn housekeeper(shared: Arc<Shared>, sock: Arc<UdpSocket>, stop: Arc<OwnedFd>) {
         let peers: Vec<Arc<SecurePeer>> = shared
             .peers
             .read()
-            .expect("peers lock")
+            .unwrap_or_else(|p| p.into_inner())
             .by_key
             .values()
             .cloned()

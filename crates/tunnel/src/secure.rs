@@ -221,7 +221,12 @@ impl Session {
             .transport
             .read_message(counter, &msg[DATA_HEADER..], out)
             .map_err(|_| OpenError::BadAuth)?;
-        if !self.replay.lock().expect("replay lock").accept(counter) {
+        if !self
+            .replay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .accept(counter)
+        {
             return Err(OpenError::Replayed);
         }
         Ok(n)
@@ -265,12 +270,16 @@ impl SecurePeer {
 
     /// The session to send on, if one is established and not expired.
     pub fn current(&self, policy: &RekeyPolicy) -> Option<Arc<Session>> {
-        let s = self.current.read().expect("session lock").clone()?;
+        let s = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
         s.usable(policy).then_some(s)
     }
 
     fn endpoint(&self) -> SocketAddrV4 {
-        *self.endpoint.lock().expect("endpoint lock")
+        *self.endpoint.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -320,7 +329,12 @@ impl Crypto {
     }
 
     pub fn session(&self, index: u32) -> Option<Arc<Session>> {
-        match self.index.read().expect("index lock").get(&index) {
+        match self
+            .index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&index)
+        {
             Some(Entry::Session(s)) => Some(s.clone()),
             _ => None,
         }
@@ -330,7 +344,7 @@ impl Crypto {
     /// and makes sure a handshake is under way. A full queue drops its
     /// oldest packet (counted as `dropped_no_session`).
     pub fn queue(&self, peer: &Arc<SecurePeer>, packet: &[u8], sock: &UdpSocket, c: &Counters) {
-        let mut hs = peer.hs.lock().expect("handshake lock");
+        let mut hs = peer.hs.lock().unwrap_or_else(|p| p.into_inner());
         if hs.queue.len() >= QUEUE_MAX {
             hs.queue.pop_front();
             c.dropped_no_session.fetch_add(1, Relaxed);
@@ -342,7 +356,7 @@ impl Crypto {
     /// Starts a handshake with `peer` unless one is already waiting for
     /// its answer.
     pub fn initiate(&self, peer: &Arc<SecurePeer>, sock: &UdpSocket, c: &Counters) {
-        let mut hs = peer.hs.lock().expect("handshake lock");
+        let mut hs = peer.hs.lock().unwrap_or_else(|p| p.into_inner());
         self.initiate_locked(peer, &mut hs, sock, c, false);
     }
 
@@ -379,7 +393,7 @@ impl Crypto {
             .remote_public_key(&peer.public_key)?
             .prologue(PROLOGUE)?
             .build_initiator()?;
-        let mut index = self.index.write().expect("index lock");
+        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
         if let Some(old) = hs.pending.take() {
             index.remove(&old.local_index);
         }
@@ -439,7 +453,7 @@ impl Crypto {
             return reject("unknown public key");
         };
         let sender = u32::from_le_bytes(msg[4..8].try_into().expect("4 bytes"));
-        let mut hs = peer.hs.lock().expect("handshake lock");
+        let mut hs = peer.hs.lock().unwrap_or_else(|p| p.into_inner());
         let ts: [u8; 12] = ts[..12].try_into().expect("12 bytes");
         if ts <= hs.last_ts {
             return reject("replayed initiation (timestamp not newer)");
@@ -457,7 +471,7 @@ impl Crypto {
         };
         hs.last_ts = ts;
         let session = {
-            let mut index = self.index.write().expect("index lock");
+            let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
             let local_index = match self.new_index(&index) {
                 Ok(i) => i,
                 Err(e) => return tracing::warn!(error = %e, "no session index"),
@@ -510,14 +524,19 @@ impl Crypto {
         }
         let sender = u32::from_le_bytes(msg[4..8].try_into().expect("4 bytes"));
         let receiver = u32::from_le_bytes(msg[8..12].try_into().expect("4 bytes"));
-        let peer = match self.index.read().expect("index lock").get(&receiver) {
+        let peer = match self
+            .index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&receiver)
+        {
             Some(Entry::Pending(p)) => p.upgrade(),
             _ => None,
         };
         let Some(peer) = peer else {
             return reject("no handshake pending under that index");
         };
-        let mut hs = peer.hs.lock().expect("handshake lock");
+        let mut hs = peer.hs.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut pending) = hs.pending.take_if(|p| p.local_index == receiver) else {
             return reject("stale response");
         };
@@ -537,7 +556,7 @@ impl Crypto {
         let session = Arc::new(self.make_session(receiver, sender, transport, true, &peer));
         self.index
             .write()
-            .expect("index lock")
+            .unwrap_or_else(|p| p.into_inner())
             .insert(receiver, Entry::Session(session.clone()));
         hs.started = None;
         c.handshakes_completed.fetch_add(1, Relaxed);
@@ -559,7 +578,7 @@ impl Crypto {
         c: &Counters,
     ) {
         {
-            let mut cur = peer.current.write().expect("session lock");
+            let mut cur = peer.current.write().unwrap_or_else(|p| p.into_inner());
             if cur
                 .as_ref()
                 .is_none_or(|old| old.created <= session.created)
@@ -606,7 +625,7 @@ impl Crypto {
             return;
         }
         if let Some(peer) = s.peer.upgrade() {
-            let mut hs = peer.hs.lock().expect("handshake lock");
+            let mut hs = peer.hs.lock().unwrap_or_else(|p| p.into_inner());
             self.install(&peer, s.clone(), &mut hs, sock, c);
         }
     }
@@ -623,7 +642,7 @@ impl Crypto {
     /// up on hopeless ones, forget expired sessions and removed peers.
     pub fn housekeeping(&self, peers: &[Arc<SecurePeer>], sock: &UdpSocket, c: &Counters) {
         for peer in peers {
-            let mut hs = peer.hs.lock().expect("handshake lock");
+            let mut hs = peer.hs.lock().unwrap_or_else(|p| p.into_inner());
             let waiting = hs
                 .pending
                 .as_ref()
@@ -638,7 +657,7 @@ impl Crypto {
                     if let Some(p) = hs.pending.take() {
                         self.index
                             .write()
-                            .expect("index lock")
+                            .unwrap_or_else(|p| p.into_inner())
                             .remove(&p.local_index);
                     }
                     hs.started = None;
@@ -648,7 +667,7 @@ impl Crypto {
                     self.initiate_locked(peer, &mut hs, sock, c, true);
                 }
             }
-            let mut cur = peer.current.write().expect("session lock");
+            let mut cur = peer.current.write().unwrap_or_else(|p| p.into_inner());
             if cur.as_ref().is_some_and(|s| !s.usable(&self.policy)) {
                 *cur = None;
             }
@@ -656,7 +675,7 @@ impl Crypto {
         let policy = self.policy;
         self.index
             .write()
-            .expect("index lock")
+            .unwrap_or_else(|p| p.into_inner())
             .retain(|_, e| match e {
                 Entry::Session(s) => s.usable(&policy) && s.peer.strong_count() > 0,
                 Entry::Pending(p) => p.strong_count() > 0,

@@ -382,6 +382,8 @@ impl TxBatch {
             h.msg_iov = &mut self.iovs[m.first] as *mut libc::iovec;
             h.msg_iovlen = m.parts;
             if m.count > 1 {
+                // SAFETY: CMSG_SPACE is arithmetic on its argument; it reads
+                // and writes no memory.
                 let space = unsafe { libc::CMSG_SPACE(mem::size_of::<u16>() as u32) } as usize;
                 h.msg_control = self.cmsgs[i].as_mut_ptr() as *mut libc::c_void;
                 h.msg_controllen = space;

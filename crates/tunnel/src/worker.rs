@@ -176,7 +176,12 @@ impl Worker {
     /// encapsulates, sends. Returns whether anything was read.
     fn tun_to_udp(&mut self) -> bool {
         let fd = self.tun.as_raw_fd();
-        let peers = self.shared.peers.read().expect("peers lock").clone();
+        let peers = self
+            .shared
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let secure = self.shared.crypto.is_some();
         let mut arena_at = 0;
         // The inner flow of the previous read: a GSO message may hold
@@ -354,7 +359,12 @@ impl Worker {
                 return false;
             }
         };
-        let peers = self.shared.peers.read().expect("peers lock").clone();
+        let peers = self
+            .shared
+            .peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let fd = self.tun.as_raw_fd();
         self.accepted.clear();
         if self.shared.crypto.is_some() {
