@@ -6,7 +6,10 @@
 //! `GET /v1/sandboxes` on the agent's unix socket (no process spawn) and
 //! the CLI, `weft --format json ps` (spawn to exit). It prints p50, p99 and
 //! max per way and phase, and the ratio p99(writes) / p99(idle), whose goal
-//! is <= 2. With `--weft` given more than once, each binary is measured in
+//! is <= 2. A third kind, the control, asks the same socket for a path
+//! weft does not serve (a 404 that reads no state): how much the write
+//! loop's CPU use alone (CLI and nft processes on the same cores) slows
+//! any answer of the agent, the floor under the other two. With `--weft` given more than once, each binary is measured in
 //! turn with an agent of its own and compared with the first.
 //!
 //! Everything runs inside the namespace `wftbench-<pid>`, with state under
@@ -82,6 +85,8 @@ fn main() -> ExitCode {
 struct Phase {
     get: Series,
     cli: Series,
+    /// A 404 from the agent's socket: no state read, no lock.
+    control: Series,
     /// Write loop only: wall times of `network create` and `network rm`.
     create: Series,
     remove: Series,
@@ -289,6 +294,11 @@ fn sample_phase(
             if measured {
                 phase.get.push(t);
             }
+            // The control right after each GET, same socket, same load.
+            let t = get_control(&sock)?;
+            if measured {
+                phase.control.push(t);
+            }
         } else {
             let t = cli_ps(h, scratch, args.sandboxes)?;
             if measured {
@@ -366,6 +376,28 @@ fn get_sandboxes(sock: &Path, want: usize) -> Result<Duration> {
     Ok(took)
 }
 
+/// A path the agent does not serve, timed like [`get_sandboxes`]; the
+/// answer must be a 404 (nothing read, nothing locked).
+fn get_control(sock: &Path) -> Result<Duration> {
+    let what = || format!("GET /v1/psload-control on {}", sock.display());
+    let t0 = Instant::now();
+    let mut s = UnixStream::connect(sock).context(what())?;
+    s.write_all(b"GET /v1/psload-control HTTP/1.1\r\nHost: weft\r\nConnection: close\r\n\r\n")
+        .context(what())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).context(what())?;
+    let took = t0.elapsed();
+    if !raw.starts_with(b"HTTP/1.1 404") {
+        let first = String::from_utf8_lossy(&raw);
+        return bail(format!(
+            "{}: expected a 404, got {}",
+            what(),
+            first.lines().next().unwrap_or("nothing")
+        ));
+    }
+    Ok(took)
+}
+
 /// `weft --format json ps`, spawn to exit; then checked.
 fn cli_ps(h: &WeftHarness, scratch: &Path, want: usize) -> Result<Duration> {
     let mut cmd = h.cli()?;
@@ -423,6 +455,8 @@ fn print_report(args: &Args, results: &[Measured], total: Duration) {
             ("GET /v1/sandboxes, writes", &m.writes.get),
             ("weft ps (CLI), idle", &m.idle.cli),
             ("weft ps (CLI), writes", &m.writes.cli),
+            ("control (404), idle", &m.idle.control),
+            ("control (404), writes", &m.writes.control),
         ] {
             println!(
                 "  {:<28} {:>9.3} {:>9.3} {:>9.3} {:>9}",
@@ -449,6 +483,7 @@ fn print_report(args: &Args, results: &[Measured], total: Duration) {
         for (label, idle, writes) in [
             ("GET", &m.idle.get, &m.writes.get),
             ("CLI", &m.idle.cli, &m.writes.cli),
+            ("control", &m.idle.control, &m.writes.control),
         ] {
             let r = p(writes, 0.99) / p(idle, 0.99);
             println!(

@@ -71,8 +71,12 @@ pub(crate) fn router(app: App) -> Router {
         .with_state(app)
 }
 
+// Reads of the snapshot (`ps`, `network ls`, `inspect SANDBOX`) take no
+// lock and make no kernel request (a sandbox's state is one read of
+// /proc/PID/stat), so they are answered on the async worker: handing them
+// to the blocking pool would queue them behind a burst of writes' threads.
 async fn list_networks(State(app): State<App>) -> Reply<Vec<weft_model::api::NetworkView>> {
-    blocking(move || Ok(app.host.networks())).await
+    Ok(Json(app.host.networks()))
 }
 
 async fn get_network(
@@ -163,7 +167,7 @@ async fn cni_gc(State(app): State<App>, Json(req): Json<CniGc>) -> Reply<Vec<Str
 }
 
 async fn list_sandboxes(State(app): State<App>) -> Reply<Vec<weft_model::api::SandboxView>> {
-    blocking(move || Ok(app.host.list())).await
+    Ok(Json(app.host.list()))
 }
 
 async fn create_sandbox(
@@ -177,7 +181,7 @@ async fn get_sandbox(
     State(app): State<App>,
     Path(key): Path<String>,
 ) -> Reply<weft_model::api::SandboxView> {
-    blocking(move || app.host.get(&key)).await
+    app.host.get(&key).map(Json)
 }
 
 async fn started(
