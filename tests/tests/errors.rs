@@ -157,3 +157,40 @@ fn a_second_agent_on_the_same_state_dir_is_refused() {
         text(&out)
     );
 }
+
+/// `weft … | head` with a reader that has gone: weft ends quietly instead
+/// of panicking on the closed pipe (issue 18, point 4). The pipe's read end
+/// is closed before weft starts, so every write fails: no race decides it.
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let h = TestHost::new(Some("10.95.0.0/16"));
+    h.weft_ok(&["network", "create", "--subnet", "10.96.0.0/24", "wftpipe"]);
+    for args in [
+        &["network", "ls"][..],
+        &["--format", "json", "network", "ls"],
+        &["ps"],
+        &["--format", "json", "ps"],
+        &["--format", "json", "network", "inspect", "wftpipe"],
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = h
+            .weft_cmd(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("run weft");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "weft {args:?} on a closed pipe: {err}"
+        );
+        assert!(
+            out.status.success(),
+            "weft {args:?} on a closed pipe exited {:?}: {err}",
+            out.status
+        );
+    }
+    h.weft_ok(&["network", "rm", "wftpipe"]);
+}

@@ -81,7 +81,7 @@ pub fn run() -> i32 {
     let version = conf["cniVersion"].as_str().unwrap_or("1.1.0").to_string();
     match handle(&command, &conf, &version) {
         Ok(Some(out)) => {
-            println!("{out}");
+            crate::output::print_line(&out.to_string());
             0
         }
         Ok(None) => 0,
@@ -94,7 +94,7 @@ fn fail(version: &str, e: CniError) -> i32 {
     if !e.details.is_empty() {
         v["details"] = json!(e.details);
     }
-    println!("{v}");
+    crate::output::print_line(&v.to_string());
     1
 }
 

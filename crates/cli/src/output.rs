@@ -2,6 +2,24 @@
 
 use crate::Format;
 use serde::Serialize;
+use std::io::{ErrorKind, Write};
+
+/// Writes `s` and a newline to stdout. Every line weft prints goes through
+/// here because `println!` panics when the reader has gone (`weft ps |
+/// head`): a reader that stopped reading is not the command's failure, so
+/// weft ends quietly with status 0, the way `head`'s upstream ends under a
+/// shell without pipefail. Any other write error is reported (status 1).
+pub fn print_line(s: &str) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{s}").and_then(|()| out.flush()) {
+        if e.kind() == ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        drop(out);
+        eprintln!("weft: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
 
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
@@ -31,14 +49,11 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 /// Prints `value` as JSON, or `human()` as text.
 pub fn emit<T: Serialize>(format: Format, value: &T, human: impl FnOnce() -> String) {
     match format {
-        Format::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(value).expect("serializable")
-        ),
+        Format::Json => print_line(&serde_json::to_string_pretty(value).expect("serializable")),
         Format::Table => {
             let s = human();
             if !s.is_empty() {
-                println!("{s}");
+                print_line(&s);
             }
         }
     }
