@@ -194,3 +194,77 @@ fn ports_need_a_network_that_is_not_internal() {
     }
     assert_eq!(h.ps().len(), 0);
 }
+
+/// A published host port is held like Docker's proxy holds it (issue 18,
+/// point 2): a host service already on the port makes `-p` fail, naming
+/// it, with nothing made; while the port is published a host process
+/// cannot bind it (and so cannot lose its traffic unknowingly); after `rm`
+/// it can.
+#[test]
+fn a_published_port_is_held_against_host_processes() {
+    use std::io::ErrorKind;
+    use std::net::{TcpListener, UdpSocket};
+    let mut h = TestHost::new(Some("10.153.0.0/16"));
+    let bind_tcp = |h: &TestHost, port: u16| {
+        h.ns.run(move || {
+            TcpListener::bind(("0.0.0.0", port))
+                .map(drop)
+                .map_err(|e| e.kind())
+        })
+    };
+
+    // A host service on 9191: a socket of this test process in the host's namespace.
+    let service =
+        h.ns.run(|| TcpListener::bind("0.0.0.0:9191").expect("bind 9191 for the host service"));
+    let table_before = h.ns.sh("nft list table inet weft");
+    let out = h.weft(&[
+        "run", "-d", "--name", "wftheld", "-p", "9191:80", "--", "sleep", "infinity",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "-p on a port in use must fail: {err}"
+    );
+    assert!(
+        err.contains("9191")
+            && err.contains("already in use")
+            && err.contains(&format!("pid {}", std::process::id())),
+        "the error names the port and the process that has it: {err}"
+    );
+    assert!(h.ps().is_empty(), "nothing half-made: {:?}", h.ps());
+    assert_eq!(
+        h.ns.sh("nft list table inet weft"),
+        table_before,
+        "no port rule left behind"
+    );
+    drop(service);
+
+    h.run_detached(
+        "held",
+        &["-p", "9191:80", "-p", "9192:53/udp"],
+        &["sleep", "infinity"],
+    );
+    assert_eq!(
+        bind_tcp(&h, 9191),
+        Err(ErrorKind::AddrInUse),
+        "tcp 9191 is held"
+    );
+    let udp = h.ns.run(|| {
+        UdpSocket::bind("0.0.0.0:9192")
+            .map(drop)
+            .map_err(|e| e.kind())
+    });
+    assert_eq!(udp, Err(ErrorKind::AddrInUse), "udp 9192 is held");
+
+    // An agent killed and restarted holds the ports again as it adopts.
+    h.kill_agent(libc::SIGKILL);
+    h.start_agent();
+    assert_eq!(
+        bind_tcp(&h, 9191),
+        Err(ErrorKind::AddrInUse),
+        "tcp 9191 is held after an agent restart"
+    );
+
+    h.weft_ok(&["rm", "-f", "held"]);
+    assert_eq!(bind_tcp(&h, 9191), Ok(()), "free again after rm");
+}

@@ -7,12 +7,46 @@
 //! without per-packet NAT. nftables stays the complete implementation: the
 //! redirect only takes over connections it can, so any failure of it is
 //! logged and costs speed, never reachability.
+//!
+//! Every published host port is also held: a socket bound to it
+//! (weft_kernel::port_hold), kept in step with the port rules, so a host
+//! process that has the port makes the publish fail, and one that comes
+//! later cannot bind it and lose its traffic without noticing.
 
-use crate::error::Result;
+use crate::error::{AgentError, Result};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use tracing::{info, warn};
 use weft_kernel::connect_redirect::ConnectRedirect;
+use weft_kernel::port_hold::{self, HoldError, PortHold};
 use weft_model::nft::{self, FirewallSpec, NetworkRule, PortRule};
+use weft_model::ports::Protocol;
 use weft_model::Published;
+
+/// One held host port: protocol, host address (every one when `None`), port.
+type HoldKey = (Protocol, Option<Ipv4Addr>, u16);
+
+/// Every host port a set of published ports uses, with the `-p` it comes from.
+fn hold_keys(published: &[Published]) -> impl Iterator<Item = (HoldKey, &Published)> {
+    published.iter().flat_map(|p| {
+        let m = &p.mapping;
+        (m.host.start..=m.host.end).map(move |port| ((m.protocol, m.host_ip, port), p))
+    })
+}
+
+fn take(key: HoldKey, p: &Published) -> Result<PortHold> {
+    let (protocol, ip, port) = key;
+    port_hold::hold(protocol, ip, port).map_err(|e| match e {
+        HoldError::InUse { .. } => AgentError::Conflict(format!(
+            "-p {}: host port {port}/{protocol} on {}: {e}; stop that process or publish on another host port",
+            p.mapping,
+            ip.map_or("this host".to_string(), |ip| ip.to_string()),
+        )),
+        HoldError::Io { source, .. } => {
+            AgentError::io(format!("-p {}: holding host port {port}/{protocol}", p.mapping))(source)
+        }
+    })
+}
 
 /// Set to `off` to publish through nftables alone (for comparisons).
 pub(crate) const REDIRECT_ENV: &str = "WEFT_CONNECT_REDIRECT";
@@ -22,6 +56,7 @@ pub(crate) const REDIRECT_ENV: &str = "WEFT_CONNECT_REDIRECT";
 #[derive(Default)]
 pub(crate) struct Firewall {
     redirect: Option<ConnectRedirect>,
+    holds: BTreeMap<HoldKey, PortHold>,
 }
 
 fn port_rules(published: &[Published]) -> Vec<PortRule> {
@@ -43,7 +78,10 @@ impl Firewall {
             return Firewall::default();
         }
         match ConnectRedirect::load(state_dir) {
-            Ok(r) => Firewall { redirect: Some(r) },
+            Ok(r) => Firewall {
+                redirect: Some(r),
+                ..Firewall::default()
+            },
             Err(e) => {
                 warn!(
                     error = %e,
@@ -83,15 +121,40 @@ impl Firewall {
                 .collect(),
         };
         weft_kernel::nft::apply(&nft::render(&spec))?;
+        let all: Vec<Published> = ports.clone().cloned().collect();
         self.with_redirect("sync of all ports", |r| {
             r.replace_all(ports.map(|p| (&p.mapping, p.target)))
         });
+        // The rules are already there (they were before a restart, too): a
+        // port a host process took meanwhile is reported, not fatal.
+        let wanted: BTreeMap<HoldKey, &Published> = hold_keys(&all).collect();
+        self.holds.retain(|k, _| wanted.contains_key(k));
+        for (key, p) in wanted {
+            if self.holds.contains_key(&key) {
+                continue;
+            }
+            match take(key, p) {
+                Ok(h) => {
+                    self.holds.insert(key, h);
+                }
+                Err(e) => {
+                    warn!(error = %e, "published port not held; a host process that binds it gets no traffic")
+                }
+            }
+        }
         Ok(())
     }
 
     pub(crate) fn add_ports(&mut self, published: &[Published]) -> Result<()> {
         if !published.is_empty() {
+            // Held first: a port in use is refused before any rule exists
+            // (what was taken is released by drop on every error).
+            let mut taken = Vec::new();
+            for (key, p) in hold_keys(published) {
+                taken.push((key, take(key, p)?));
+            }
             weft_kernel::nft::apply(&nft::render_add_ports(&port_rules(published)))?;
+            self.holds.extend(taken);
             // After nft: a port is never redirected without its DNAT fallback.
             self.with_redirect("add", |r| {
                 published
@@ -108,6 +171,9 @@ impl Firewall {
                 published.iter().try_for_each(|p| r.remove(&p.mapping))
             });
             weft_kernel::nft::apply(&nft::render_delete_ports(&port_rules(published)))?;
+            for (key, _) in hold_keys(published) {
+                self.holds.remove(&key);
+            }
         }
         Ok(())
     }

@@ -7,6 +7,7 @@ pub mod error;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod port_hold;
 pub mod process;
 pub mod routes;
 pub mod sysctl;
