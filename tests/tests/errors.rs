@@ -194,3 +194,71 @@ fn a_closed_stdout_ends_quietly() {
     }
     h.weft_ok(&["network", "rm", "wftpipe"]);
 }
+
+/// Whether `dir` is a mount point in this (the test's) mount namespace,
+/// which is the one an agent started through nsenter --net uses.
+fn is_mounted(dir: &std::path::Path) -> bool {
+    let want = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("read mountinfo")
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(want.as_str()))
+}
+
+/// A `weft agent` that cannot start fails before it makes anything (issue
+/// 18, point 5): a data dir in use by another agent, a `--public-ip` that is
+/// not this host's. No namespace mount, link or nft table is left.
+#[test]
+fn a_failed_agent_start_leaves_nothing() {
+    use std::time::Duration;
+    use weft_testkit::{output_within, Netns, ScratchDir};
+
+    // The data dir of a running agent, with a state dir of its own.
+    let h = TestHost::new(Some("10.97.0.0/16"));
+    let second = h.dir.join("state2");
+    let mut cmd = h.ns.command(weft_bin());
+    cmd.arg("agent")
+        .arg("--state-dir")
+        .arg(&second)
+        .arg("--data-dir")
+        .arg(h.data_dir());
+    let out = output_within(cmd, Duration::from_secs(20));
+    assert!(
+        !out.status.success(),
+        "a second agent on one data dir must fail: {}",
+        text(&out)
+    );
+    assert!(
+        !is_mounted(&second.join("netns")),
+        "the failed agent left its namespace directory mounted"
+    );
+    assert!(!second.join("weft.sock").exists(), "no socket left");
+
+    // A --public-ip this host does not have, in a namespace of its own.
+    let ns = Netns::new("wftag");
+    let dir = ScratchDir::new("wftag");
+    let state = dir.path().join("state");
+    let mut cmd = ns.command(weft_bin());
+    cmd.arg("agent")
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--bridge-subnet", "10.98.0.0/16"])
+        .args(["--etcd-endpoints", "http://127.0.0.1:2379"])
+        .args(["--public-ip", "198.51.100.77"]);
+    let out = output_within(cmd, Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a foreign --public-ip must fail");
+    assert!(
+        err.contains("--public-ip 198.51.100.77 is not an address of this host"),
+        "the error says what was wrong: {err}"
+    );
+    let links = ns.sh("ip -o link show");
+    assert_eq!(links.lines().count(), 1, "only lo is left: {links}");
+    assert_eq!(ns.sh("nft list tables"), "", "no nft table is left");
+    assert!(
+        !is_mounted(&state.join("netns")),
+        "no namespace mount is left"
+    );
+}

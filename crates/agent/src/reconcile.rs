@@ -115,9 +115,11 @@ fn load(cfg: AgentConfig) -> Result<Inner> {
         "create {}",
         cfg.resolv_dir().display()
     )))?;
-    netns::prepare_dir(&cfg.netns_dir())?;
+    // The stores first: the network database is locked by its agent, and
+    // a data dir in use must fail the start before anything is mounted.
     let networks_db = DiskStore::open(&cfg.network_db())?;
     let runtime = RuntimeStore::open(&cfg.runtime_store_dir())?;
+    netns::prepare_dir(&cfg.netns_dir())?;
     let mut nl = Netlink::open()?;
     sysctl::set("net.ipv4.ip_forward", "1")?;
 

@@ -30,6 +30,12 @@ pub async fn serve(cfg: AgentConfig) -> Result<()> {
         )));
     }
 
+    // Every option that can be checked before the first side effect (the
+    // namespace mount, weft0, the nft table) is checked here.
+    if let Some(cc) = cfg.cluster.clone() {
+        tokio::task::spawn_blocking(move || crate::cluster::check_public_address(&cc)).await??;
+    }
+
     let start_cfg = cfg.clone();
     let host = tokio::task::spawn_blocking(move || crate::reconcile::start(start_cfg))
         .await

@@ -59,6 +59,13 @@ impl Identity {
     }
 }
 
+/// Checks `--public-ip` / `--iface` (or that a default route tells the
+/// address) before the agent makes anything, so that a bad option fails a
+/// start that has left nothing behind.
+pub(crate) fn check_public_address(cfg: &ClusterConfig) -> Result<()> {
+    public_ip(cfg, &mut Netlink::open()?).map(drop)
+}
+
 /// `--public-ip`, else the first address of `--iface`, else the address of
 /// the interface that carries the default route.
 fn public_ip(cfg: &ClusterConfig, nl: &mut Netlink) -> Result<Ipv4Addr> {

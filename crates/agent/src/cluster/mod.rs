@@ -15,6 +15,7 @@
 
 mod dataplane;
 mod identity;
+pub(crate) use identity::check_public_address;
 mod lease;
 mod state;
 
