@@ -22,6 +22,9 @@ cleanup() {
     rm -rf "$WEFT_LAB_ROOT"
     "$weft" rm -f web client >/dev/null 2>&1
     [ -n "${agent:-}" ] && kill "$agent" 2>/dev/null && wait "$agent" 2>/dev/null
+    # Whatever the agent left (its pool's namespace files, their mount).
+    [ -e "/run/netns/$host" ] && [ -x "${weft:-}" ] &&
+        nsenter --net="/run/netns/$host" "$weft" reset -f --data-dir "$dir/data" >/dev/null 2>&1
     umount -l "$dir/state/netns" 2>/dev/null
     ip netns del "$host" 2>/dev/null
     ip netns del "$outside" 2>/dev/null

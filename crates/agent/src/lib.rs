@@ -20,6 +20,7 @@ mod netns_pool;
 mod networks;
 mod overlay;
 mod reconcile;
+pub mod reset;
 mod sandboxes;
 mod server;
 

@@ -77,6 +77,28 @@ enum Command {
     /// Several simulated hosts on this machine, with etcd and an agent each
     #[command(subcommand)]
     Lab(lab::LabCommand),
+    /// Remove everything weft made on this host (sandboxes and their
+    /// processes, networks' bridges and devices, weft's routes, the nft
+    /// table, namespace files and their mount, weft's files), with the agent
+    /// stopped
+    #[command(
+        after_help = "Examples:\n  weft reset -f\n  weft reset -f --keep-data   # keep network definitions for the next agent\n\nRefused while an agent runs with this state dir. In a cluster, this host's leases expire after their TTL (use `weft leave` first to drop them at once)."
+    )]
+    Reset(ResetArgs),
+}
+
+#[derive(Args)]
+struct ResetArgs {
+    /// Do it: without -f, reset only says what it would need
+    #[arg(short, long)]
+    force: bool,
+    /// Keep the data dir (network definitions, cluster identity), so the next
+    /// agent makes the same networks again
+    #[arg(long)]
+    keep_data: bool,
+    /// The agent's data dir
+    #[arg(long, env = "WEFT_DATA_DIR", default_value = "/var/lib/weft")]
+    data_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -187,7 +209,45 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
             Ok(0)
         }
         Command::Lab(l) => lab::dispatch(cli.format, l),
+        Command::Reset(r) => reset(cli.state_dir, cli.format, r),
     }
+}
+
+fn reset(state_dir: PathBuf, format: Format, r: ResetArgs) -> Result<i32, Failure> {
+    if !r.force {
+        return Err(Failure {
+            code: 2,
+            message: format!(
+                "reset removes every sandbox, network and file weft has on this host (state dir {}, data dir {}); run `weft reset -f` to do it",
+                state_dir.display(),
+                r.data_dir.display()
+            ),
+        });
+    }
+    let cfg = weft_agent::AgentConfig {
+        state_dir,
+        data_dir: r.data_dir,
+        // Only the two directories matter to a reset.
+        bridge_subnet: None,
+        netns_pool: 0,
+        resolv_conf: PathBuf::from("/etc/resolv.conf"),
+        cluster: None,
+        docker_plugin: None,
+    };
+    let report = weft_agent::reset::reset(&cfg, r.keep_data)?;
+    output::emit(format, &report, || {
+        let mut lines: Vec<String> = report
+            .removed
+            .iter()
+            .map(|w| format!("removed {w}"))
+            .collect();
+        lines.extend(report.failed.iter().map(|w| format!("failed: {w}")));
+        if lines.is_empty() {
+            lines.push("nothing of weft's was left on this host".into());
+        }
+        lines.join("\n")
+    });
+    Ok(if report.failed.is_empty() { 0 } else { 1 })
 }
 
 fn run_agent(state_dir: PathBuf, a: AgentArgs) -> Result<i32, Failure> {

@@ -86,7 +86,7 @@ pub fn release_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn is_mount_point(dir: &Path) -> bool {
+pub fn is_mount_point(dir: &Path) -> bool {
     let Ok(canon) = dir.canonicalize() else {
         return false;
     };

@@ -12,7 +12,7 @@ mod vxlan;
 
 pub(crate) use hostgw::HostGw;
 pub(crate) use kernel::Kernel;
-pub(crate) use userspace::{key_file, Userspace};
+pub(crate) use userspace::{key_file, tun_device, Userspace};
 pub(crate) use vxlan::Vxlan;
 
 use ipnet::Ipv4Net;
