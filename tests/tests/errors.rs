@@ -262,3 +262,37 @@ fn a_failed_agent_start_leaves_nothing() {
         "no namespace mount is left"
     );
 }
+
+/// An explicit bridge subnet on the host's own network would cut the host
+/// off it: refused, naming the interface or route (issue 18, point 1).
+#[test]
+fn a_bridge_subnet_on_the_hosts_own_network_is_refused() {
+    let h = TestHost::new(Some("10.101.0.0/16"));
+    // The host gets 203.0.113.1/24 on a veth to an "outside" namespace.
+    let _outside = h.outside();
+    h.ns.sh("ip route add 10.123.0.0/16 via 203.0.113.2");
+    expect_error(
+        &h,
+        &["network", "create", "--subnet", "203.0.113.0/25", "wftown"],
+        "contains 203.0.113.1, an address of this host's interface wftu",
+    );
+    expect_error(
+        &h,
+        &[
+            "network",
+            "create",
+            "--subnet",
+            "203.0.113.128/25",
+            "wftown",
+        ],
+        "overlaps this host's route 203.0.113.0/24 dev wftu",
+    );
+    expect_error(
+        &h,
+        &["network", "create", "--subnet", "10.123.4.0/24", "wftown"],
+        "overlaps this host's route 10.123.0.0/16 via 203.0.113.2",
+    );
+    // Clear of them: accepted.
+    h.weft_ok(&["network", "create", "--subnet", "10.124.0.0/24", "wftown"]);
+    h.weft_ok(&["network", "rm", "wftown"]);
+}

@@ -6,13 +6,15 @@ use crate::driver;
 use crate::error::{AgentError, Result};
 use crate::host::{not_found, Host, NetworkState, Snapshot};
 use crate::ids::random_id;
+use ipnet::Ipv4Net;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tracing::{info, warn};
-use weft_kernel::Netns;
+use weft_kernel::{Netlink, Netns};
 use weft_model::api::{
     Connect, Disconnect, EndpointView, NetworkView, RemovedNetwork, SandboxView,
 };
-use weft_model::network::{self, DEFAULT_NETWORK};
+use weft_model::network::{self, Driver, DEFAULT_NETWORK};
 use weft_model::sandbox::host_veth_name;
 use weft_model::{keys, AddressPool, Attachment, Network, NetworkSpec};
 use weft_store::{Store, StoreJson};
@@ -108,6 +110,9 @@ impl Host {
             };
             let net = network::plan(&spec, &random_id(), &existing, &routes)
                 .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+            if let (Some(subnet), Driver::Bridge) = (spec.subnet, net.driver()) {
+                clear_of_the_host(&mut inner.nl, subnet, &existing)?;
+            }
             if let Some(bridge) = net.bridge() {
                 if inner.nl.link_by_name(bridge)?.is_some() {
                     return Err(AgentError::Conflict(format!(
@@ -338,4 +343,41 @@ impl crate::host::Inner {
         AgentError::all(errors)?;
         Ok(state.net)
     }
+}
+
+/// Refuses an explicit bridge subnet that holds one of the host's own
+/// addresses or overlaps one of its routes: the bridge's connected route
+/// would take that traffic and cut the host off the network it is on
+/// (macvlan networks are on the LAN's subnet by nature and are not
+/// checked). weft's own networks are left to `plan`'s overlap check.
+fn clear_of_the_host(nl: &mut Netlink, subnet: Ipv4Net, existing: &[Network]) -> Result<()> {
+    let names: HashMap<u32, String> = nl.links()?.into_iter().map(|l| (l.index, l.name)).collect();
+    let theirs = |index: Option<u32>| -> Option<String> {
+        let name = names.get(&index?)?;
+        // A bridge of one of weft's networks is weft's, not the host's.
+        let weft = existing.iter().any(|n| n.bridge() == Some(name.as_str()));
+        (!weft).then(|| name.clone())
+    };
+    let hint = "choose a subnet that no interface or route of this host uses, or leave out --subnet and weft picks a free one";
+    for (index, addr) in nl.ipv4_addresses()? {
+        if subnet.contains(&addr.addr()) && !addr.addr().is_loopback() {
+            if let Some(dev) = theirs(Some(index)) {
+                return Err(AgentError::Conflict(format!(
+                    "--subnet {subnet} contains {}, an address of this host's interface {dev}: the host would lose that network; {hint}",
+                    addr.addr()
+                )));
+            }
+        }
+    }
+    for r in nl.foreign_routes()? {
+        if r.dst.contains(&subnet.network()) || subnet.contains(&r.dst.network()) {
+            let Some(dev) = theirs(r.oif) else { continue };
+            let via = r.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+            return Err(AgentError::Conflict(format!(
+                "--subnet {subnet} overlaps this host's route {}{via} dev {dev}: that traffic would go to the bridge instead; {hint}",
+                r.dst
+            )));
+        }
+    }
+    Ok(())
 }

@@ -135,6 +135,27 @@ impl Netlink {
             .collect())
     }
 
+    /// The main table's unicast IPv4 routes that no one of weft's marks
+    /// (neither [`OVERLAY_ROUTE_PROTOCOL`] nor weft's sandbox routes), the
+    /// default route left out: what a new local subnet must not overlap.
+    pub fn foreign_routes(&mut self) -> Result<Vec<Route>> {
+        let weft = [
+            RouteProtocol::Other(OVERLAY_ROUTE_PROTOCOL),
+            RouteProtocol::Other(crate::netlink::WEFT_ROUTE_PROTOCOL),
+        ];
+        Ok(self
+            .dump_routes()?
+            .iter()
+            .filter(|r| {
+                r.header.table == RT_TABLE_MAIN
+                    && r.header.kind == RouteType::Unicast
+                    && r.header.destination_prefix_length > 0
+                    && !weft.contains(&r.header.protocol)
+            })
+            .filter_map(parse_route)
+            .collect())
+    }
+
     /// The connected subnets of this namespace: main-table routes without a
     /// gateway (scope link), with their interface. A peer inside one of them
     /// is reachable without a router.
