@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tracing::warn;
 use weft_kernel::{Netlink, Netns};
+use weft_model::sandbox::Runtime;
 use weft_model::{keys, Attachment, Endpoint, PortMapping, Published, Sandbox};
 use weft_store::{Store, StoreJson};
 
@@ -356,12 +357,18 @@ pub(crate) fn attach(inner: &mut Inner, a: Attach) -> Result<Arc<Sandbox>> {
     }
 
     if let Some(first) = sandbox.attachment.endpoints().first() {
+        // A CNI runtime that publishes ports binds them itself (podman does).
+        let held_by_runtime = sandbox
+            .external
+            .as_ref()
+            .is_some_and(|e| e.runtime == Runtime::Cni);
         let published: Vec<Published> = ports
             .iter()
             .map(|m| Published {
                 mapping: *m,
                 network: first.network.clone(),
                 target: first.ip,
+                held_by_runtime,
             })
             .collect();
         rb.inner.firewall.add_ports(&published)?;

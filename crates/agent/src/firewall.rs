@@ -11,7 +11,8 @@
 //! Every published host port is also held: a socket bound to it
 //! (weft_kernel::port_hold), kept in step with the port rules, so a host
 //! process that has the port makes the publish fail, and one that comes
-//! later cannot bind it and lose its traffic without noticing.
+//! later cannot bind it and lose its traffic without noticing. Ports a CNI
+//! runtime hands weft are the runtime's to hold: podman binds them itself.
 
 use crate::error::{AgentError, Result};
 use std::collections::BTreeMap;
@@ -26,12 +27,16 @@ use weft_model::Published;
 /// One held host port: protocol, host address (every one when `None`), port.
 type HoldKey = (Protocol, Option<Ipv4Addr>, u16);
 
-/// Every host port a set of published ports uses, with the `-p` it comes from.
+/// Every host port weft holds for a set of published ports, with the `-p`
+/// it comes from. Ports the runtime reserves itself are left to it.
 fn hold_keys(published: &[Published]) -> impl Iterator<Item = (HoldKey, &Published)> {
-    published.iter().flat_map(|p| {
-        let m = &p.mapping;
-        (m.host.start..=m.host.end).map(move |port| ((m.protocol, m.host_ip, port), p))
-    })
+    published
+        .iter()
+        .filter(|p| !p.held_by_runtime)
+        .flat_map(|p| {
+            let m = &p.mapping;
+            (m.host.start..=m.host.end).map(move |port| ((m.protocol, m.host_ip, port), p))
+        })
 }
 
 fn take(key: HoldKey, p: &Published) -> Result<PortHold> {

@@ -169,6 +169,10 @@ pub struct Published {
     pub mapping: crate::ports::PortMapping,
     pub network: String,
     pub target: Ipv4Addr,
+    /// The container runtime reserves the host port itself (podman binds
+    /// the ports it hands a CNI plugin), so weft must not hold it too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held_by_runtime: bool,
 }
 
 /// How a sandbox is connected.

@@ -692,6 +692,7 @@ impl Plugin {
                 mapping,
                 network: ep.network.clone(),
                 target: ep.ip,
+                held_by_runtime: false,
             })
             .collect();
         inner.firewall.delete_ports(&sb.ports)?;
@@ -756,6 +757,7 @@ mod tests {
             mapping: "8080:80".parse().unwrap(),
             network: "n".into(),
             target: Ipv4Addr::new(10, 0, 0, 2),
+            held_by_runtime: false,
         };
         let b = binding_of(&p);
         assert_eq!(
