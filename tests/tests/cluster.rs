@@ -506,3 +506,36 @@ fn lab_down_removes_a_lab_killed_half_way() {
         .unwrap();
     assert!(again.status.success(), "{}", text(&again));
 }
+
+#[test]
+fn lab_up_refuses_bad_options_before_building_anything() {
+    let name = unique("wftb");
+    let dir = std::path::Path::new(ROOT).join(&name);
+    for (args, says) in [
+        (&["--lease-ttl", "0"][..], "--lease-ttl 0: use 2 to 86400"),
+        (&["--backend", "foo"][..], "unknown backend \"foo\""),
+        (&["--subnet", "10.40.0.0/30"][..], "use /29 or larger"),
+        (
+            &["--hosts", "3", "--subnet", "10.40.0.0/23"][..],
+            "room for 2 host subnets of /24, not 3 hosts",
+        ),
+    ] {
+        let out = Command::new(weft_bin())
+            .args(["lab", "up", "--name", &name, "--root", ROOT])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+        // Refused before the first step: no directory, namespace or process.
+        assert!(!dir.exists(), "{args:?}: {} was made", dir.display());
+        let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        assert!(
+            !String::from_utf8_lossy(&netns.stdout).contains(&name),
+            "{args:?}: a namespace of the lab was made"
+        );
+        let ps = Command::new("pgrep").args(["-f", &name]).output().unwrap();
+        assert!(ps.stdout.is_empty(), "{args:?}: a process of the lab runs");
+    }
+}

@@ -52,6 +52,9 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
     move |source| LabError::Io { what, source }
 }
 
+/// The lease TTLs `weft agent --lease-ttl` accepts, in seconds.
+pub const LEASE_TTL_SECS: std::ops::RangeInclusive<u64> = 2..=86400;
+
 /// What `weft lab up` asks for.
 #[derive(Debug, Clone)]
 pub struct LabSpec {
@@ -186,6 +189,33 @@ impl Lab {
                 spec.hosts
             )));
         }
+        // Everything the agents and the network would refuse, refused before
+        // anything is built (a bad value used to fail after the whole build).
+        if !LEASE_TTL_SECS.contains(&spec.lease_ttl) {
+            return Err(LabError::Bad(format!(
+                "--lease-ttl {}: use {} to {} seconds (what `weft agent --lease-ttl` accepts)",
+                spec.lease_ttl,
+                LEASE_TTL_SECS.start(),
+                LEASE_TTL_SECS.end()
+            )));
+        }
+        if let Some((net, range)) = &spec.network {
+            let req = weft_model::overlay::OverlayRequest {
+                range: Some(*range),
+                host_subnet_len: None,
+                backend: spec.backend.clone(),
+                flannel_config: None,
+            };
+            let planned = weft_model::overlay::plan(&req, &[])
+                .map_err(|e| LabError::Bad(format!("the lab's network {net} ({range}): {e}")))?;
+            let room = planned.capacity();
+            if room < spec.hosts as u64 {
+                return Err(LabError::Bad(format!(
+                    "--subnet {range} has room for {room} host subnets of /{}, not {} hosts: give a larger range",
+                    planned.host_subnet_len, spec.hosts
+                )));
+            }
+        }
         let dir = Lab::path(&spec.root, &spec.name);
         if dir.exists() {
             return Err(LabError::Bad(format!(
@@ -206,8 +236,13 @@ impl Lab {
         };
         let built = lab.build(spec, progress);
         if let Err(e) = built {
+            // The logs go with the lab: what they said goes into the error.
+            let logs = lab.log_tails(15);
             let _ = down(&dir);
-            return Err(e);
+            return Err(match e {
+                LabError::Failed(m) if !logs.is_empty() => LabError::Failed(format!("{m}\n{logs}")),
+                e => e,
+            });
         }
         Ok(lab)
     }
@@ -439,6 +474,32 @@ impl Lab {
                     .is_ok_and(|s| s.success())
             },
         )
+    }
+
+    /// The last `n` lines of etcd's and every agent's log, each under a
+    /// heading (for an error, before the lab and its logs are removed).
+    fn log_tails(&self, n: usize) -> String {
+        let mut logs = vec![("etcd".to_string(), self.dir.join("etcd").join("etcd.log"))];
+        logs.extend(
+            (0..self.hosts.len())
+                .map(|i| (format!("{} agent", self.hosts[i].name), self.agent_log(i))),
+        );
+        let mut out = String::new();
+        for (what, path) in logs {
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(n)..];
+            if !tail.is_empty() {
+                out.push_str(&format!(
+                    "--- {what} log, last {} lines ---\n{}\n",
+                    tail.len(),
+                    tail.join("\n")
+                ));
+            }
+        }
+        out
     }
 
     /// Stops a host's agent with `signal` (SIGTERM: a clean stop; SIGKILL: a crash).

@@ -134,6 +134,8 @@ pub enum OverlayError {
         "--host-subnet-len {len} does not fit --subnet {range}: use a length from {min} to 30"
     )]
     HostSubnetLen { len: u8, range: Ipv4Net, min: u8 },
+    #[error("--subnet {0} is too small for an overlay: it must hold at least two host subnets of /30, so use /29 or larger")]
+    RangeTooSmall(Ipv4Net),
     #[error("--from-flannel-config is not valid: {0}")]
     Flannel(String),
     #[error(
@@ -236,6 +238,9 @@ pub fn plan(req: &OverlayRequest, others: &[(&str, &Overlay)]) -> Result<Overlay
         Some(b) => BackendKind::parse(&b)?,
         None => DEFAULT_BACKEND,
     };
+    if range.prefix_len() >= 30 {
+        return Err(OverlayError::RangeTooSmall(range));
+    }
     let len = len.unwrap_or(DEFAULT_HOST_SUBNET_LEN.max(range.prefix_len() + 1));
     if len <= range.prefix_len() || len > 30 {
         return Err(OverlayError::HostSubnetLen {
@@ -505,6 +510,8 @@ mod tests {
             ..req("10.40.0.0/16")
         })
         .contains("from 17 to 30"));
+        assert!(err(req("10.40.0.0/30")).contains("use /29 or larger"));
+        assert!(plan(&req("10.40.0.0/29"), &[]).is_ok());
         assert!(err(OverlayRequest {
             flannel_config: Some("{".into()),
             ..Default::default()
