@@ -144,6 +144,25 @@ fn a_new_host_is_routed_everywhere_within_a_second_and_a_leaving_one_disappears(
 
     // A clean departure: `weft leave` revokes the lease, then the agent stops.
     lab.weft_ok(h4, &["leave"]);
+    // The subnet is given up: no address of it is handed out any more.
+    let run = ["run", "-d", "--net", NET, "--", "sleep", "1d"];
+    let refused = lab.weft(h4, &run);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("left the cluster") && why.contains(&s4.to_string()) && why.contains("rejoin"),
+        "{why}"
+    );
+    // Until the host rejoins (a restarted agent), then it is served again.
+    lab.stop_agent(h4, libc::SIGTERM).unwrap();
+    lab.start_agent(h4).unwrap();
+    lab.wait(Duration::from_secs(5), "h4 to rejoin", || {
+        lab.status(h4)
+            .cluster
+            .is_some_and(|c| c.networks.first().is_some_and(|n| n.subnet.is_some()))
+    });
+    lab.weft_ok(h4, &run);
+    lab.weft_ok(h4, &["leave"]);
     lab.stop_agent(h4, libc::SIGTERM).unwrap();
     let gone = lab.wait(Duration::from_secs(5), "h4's route to go", || {
         (0..3).all(|i| !lab.routes(i).iter().any(|(d, _)| *d == s4))

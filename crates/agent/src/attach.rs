@@ -172,6 +172,13 @@ fn detach_one(inner: &mut Inner, ep: &Endpoint, inside: Option<&Path>) -> Result
 pub(crate) fn validate(inner: &Inner, a: &Attach) -> Result<()> {
     for r in &a.endpoints {
         let n = inner.network(&r.network)?;
+        if inner.left_cluster && n.net.is_global() {
+            return Err(AgentError::Conflict(format!(
+                "--net {}: this host left the cluster (`weft leave`) and gave up its subnet {} of the network, \
+                 which another host may lease now; restart `weft agent` to rejoin, then attach again",
+                r.network, n.net.subnet
+            )));
+        }
         if let (Some(ip), false) = (r.ip, r.reserved) {
             n.pool
                 .check_free(ip)

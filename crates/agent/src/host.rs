@@ -42,6 +42,10 @@ pub(crate) struct Inner {
     /// Sandbox name -> id.
     pub names: HashMap<String, String>,
     pub firewall: Firewall,
+    /// `weft leave` was run: the subnets of the overlay networks are given
+    /// up (another host may lease them), so nothing new attaches to one
+    /// until the agent restarts and rejoins.
+    pub left_cluster: bool,
 }
 
 /// The records as of the last release of the lock: what reads answer from.

@@ -168,6 +168,7 @@ fn load(cfg: AgentConfig) -> Result<Inner> {
         networks,
         sandboxes: BTreeMap::new(),
         names: HashMap::new(),
+        left_cluster: false,
     };
     let links: HashMap<String, Link> = inner
         .nl

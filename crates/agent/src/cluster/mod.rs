@@ -553,6 +553,11 @@ impl Cluster {
     /// removes what it programmed for this one at once.
     pub async fn leave(&self) -> Result<()> {
         self.left.store(true, Ordering::Relaxed);
+        // First: no address of a subnet being given up is handed out again.
+        let host = self.host.clone();
+        tokio::task::spawn_blocking(move || host.lock().left_cluster = true)
+            .await
+            .map_err(|e| AgentError::Internal(format!("leave: {e}")))?;
         let id = self.lease.swap(0, Ordering::Relaxed);
         if id != 0 {
             self.etcd.revoke(id).await.map_err(Self::unavailable)?;
