@@ -175,10 +175,18 @@ fn ports_need_a_network_that_is_not_internal() {
             vec!["run", "--net", "inside", "-p", "80:80", "--", "true"],
             "internal",
         ),
-        (vec!["run", "-p", "80", "--", "true"], "HOST_PORT"),
         (
-            vec!["run", "-p", "8000-8001:9000-9001", "--", "true"],
-            "shift",
+            vec!["run", "-p", "80-82", "--", "true"],
+            "give the host ports",
+        ),
+        (
+            vec!["run", "-p", "8000-8002:80-81", "--", "true"],
+            "same size",
+        ),
+        (vec!["run", "-P", "--", "true"], "add --expose PORT"),
+        (
+            vec!["run", "--expose", "http", "-P", "--", "true"],
+            "expected PORT",
         ),
         (
             vec!["run", "-p", "80:80", "-p", "80:81", "--", "true"],
@@ -267,4 +275,93 @@ fn a_published_port_is_held_against_host_processes() {
 
     h.weft_ok(&["rm", "-f", "held"]);
     assert_eq!(bind_tcp(&h, 9191), Ok(()), "free again after rm");
+}
+
+/// Docker's other forms of -p (issue 18): no host port (or `IP::PORT`) is a
+/// free one of the ephemeral range, skipping ports a sandbox publishes or a
+/// host process has; `A-B:PORT` is a free one of A-B; a shifted range maps
+/// port by port; -P publishes every --expose port. `weft port` shows the
+/// chosen ports and traffic to each arrives where it says.
+#[test]
+fn docker_port_forms_choose_free_host_ports_and_shift_ranges() {
+    use std::net::TcpListener;
+    let h = TestHost::new(Some("10.154.0.0/16"));
+    let outside = h.outside();
+    // The first two ports of the ephemeral range are taken: one by a host
+    // service (a socket of this test in the host's namespace), one by a sandbox.
+    let service =
+        h.ns.run(|| TcpListener::bind("0.0.0.0:49153").expect("bind 49153"));
+    h.run_detached("first", &["-p", "49154:80"], &["sleep", "infinity"]);
+    let script =
+        "for p in 80 81 82; do socat TCP-LISTEN:$p,fork,reuseaddr SYSTEM:\"echo port-$p\" & done; \
+                  socat UDP-RECVFROM:53,fork SYSTEM:'echo dns' & wait";
+    h.run_detached(
+        "web",
+        &[
+            "-p",
+            "80",
+            "-p",
+            "127.0.0.1::81",
+            "-p",
+            "7000-7002:82",
+            "-p",
+            "8000-8002:80-82",
+            "--expose",
+            "53/udp",
+            "-P",
+        ],
+        &["sh", "-c", script],
+    );
+    let ports = h.weft_ok(&["port", "web"]);
+    // "80/tcp -> 0.0.0.0:49155 (10.154.0.3:80)": the host port of a container port and address.
+    let host_port = |container: &str, addr: &str| -> u16 {
+        ports
+            .lines()
+            .find_map(|l| {
+                let (c, h) = l.split_once(" -> ")?;
+                let (a, p) = h.split(' ').next()?.rsplit_once(':')?;
+                (c == container && a == addr)
+                    .then(|| p.parse().ok())
+                    .flatten()
+            })
+            .unwrap_or_else(|| panic!("no {container} on {addr} in:\n{ports}"))
+    };
+    let any80 = host_port("80/tcp", "0.0.0.0");
+    assert_eq!(any80, 49155, "the first free port of 49153-60999:\n{ports}");
+    let local81 = host_port("81/tcp", "127.0.0.1");
+    assert_eq!(
+        local81, 49156,
+        "49153-49155 are taken on every address, 127.0.0.1 too:\n{ports}"
+    );
+    let ranged = host_port("82/tcp", "0.0.0.0");
+    assert_eq!(ranged, 7000, "one port of 7000-7002:\n{ports}");
+    let dns = host_port("53/udp", "0.0.0.0");
+    assert_eq!(
+        dns, 49153,
+        "-P, and UDP ports are apart from TCP's:\n{ports}"
+    );
+    assert!(ports.contains("80-82/tcp -> 0.0.0.0:8000-8002"), "{ports}");
+
+    let tcp_from = |ns: &weft_e2e::Netns, addr: String, want: &str| {
+        assert_eq!(ask(|| ns.try_sh(&tcp(&addr)), want), want, "{addr}");
+    };
+    tcp_from(&outside, format!("203.0.113.1:{any80}"), "port-80");
+    tcp_from(&outside, format!("203.0.113.1:{ranged}"), "port-82");
+    for (host, container) in [(8000, 80), (8001, 81), (8002, 82)] {
+        tcp_from(
+            &outside,
+            format!("203.0.113.1:{host}"),
+            &format!("port-{container}"),
+        );
+    }
+    tcp_from(&h.ns, format!("127.0.0.1:{local81}"), "port-81");
+    assert_eq!(
+        ask(
+            || outside.try_sh(&udp(&format!("203.0.113.1:{dns}"))),
+            "dns"
+        ),
+        "dns"
+    );
+    drop(service);
+    h.weft_ok(&["rm", "-f", "web", "first"]);
 }

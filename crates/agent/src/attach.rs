@@ -16,7 +16,9 @@ use std::sync::Arc;
 use tracing::warn;
 use weft_kernel::{Netlink, Netns};
 use weft_model::sandbox::Runtime;
-use weft_model::{keys, Attachment, Endpoint, PortMapping, Published, Sandbox};
+use weft_model::{
+    keys, Attachment, Endpoint, HostPorts, PortMapping, PortRequest, Published, Sandbox,
+};
 use weft_store::{Store, StoreJson};
 
 /// One endpoint to make.
@@ -208,6 +210,70 @@ pub(crate) fn validate(inner: &Inner, a: &Attach) -> Result<()> {
         check_ports_free(inner, &a.ports, &a.sandbox.id)?;
     }
     Ok(())
+}
+
+/// Turns `-p` requests into mappings: given host ports as they are (the
+/// checks of `validate` name whoever has them), and for each host port left
+/// to weft the first of its range that no sandbox publishes, no other
+/// request of the same command takes, and a bind shows no host process has.
+pub(crate) fn resolve_ports(
+    inner: &Inner,
+    requests: &[PortRequest],
+    except: &str,
+) -> Result<Vec<PortMapping>> {
+    let bad = |e: weft_model::ports::PortError| AgentError::BadRequest(e.to_string());
+    let mut chosen: Vec<PortMapping> = Vec::with_capacity(requests.len());
+    let given = requests
+        .iter()
+        .filter(|r| matches!(r.host, HostPorts::Exactly(_)));
+    for r in given {
+        chosen.extend(r.candidates());
+    }
+    weft_model::ports::check_own(&chosen).map_err(bad)?;
+    let published_elsewhere = |m: &PortMapping| {
+        inner
+            .sandboxes
+            .values()
+            .filter(|s| s.id != except)
+            .any(|s| s.ports.iter().any(|p| p.mapping.conflicts_with(m)))
+    };
+    for r in requests {
+        let HostPorts::AnyOf(range) = r.host else {
+            continue;
+        };
+        let free = r.candidates().find(|m| {
+            !chosen.iter().any(|o| o.conflicts_with(m))
+                && !published_elsewhere(m)
+                // Dropped at once: the firewall takes the port for good.
+                && weft_kernel::port_hold::hold(m.protocol, m.host_ip, m.host.start).is_ok()
+        });
+        let Some(m) = free else {
+            return Err(AgentError::Conflict(format!(
+                "-p {}: every host port of {range} is published or in use already; give a host port (HOST_PORT:{})",
+                describe(r),
+                r.container
+            )));
+        };
+        chosen.push(m);
+    }
+    Ok(chosen)
+}
+
+/// A request as `-p` spells it.
+fn describe(r: &PortRequest) -> String {
+    let ip = r.host_ip.map(|ip| format!("{ip}:")).unwrap_or_default();
+    match r.host {
+        HostPorts::Exactly(h) => format!("{ip}{h}:{}/{}", r.container, r.protocol),
+        HostPorts::AnyOf(h) if h == weft_model::ports::EPHEMERAL => {
+            format!(
+                "{ip}{}{}/{}",
+                if ip.is_empty() { "" } else { ":" },
+                r.container,
+                r.protocol
+            )
+        }
+        HostPorts::AnyOf(h) => format!("{ip}{h}:{}/{}", r.container, r.protocol),
+    }
 }
 
 /// Refuses host ports that another sandbox already publishes, naming it.

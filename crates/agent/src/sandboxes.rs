@@ -11,7 +11,7 @@ use weft_kernel::process;
 use weft_model::api::{CreateSandbox, Removed, SandboxView, State};
 use weft_model::sandbox::{host_veth_name, parse_net_modes};
 use weft_model::{
-    keys, names, ports, Attachment, NetMode, NetRequest, PortMapping, ProcessRef, Sandbox,
+    keys, names, Attachment, NetMode, NetRequest, PortMapping, PortRequest, ProcessRef, Sandbox,
 };
 use weft_store::StoreJson;
 
@@ -125,12 +125,11 @@ impl Inner {
                 }
             }
         }
-        let mut mappings = Vec::with_capacity(req.ports.len());
+        let mut port_requests = Vec::with_capacity(req.ports.len());
         for p in &req.ports {
-            mappings.push(p.parse::<PortMapping>().map_err(|e| bad(e.to_string()))?);
+            port_requests.push(p.parse::<PortRequest>().map_err(|e| bad(e.to_string()))?);
         }
-        ports::check_own(&mappings).map_err(|e| bad(e.to_string()))?;
-        if !mappings.is_empty() && !matches!(modes[0], NetMode::Network(_)) {
+        if !port_requests.is_empty() && !matches!(modes[0], NetMode::Network(_)) {
             return Err(bad(format!(
                 "-p publishes ports of a network; --net {} has none",
                 modes[0]
@@ -186,6 +185,8 @@ impl Inner {
                 }
             }
         };
+        // The sandbox has no id yet: no published port is its own.
+        let mappings = crate::attach::resolve_ports(self, &port_requests, "")?;
         Ok((name, plan, mappings))
     }
 }

@@ -28,9 +28,20 @@ pub struct RunArgs {
     /// Address for the sandbox on its only network (default: the next free one)
     #[arg(long)]
     ip: Option<Ipv4Addr>,
-    /// Publish ports of the first network: [HOST_IP:]HOST_PORT[-END]:CONTAINER_PORT[-END][/tcp|/udp]
+    /// Publish a port of the first network, as Docker does:
+    /// [[HOST_IP:][HOST_PORT[-END]]:]CONTAINER_PORT[-END][/tcp|/udp].
+    /// 8080:80 (host 8080 to 80); 80 or :80 (a free host port, see `weft port`);
+    /// 127.0.0.1::80 (a free port on that address); 8000-8010:80 (a free one
+    /// of those); 8000-8002:80-82 (port by port)
     #[arg(short = 'p', long = "publish", value_name = "PORTS")]
     publish: Vec<String>,
+    /// A port the command serves, PORT[/tcp|/udp] (repeatable); only -P uses it
+    #[arg(long, value_name = "PORT")]
+    expose: Vec<String>,
+    /// Publish every --expose port on a free host port (weft has no images,
+    /// so --expose is the only source of ports)
+    #[arg(short = 'P', long = "publish-all")]
+    publish_all: bool,
     /// Name server for the sandbox instead of weft's resolver (repeatable)
     #[arg(long)]
     dns: Vec<std::net::IpAddr>,
@@ -105,16 +116,41 @@ fn open_netns(view: &SandboxView) -> Result<Option<File>, Failure> {
         .transpose()
 }
 
+/// The -p values, with -P's: each --expose port on a free host port.
+fn published(a: &RunArgs) -> Result<Vec<String>, Failure> {
+    let mut ports = a.publish.clone();
+    for e in &a.expose {
+        let (port, proto) = e.split_once('/').unwrap_or((e.as_str(), "tcp"));
+        if port.parse::<u16>().map_or(true, |p| p == 0) || !matches!(proto, "tcp" | "udp") {
+            return Err(Failure {
+                code: 2,
+                message: format!("--expose {e}: expected PORT[/tcp|/udp], as in 80 or 53/udp"),
+            });
+        }
+        if a.publish_all {
+            ports.push(format!("{port}/{proto}"));
+        }
+    }
+    if a.publish_all && a.expose.is_empty() {
+        return Err(Failure {
+            code: 2,
+            message: "-P publishes the --expose ports, and none is given: add --expose PORT".into(),
+        });
+    }
+    Ok(ports)
+}
+
 pub fn run(ctx: &Context, a: RunArgs) -> Result<i32, Failure> {
     // Validate what the agent cannot before anything is made.
     check_program(&a.command)?;
+    let ports = published(&a)?;
     let req = CreateSandbox {
         name: a.name,
         net: a.net,
         ip: a.ip,
         command: a.command.clone(),
         auto_remove: !a.detach,
-        ports: a.publish,
+        ports,
         dns: a.dns,
         dns_search: a.dns_search,
         dns_options: a.dns_options,

@@ -827,27 +827,28 @@ fn proto_number(p: Protocol) -> u8 {
 fn entries(m: &PortMapping, target: Ipv4Addr) -> Result<Vec<(PortKey, PortValue)>> {
     let addr = m.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
     let proto = proto_number(m.protocol);
-    if m.host.is_single() {
-        return Ok(vec![(
-            PortKey {
-                addr,
-                proto,
-                port: m.host.start,
-                port_bits: 16,
-            },
-            PortValue {
-                target,
-                port: m.container.start,
-            },
-        )]);
+    // Single ports and shifted ranges: one exact entry per host port, as
+    // in nftables.
+    if m.host.is_single() || !m.keeps_ports() {
+        return Ok(m
+            .pairs()
+            .map(|(host, container)| {
+                (
+                    PortKey {
+                        addr,
+                        proto,
+                        port: host,
+                        port_bits: 16,
+                    },
+                    PortValue {
+                        target,
+                        port: container,
+                    },
+                )
+            })
+            .collect());
     }
-    // Ranges are translated by address only, as in nftables.
-    if m.container != m.host {
-        return Err(RedirectError::Unsupported(format!(
-            "port range {} -> {}: only ranges that keep their port numbers are redirected",
-            m.host, m.container
-        )));
-    }
+    // Ranges that keep their numbers are translated by address only.
     Ok(port_blocks(m.host.start, m.host.end)
         .into_iter()
         .map(|(port, port_bits)| {
@@ -1487,7 +1488,7 @@ mod tests {
     }
 
     #[test]
-    fn shifted_ranges_are_refused_and_single_ports_keep_their_target_port() {
+    fn shifted_ranges_go_port_by_port_and_single_ports_keep_their_target_port() {
         let m = |h: (u16, u16), c: (u16, u16)| PortMapping {
             host_ip: None,
             host: PortRange {
@@ -1501,7 +1502,15 @@ mod tests {
             protocol: Protocol::Udp,
         };
         let t = Ipv4Addr::new(10, 0, 0, 2);
-        assert!(entries(&m((8000, 8010), (9000, 9010)), t).is_err());
+        let shifted = entries(&m((8000, 8002), (9000, 9002)), t).unwrap();
+        let pairs: Vec<(u16, u8, u16)> = shifted
+            .iter()
+            .map(|(k, v)| (k.port, k.port_bits, v.port))
+            .collect();
+        assert_eq!(
+            pairs,
+            [(8000, 16, 9000), (8001, 16, 9001), (8002, 16, 9002)]
+        );
         let e = entries(&m((8080, 8080), (80, 80)), t).unwrap();
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].0.proto, 17);

@@ -15,5 +15,5 @@ pub mod subnet;
 pub use ipam::{AddressPool, IpamError};
 pub use network::{Driver, Network, NetworkSpec};
 pub use overlay::{BackendKind, Lease, Overlay};
-pub use ports::{PortMapping, Protocol};
+pub use ports::{HostPorts, PortMapping, PortRequest, Protocol};
 pub use sandbox::{Attachment, Endpoint, NetMode, NetRequest, ProcessRef, Published, Sandbox};

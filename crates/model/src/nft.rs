@@ -89,31 +89,38 @@ fn set(out: &mut String, decl: &str, elements: &[String]) {
     }
 }
 
-/// Which map holds a published port, and its element (`key : value`).
+/// Which map holds a published port, and its elements (`key : value`).
 ///
 /// Single ports sit in hash maps (exact keys), so adding or deleting one
 /// costs the same however many are published; only ranges, which need
 /// interval maps, pay for the interval tree. A port published on any
 /// address has no address in its key; one bound to a host address does.
-fn port_element(p: &PortRule) -> (&'static str, String) {
+/// A shifted range (8000-8002:80-82) is one exact element per port: each
+/// host port leads to its own container port.
+fn port_elements(p: &PortRule) -> Vec<(&'static str, String)> {
     let m = &p.mapping;
-    let key = match m.host_ip {
-        Some(ip) => format!("{ip} . {} . {}", m.protocol, m.host),
-        None => format!("{} . {}", m.protocol, m.host),
+    let key = |ports: String| match m.host_ip {
+        Some(ip) => format!("{ip} . {} . {ports}", m.protocol),
+        None => format!("{} . {ports}", m.protocol),
     };
-    match (m.host.is_single(), m.host_ip.is_some()) {
-        (true, true) => (
-            "port_addr",
-            format!("{key} : {} . {}", p.target, m.container.start),
-        ),
-        (true, false) => (
-            "port_any",
-            format!("{key} : {} . {}", p.target, m.container.start),
-        ),
-        // Ranges keep their port numbers: only the address is translated.
-        (false, true) => ("range_addr", format!("{key} : {}", p.target)),
-        (false, false) => ("range_any", format!("{key} : {}", p.target)),
+    if m.host.is_single() || !m.keeps_ports() {
+        let map = if m.host_ip.is_some() {
+            "port_addr"
+        } else {
+            "port_any"
+        };
+        return m
+            .pairs()
+            .map(|(h, c)| (map, format!("{} : {} . {c}", key(h.to_string()), p.target)))
+            .collect();
     }
+    // Ranges that keep their port numbers: only the address is translated.
+    let map = if m.host_ip.is_some() {
+        "range_addr"
+    } else {
+        "range_any"
+    };
+    vec![(map, format!("{} : {}", key(m.host.to_string()), p.target))]
 }
 
 const PORT_MAPS: [(&str, &str); 4] = [
@@ -166,7 +173,7 @@ pub fn render(spec: &FirewallSpec) -> String {
     ranges.dedup();
     let overlay_nets: Vec<String> = ranges.iter().map(|r| r.to_string()).collect();
     let overlay_same: Vec<String> = ranges.iter().map(|r| format!("{r} . {r}")).collect();
-    let elements: Vec<(&str, String)> = spec.ports.iter().map(port_element).collect();
+    let elements: Vec<(&str, String)> = spec.ports.iter().flat_map(port_elements).collect();
     let mut out = format!(
         "add table {TABLE_FAMILY} {TABLE_NAME}\ndelete table {TABLE_FAMILY} {TABLE_NAME}\n"
     );
@@ -207,10 +214,8 @@ pub fn render(spec: &FirewallSpec) -> String {
 pub fn render_add_ports(ports: &[PortRule]) -> String {
     ports
         .iter()
-        .map(|p| {
-            let (map, e) = port_element(p);
-            format!("add element {TABLE_FAMILY} {TABLE_NAME} {map} {{ {e} }}\n")
-        })
+        .flat_map(port_elements)
+        .map(|(map, e)| format!("add element {TABLE_FAMILY} {TABLE_NAME} {map} {{ {e} }}\n"))
         .collect()
 }
 
@@ -218,8 +223,8 @@ pub fn render_add_ports(ports: &[PortRule]) -> String {
 pub fn render_delete_ports(ports: &[PortRule]) -> String {
     ports
         .iter()
-        .map(|p| {
-            let (map, e) = port_element(p);
+        .flat_map(port_elements)
+        .map(|(map, e)| {
             let key = e.split(" : ").next().unwrap_or_default();
             format!("delete element {TABLE_FAMILY} {TABLE_NAME} {map} {{ {key} }}\n")
         })
@@ -314,6 +319,22 @@ mod tests {
             del.contains("delete element inet weft port_any { udp . 8080 }"),
             "{del}"
         );
+    }
+
+    #[test]
+    fn a_shifted_range_is_one_exact_element_per_port() {
+        let p = [port("127.0.0.1:8000-8002:80-82", "10.88.0.2")];
+        let add = render_add_ports(&p);
+        for (h, c) in [(8000, 80), (8001, 81), (8002, 82)] {
+            assert!(
+                add.contains(&format!(
+                    "add element inet weft port_addr {{ 127.0.0.1 . tcp . {h} : 10.88.0.2 . {c} }}"
+                )),
+                "{add}"
+            );
+        }
+        assert_eq!(add.lines().count(), 3);
+        assert_eq!(render_delete_ports(&p).lines().count(), 3);
     }
 
     #[test]

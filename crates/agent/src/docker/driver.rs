@@ -10,11 +10,10 @@ use crate::host::Inner;
 use ipnet::Ipv4Net;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::ops::RangeInclusive;
 use tracing::{info, warn};
-use weft_model::ports::PortRange;
+use weft_model::ports::{HostPorts, PortRange, PortRequest, EPHEMERAL};
 use weft_model::sandbox::{host_veth_name, DockerEndpoint, External, Runtime};
-use weft_model::{keys, subnet, Attachment, Endpoint, NetworkSpec, PortMapping, Protocol};
+use weft_model::{keys, subnet, Attachment, Endpoint, NetworkSpec, Protocol};
 use weft_model::{Published, Sandbox};
 use weft_store::{Store, StoreJson};
 
@@ -22,9 +21,6 @@ use weft_store::{Store, StoreJson};
 pub(super) const NETWORK_OPTION: &str = "weft.network";
 /// Label of a weft network made for Docker: the Docker network's id.
 const NETWORK_ID_LABEL: &str = "com.docker.network.id";
-/// Host ports for `-p CONTAINER_PORT` and `-P`, from Docker's default range
-/// (the top of the kernel's default ephemeral range).
-const EPHEMERAL: RangeInclusive<u16> = 49153..=60999;
 
 fn bad(m: String) -> AgentError {
     AgentError::BadRequest(m)
@@ -111,16 +107,6 @@ fn string_map(v: Option<&serde_json::Value>) -> Result<BTreeMap<String, String>>
             proto::GENERIC_OPTIONS
         ))),
     }
-}
-
-/// Who else publishes a host port that `m` would take.
-fn holder<'a>(inner: &'a Inner, m: &PortMapping, except: &str) -> Option<&'a Sandbox> {
-    inner
-        .sandboxes
-        .values()
-        .map(|s| &**s)
-        .filter(|s| s.id != except)
-        .find(|s| s.ports.iter().any(|p| p.mapping.conflicts_with(m)))
 }
 
 fn binding_of(p: &Published) -> PortBinding {
@@ -612,7 +598,7 @@ impl Plugin {
                 )));
             }
         }
-        let mut mappings: Vec<PortMapping> = Vec::new();
+        let mut requests: Vec<PortRequest> = Vec::new();
         for b in &bindings {
             let protocol = match b.proto {
                 proto::TCP => Protocol::Tcp,
@@ -642,50 +628,25 @@ impl Plugin {
                     }
                 },
             };
-            let candidates = match (b.host_port, b.host_port_end) {
-                (0, _) => EPHEMERAL,
-                (p, end) if end > p => p..=end,
-                (p, _) => p..=p,
-            };
             let container = PortRange {
                 start: b.port,
                 end: b.port,
             };
-            let mapping = |port: u16| PortMapping {
+            // Docker's meaning: no host port is any free one; a range, any one of it.
+            let host = match (b.host_port, b.host_port_end) {
+                (0, _) => HostPorts::AnyOf(EPHEMERAL),
+                (p, end) if end > p => HostPorts::AnyOf(PortRange { start: p, end }),
+                (p, _) => HostPorts::Exactly(PortRange { start: p, end: p }),
+            };
+            requests.push(PortRequest {
                 host_ip,
-                host: PortRange {
-                    start: port,
-                    end: port,
-                },
+                host,
                 container,
                 protocol,
-            };
-            let free = candidates.clone().map(mapping).find(|m| {
-                holder(inner, m, &sb.id).is_none() && !mappings.iter().any(|o| o.conflicts_with(m))
             });
-            let Some(m) = free else {
-                let first = mapping(*candidates.start());
-                let by = holder(inner, &first, &sb.id)
-                    .map(|s| s.name.clone())
-                    .unwrap_or_else(|| "this container".into());
-                return Err(AgentError::Conflict(
-                    if candidates.start() == candidates.end() {
-                        format!(
-                        "-p {first}: host port {} is already published by {by}; pick another host port",
-                        first.host
-                    )
-                    } else {
-                        format!(
-                            "-p {}-{}:{}: every host port of the range is published already",
-                            candidates.start(),
-                            candidates.end(),
-                            b.port
-                        )
-                    },
-                ));
-            };
-            mappings.push(m);
         }
+        let mappings = crate::attach::resolve_ports(inner, &requests, &sb.id)?;
+        crate::attach::check_ports_free(inner, &mappings, &sb.id)?;
         let published: Vec<Published> = mappings
             .into_iter()
             .map(|mapping| Published {
