@@ -199,7 +199,7 @@ impl TestHost {
     }
 
     pub fn ps(&self) -> Vec<SandboxView> {
-        self.weft_json(&["ps"])
+        self.weft_json(&["ps", "-a"])
     }
 
     /// `weft network ls`.
@@ -282,7 +282,7 @@ impl Drop for TestHost {
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.start_agent()));
         }
         if let Ok(ps) = serde_json::from_slice::<Vec<SandboxView>>(
-            &self.weft(&["--format", "json", "ps"]).stdout,
+            &self.weft(&["--format", "json", "ps", "-a"]).stdout,
         ) {
             for s in ps {
                 let _ = self.weft(&["rm", "-f", &s.id]);

@@ -64,8 +64,32 @@ fn bad_inputs_fail_cleanly() {
     expect_error(
         &h,
         &["run", "--ip", "10.91.0.50", "--", "true"],
-        "already in use",
+        "10.91.0.50 is taken by sandbox taken (running)",
     );
+    expect_error(
+        &h,
+        &["run", "--mac-address", "02:42:zz:00:00:01", "--", "true"],
+        "MAC",
+    );
+    expect_error(
+        &h,
+        &[
+            "run",
+            "--net",
+            "none",
+            "--mac-address",
+            "02:42:0a:00:00:01",
+            "--",
+            "true",
+        ],
+        "--mac-address needs exactly one network",
+    );
+    expect_error(
+        &h,
+        &["run", "--hostname", "bad_name", "--", "true"],
+        "--hostname \"bad_name\"",
+    );
+
     expect_error(&h, &["run", "--ip", "10.91.0.1", "--", "true"], "reserved");
     expect_error(
         &h,

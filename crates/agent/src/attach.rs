@@ -182,9 +182,25 @@ pub(crate) fn validate(inner: &Inner, a: &Attach) -> Result<()> {
             )));
         }
         if let (Some(ip), false) = (r.ip, r.reserved) {
-            n.pool
-                .check_free(ip)
-                .map_err(|e| AgentError::BadRequest(format!("--net {}: {e}", r.network)))?;
+            n.pool.check_free(ip).map_err(|e| {
+                // Taken: by whom, running or exited (its record keeps the address).
+                let holder = inner.sandboxes.values().find(|s| {
+                    s.attachment
+                        .endpoints()
+                        .iter()
+                        .any(|ep| ep.network == r.network && ep.ip == ip)
+                });
+                match holder {
+                    Some(s) => AgentError::Conflict(format!(
+                        "--net {}: {ip} is taken by sandbox {} ({}); pick another address or remove it with `weft rm -f {}`",
+                        r.network,
+                        s.name,
+                        crate::sandboxes::state_of(s),
+                        s.name
+                    )),
+                    None => AgentError::BadRequest(format!("--net {}: {e}", r.network)),
+                }
+            })?;
         }
         if let Some(mac) = &r.mac {
             driver::parse_mac(mac)?;

@@ -125,6 +125,7 @@ impl Host {
             created_unix: 0,
             network_setup_us: 0,
             ports: Vec::new(),
+            hostname: None,
             external: Some(External {
                 container_id: req.container_id.clone(),
                 ifname: req.ifname.clone(),

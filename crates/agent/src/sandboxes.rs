@@ -76,12 +76,30 @@ impl Snapshot {
             network_setup_us: sb.network_setup_us,
             ports: sb.ports.clone(),
             resolv_conf: self.resolv_path(sb),
+            hostname: sb.hostname.clone(),
             process: sb.process,
         }
     }
 
     pub(crate) fn find(&self, key: &str) -> Result<&Sandbox> {
         crate::host::find_in(&self.sandboxes, key)
+    }
+}
+
+/// A host name as the kernel and resolvers take it: 1 to 64 bytes of
+/// letters, digits, '-' and '.', not starting with '-' or '.'.
+fn check_hostname(h: &str) -> std::result::Result<(), String> {
+    let ok = !h.is_empty()
+        && h.len() <= 64
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !h.starts_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "--hostname {h:?}: use 1 to 64 letters, digits, '-' and '.', starting with a letter or digit"
+        ))
     }
 }
 
@@ -113,6 +131,19 @@ impl Inner {
             }
             None => String::new(),
         };
+        if let Some(h) = &req.hostname {
+            check_hostname(h).map_err(bad)?;
+        }
+        if let Some(mac) = &req.mac_address {
+            match modes.as_mut_slice() {
+                [NetMode::Network(r)] => r.mac = Some(mac.clone()),
+                _ => {
+                    return Err(bad(
+                        "--mac-address needs exactly one network (--net NAME): it names the interface on it".into(),
+                    ))
+                }
+            }
+        }
         if let Some(ip) = req.ip {
             // --ip is shorthand for NAME:ip=ADDR on the only network.
             match modes.as_mut_slice() {
@@ -215,6 +246,7 @@ impl Host {
                 network_setup_us: 0,
                 ports: Vec::new(),
                 external: None,
+                hostname: req.hostname.clone(),
             };
             let resolv = Resolv {
                 servers: req.dns.clone(),
@@ -248,7 +280,7 @@ impl Host {
                             aliases: r.aliases,
                             ifname: format!("eth{i}"),
                             host_ifname: host_veth_name(&id, i),
-                            mac: None,
+                            mac: r.mac,
                             reserved: false,
                         })
                         .collect();

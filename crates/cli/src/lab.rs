@@ -13,12 +13,17 @@ use weft_model::api::StatusView;
 pub enum LabCommand {
     /// Build a lab: an underlay switch, etcd, N hosts with an agent each, and
     /// an overlay network `lab` (10.40.0.0/16) that every host joins
+    #[command(
+        after_help = "Examples:\n  weft lab up\n  weft lab up --hosts 4 --backend host-gw --name gw"
+    )]
     Up {
+        /// How many simulated hosts
         #[arg(long, default_value_t = 3)]
         hosts: usize,
         /// Backend of the lab's overlay network (default: weft's default for -d overlay)
         #[arg(long)]
         backend: Option<String>,
+        /// Name of the lab
         #[arg(long, default_value = "lab")]
         name: String,
         /// Range of the lab's overlay network
@@ -32,27 +37,42 @@ pub enum LabCommand {
         root: PathBuf,
     },
     /// Run a command as one of the lab's hosts: in its namespace, with
-    /// `weft` talking to that host's agent (e.g. `weft lab exec h1 -- weft run -d -- sleep 1d`)
+    /// `weft` talking to that host's agent
+    #[command(
+        after_help = "Examples:\n  weft lab exec h1 -- weft run -d --net lab --name a -- sleep 1d\n  weft lab exec h2 -- ip route"
+    )]
     Exec {
+        /// The host: h1, h2, …
         host: String,
+        /// Name of the lab
         #[arg(long, default_value = "lab")]
         name: String,
+        /// Where labs live
         #[arg(long, env = "WEFT_LAB_ROOT", default_value = "/run/weft-lab")]
         root: PathBuf,
-        #[arg(last = true, required = true)]
+        /// The command and its arguments, after `--`
+        #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
     },
     /// Hosts, their agents, leases and peers
+    #[command(
+        after_help = "Examples:\n  weft lab status\n  weft --format json lab status --name gw"
+    )]
     Status {
+        /// Name of the lab
         #[arg(long, default_value = "lab")]
         name: String,
+        /// Where labs live
         #[arg(long, env = "WEFT_LAB_ROOT", default_value = "/run/weft-lab")]
         root: PathBuf,
     },
     /// Remove every namespace, process and file of the lab, even after a crash
+    #[command(after_help = "Example:\n  weft lab down --name gw")]
     Down {
+        /// Name of the lab
         #[arg(long, default_value = "lab")]
         name: String,
+        /// Where labs live
         #[arg(long, env = "WEFT_LAB_ROOT", default_value = "/run/weft-lab")]
         root: PathBuf,
     },

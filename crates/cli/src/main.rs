@@ -3,6 +3,7 @@
 
 mod client;
 mod cni;
+mod filter;
 mod lab;
 mod network_cmds;
 mod output;
@@ -50,8 +51,17 @@ enum Command {
     Agent(AgentArgs),
     /// Run a command in a new sandbox
     Run(sandbox_cmds::RunArgs),
-    /// List sandboxes
-    Ps,
+    /// List sandboxes, newest first (-a: exited ones too)
+    Ps(sandbox_cmds::PsArgs),
+    /// Print what a detached sandbox's command wrote (-f: keep following)
+    Logs(sandbox_cmds::LogsArgs),
+    /// Every detail of sandboxes, as JSON (like `docker inspect`)
+    Inspect(sandbox_cmds::InspectArgs),
+    /// The version of this client and of the agent it talks to
+    #[command(
+        after_help = "Example:\n  weft version   # exits 1 when the agent cannot be reached"
+    )]
+    Version,
     /// Run another command inside a running sandbox
     Exec(sandbox_cmds::ExecArgs),
     /// Stop sandboxes' processes (SIGTERM, then SIGKILL); the sandbox stays until rm
@@ -59,8 +69,14 @@ enum Command {
     /// Remove sandboxes and their network endpoints
     Rm(sandbox_cmds::RmArgs),
     /// Act as a CNI plugin (what runtimes do by running `weft` with CNI_COMMAND set)
+    #[command(
+        after_help = "Example, a network config for Podman or containerd (/etc/cni/net.d/10-weft.conflist):\n  \
+{\"cniVersion\":\"1.0.0\",\"name\":\"red\",\"plugins\":[{\"type\":\"weft\",\"network\":\"red\"},{\"type\":\"portmap\",\"capabilities\":{\"portMappings\":true}}]}\n\
+with the weft binary (or a link to it) in the runtime's CNI plugin path."
+    )]
     Cni,
     /// List a sandbox's published ports
+    #[command(after_help = "Example:\n  weft port web   # 80/tcp -> 0.0.0.0:8080 (172.17.0.2:80)")]
     Port {
         /// Sandbox name or id
         sandbox: String,
@@ -70,9 +86,13 @@ enum Command {
     Network(network_cmds::NetworkCommand),
     /// The agent's view: networks, sandboxes, and in a cluster the etcd
     /// health, this host's leases, its peers and what is programmed for each
+    #[command(after_help = "Examples:\n  weft status\n  weft --format json status")]
     Status,
     /// Leave the cluster now: revoke this host's leases so every other host
     /// removes its routes at once (then stop the agent)
+    #[command(
+        after_help = "Example:\n  weft leave && systemctl stop weft   # or stop `weft agent` however it runs"
+    )]
     Leave,
     /// Several simulated hosts on this machine, with etcd and an agent each
     #[command(subcommand)]
@@ -102,6 +122,11 @@ struct ResetArgs {
 }
 
 #[derive(Args)]
+#[command(
+    after_help = "Examples:\n  weft agent                                   # one host\n  \
+weft agent --etcd-endpoints http://10.0.0.1:2379 --iface eth0   # a cluster\n  \
+weft agent --docker-plugin                    # also Docker's network driver `weft`"
+)]
 struct AgentArgs {
     /// Persistent data (the network store)
     #[arg(long, env = "WEFT_DATA_DIR", default_value = "/var/lib/weft")]
@@ -195,8 +220,11 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
     match cli.command {
         Command::Agent(a) => run_agent(cli.state_dir, a),
         Command::Run(a) => sandbox_cmds::run(&ctx, a),
-        Command::Ps => sandbox_cmds::ps(&ctx),
+        Command::Ps(a) => sandbox_cmds::ps(&ctx, a),
         Command::Exec(a) => sandbox_cmds::exec(&ctx, a),
+        Command::Logs(a) => sandbox_cmds::logs(&ctx, a),
+        Command::Inspect(a) => sandbox_cmds::inspect(&ctx, a),
+        Command::Version => status_cmd::version(&ctx),
         Command::Stop(a) => sandbox_cmds::stop(&ctx, a),
         Command::Rm(a) => sandbox_cmds::rm(&ctx, a),
         Command::Cni => Ok(cni::run()),

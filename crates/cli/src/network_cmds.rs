@@ -17,24 +17,40 @@ pub enum NetworkCommand {
     /// across every host of the cluster (-d overlay, needs an agent with --etcd-endpoints)
     Create(CreateArgs),
     /// List networks
-    #[command(alias = "list")]
-    Ls,
+    #[command(
+        alias = "list",
+        after_help = "Examples:\n  weft network ls\n  weft network ls -q --filter driver=overlay\n\n\
+Filters: name=PART (a part of the name), id=PREFIX, driver=bridge|macvlan|overlay."
+    )]
+    Ls(LsArgs),
     /// Show networks in detail, with their endpoints
+    #[command(
+        after_help = "Examples:\n  weft network inspect bridge\n  weft --format json network inspect red green"
+    )]
     Inspect {
+        /// Network names or ids
         #[arg(required = true)]
         networks: Vec<String>,
     },
     /// Remove networks (refused while sandboxes are attached, unless -f)
+    #[command(
+        after_help = "Examples:\n  weft network rm red\n  weft network rm -f red   # disconnects red's sandboxes first"
+    )]
     Rm {
         /// Disconnect attached sandboxes first
         #[arg(short, long)]
         force: bool,
+        /// Network names or ids
         #[arg(required = true)]
         networks: Vec<String>,
     },
     /// Remove every user-defined network that has no sandbox attached
+    #[command(after_help = "Example:\n  weft network prune")]
     Prune,
     /// Connect a sandbox to a network, without restarting it
+    #[command(
+        after_help = "Examples:\n  weft network connect red web\n  weft network connect --ip 10.1.0.9 --alias api red web"
+    )]
     Connect {
         /// Address on the network (default: the next free one)
         #[arg(long)]
@@ -42,14 +58,37 @@ pub enum NetworkCommand {
         /// Another name for the sandbox on this network (repeatable)
         #[arg(long = "alias")]
         aliases: Vec<String>,
+        /// Network name or id
         network: String,
+        /// Sandbox name or id
         sandbox: String,
     },
-    /// Disconnect a sandbox from a network
-    Disconnect { network: String, sandbox: String },
+    /// Disconnect a sandbox from a network (the ports it publishes there go with it)
+    #[command(after_help = "Example:\n  weft network disconnect red web")]
+    Disconnect {
+        /// Network name or id
+        network: String,
+        /// Sandbox name or id
+        sandbox: String,
+    },
 }
 
 #[derive(Args)]
+pub struct LsArgs {
+    /// Print short ids only, one per line
+    #[arg(short, long)]
+    quiet: bool,
+    /// Only networks that match KEY=VALUE (repeatable; see below)
+    #[arg(short, long, value_name = "KEY=VALUE")]
+    filter: Vec<String>,
+}
+
+#[derive(Args)]
+#[command(
+    after_help = "Examples:\n  weft network create red\n  weft network create --subnet 10.1.0.0/24 --internal back\n  \
+weft network create -d macvlan -o parent=eth0 --subnet 198.51.100.0/24 --gateway 198.51.100.1 lan\n  \
+weft network create -d overlay --subnet 10.40.0.0/16 --backend vxlan ov   # on an agent with --etcd-endpoints"
+)]
 pub struct CreateArgs {
     /// Driver: bridge, macvlan or overlay
     #[arg(short = 'd', long, default_value = "bridge")]
@@ -89,6 +128,7 @@ pub struct CreateArgs {
     /// Label KEY=VALUE
     #[arg(long = "label", value_parser = key_value)]
     labels: Vec<(String, String)>,
+    /// Name of the network
     name: String,
 }
 
@@ -190,8 +230,28 @@ pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
             emit(ctx.format, &v, String::new);
             Ok(0)
         }
-        NetworkCommand::Ls => {
-            let list: Vec<NetworkView> = ctx.client.get("/v1/networks")?;
+        NetworkCommand::Ls(a) => {
+            let filters = crate::filter::Filters::parse(&a.filter, &["name", "id", "driver"])
+                .map_err(|m| Failure {
+                    code: 2,
+                    message: m,
+                })?;
+            let mut list: Vec<NetworkView> = ctx.client.get("/v1/networks")?;
+            list.retain(|n| {
+                filters.matches(
+                    |k| match k {
+                        "name" => vec![n.name.clone()],
+                        "id" => vec![n.id.clone()],
+                        _ => vec![n.driver.clone()],
+                    },
+                    |k| k == "driver",
+                )
+            });
+            if a.quiet {
+                let ids: Vec<String> = list.iter().map(|n| n.id[..12].to_string()).collect();
+                emit(ctx.format, &ids, || ids.join("\n"));
+                return Ok(0);
+            }
             emit(ctx.format, &list, || {
                 let rows: Vec<Vec<String>> = list
                     .iter()

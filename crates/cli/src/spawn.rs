@@ -34,13 +34,27 @@ pub struct Spec<'a> {
     pub resolv_conf: Option<&'a str>,
     /// Start a new session, detached from the terminal, output to this file.
     pub detach_log: Option<File>,
+    /// `-e KEY=VALUE`, added to the environment the command inherits.
+    pub env: &'a [(String, String)],
+    /// A UTS namespace of the command's own, with this host name (`--hostname`).
+    pub hostname: Option<&'a str>,
+    /// A UTS namespace to join (`exec` into a sandbox with a host name).
+    pub uts: Option<&'a File>,
+    /// Keep stdin (`-i`); otherwise the command reads /dev/null, as Docker's.
+    pub interactive: bool,
 }
 
 pub fn spawn(spec: Spec) -> std::io::Result<Child> {
     let mut cmd = Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..]);
     let ns_fd = spec.netns.map(|f| f.as_raw_fd());
+    let uts_fd = spec.uts.map(|f| f.as_raw_fd());
     let detach = spec.detach_log.is_some();
+    cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
+    if !spec.interactive {
+        cmd.stdin(Stdio::null());
+    }
+    let hostname = spec.hostname.map(|h| h.as_bytes().to_vec());
     // Everything the child needs is allocated here, before fork.
     let resolv = spec
         .resolv_conf
@@ -52,12 +66,25 @@ pub fn spawn(spec: Spec) -> std::io::Result<Child> {
         cmd.stdout(log.try_clone()?);
         cmd.stderr(log);
     }
-    // SAFETY: only async-signal-safe calls (setns, setsid, unshare, mount,
-    // signal) between fork and exec.
+    // SAFETY: only async-signal-safe calls (setns, setsid, unshare,
+    // sethostname, mount, signal) between fork and exec, on memory
+    // allocated before the fork.
     unsafe {
         cmd.pre_exec(move || {
             if let Some(fd) = ns_fd {
                 if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(fd) = uts_fd {
+                if libc::setns(fd, libc::CLONE_NEWUTS) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(h) = &hostname {
+                if libc::unshare(libc::CLONE_NEWUTS) != 0
+                    || libc::sethostname(h.as_ptr().cast(), h.len()) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
             }

@@ -11,6 +11,41 @@ pub fn status(ctx: &Context) -> Result<i32, Failure> {
     Ok(0)
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Ping {
+    version: String,
+}
+
+#[derive(serde::Serialize)]
+struct Versions {
+    client: String,
+    /// None when the agent cannot be reached.
+    agent: Option<String>,
+    agent_error: Option<String>,
+}
+
+/// `weft version`: this binary's and the agent's; exits 1 when the agent
+/// cannot be asked (the client's version is printed all the same).
+pub fn version(ctx: &Context) -> Result<i32, Failure> {
+    let agent = ctx.client.get::<Ping>("/v1/ping");
+    let v = Versions {
+        client: env!("CARGO_PKG_VERSION").into(),
+        agent: agent.as_ref().ok().map(|p| p.version.clone()),
+        agent_error: agent.as_ref().err().map(|e| e.to_string()),
+    };
+    emit(ctx.format, &v, || {
+        format!(
+            "client: weft {}\nagent:  {}",
+            v.client,
+            match (&v.agent, &v.agent_error) {
+                (Some(a), _) => format!("weft {a}"),
+                (None, e) => format!("not reachable ({})", e.as_deref().unwrap_or("?")),
+            }
+        )
+    });
+    Ok(if v.agent.is_some() { 0 } else { 1 })
+}
+
 fn render(v: &StatusView) -> String {
     let mut out = format!(
         "weft {}: {} networks, {} sandboxes\n",

@@ -188,6 +188,7 @@ mod tests {
             network_setup_us: 0,
             ports: vec![],
             external: None,
+            hostname: None,
         }
     }
 

@@ -28,6 +28,12 @@ pub struct CreateSandbox {
     pub dns_search: Vec<String>,
     #[serde(default)]
     pub dns_options: Vec<String>,
+    /// `--hostname`: the command gets a UTS namespace of its own with this name.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// `--mac-address` of the interface on the only network.
+    #[serde(default)]
+    pub mac_address: Option<String>,
 }
 
 /// `weft network connect`.
@@ -87,6 +93,8 @@ pub struct SandboxView {
     /// The file to mount on the sandbox's /etc/resolv.conf (none: the host's).
     #[serde(default)]
     pub resolv_conf: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
     #[serde(skip)]
     pub process: Option<ProcessRef>,
 }

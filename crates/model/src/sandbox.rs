@@ -11,6 +11,9 @@ pub struct NetRequest {
     pub ip: Option<Ipv4Addr>,
     #[serde(default)]
     pub aliases: Vec<String>,
+    /// `--mac-address` on the only network.
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 /// What the user asked for with `--net`.
@@ -245,6 +248,9 @@ pub struct Sandbox {
     /// Set when a runtime (CNI) owns the namespace and asked for the attachment.
     #[serde(default)]
     pub external: Option<External>,
+    /// `weft run --hostname`: the command has a UTS namespace with this name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
 }
 
 /// An attachment made for a container runtime in a namespace weft does not own.
@@ -342,6 +348,7 @@ mod tests {
                 network: "a".into(),
                 ip: Some(Ipv4Addr::new(10, 1, 0, 5)),
                 aliases: vec!["web".into(), "www".into()],
+                mac: None,
             })]
         );
     }

@@ -378,6 +378,7 @@ impl Plugin {
             created_unix: crate::ids::now_unix(),
             network_setup_us: 0,
             ports: Vec::new(),
+            hostname: None,
             external: Some(External {
                 container_id: eid.clone(),
                 ifname: container_end(&eid),
