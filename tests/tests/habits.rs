@@ -318,3 +318,84 @@ fn every_command_and_argument_is_described() {
     }
     assert!(seen > 20, "every command was visited ({seen})");
 }
+
+/// `weft status` on one host says what a user needs (issue 18) and exits 1
+/// when something weft made is gone; the agent's log has no colour codes
+/// when it goes to a file, and `--log-format json` gives one object a line.
+#[test]
+fn status_shows_the_host_and_fails_when_unhealthy_and_logs_suit_collectors() {
+    let h = TestHost::with_agent_args(Some("10.165.0.0/16"), &["--log-format", "json"]);
+    h.weft_ok(&["network", "create", "--subnet", "10.166.0.0/24", "extra"]);
+    h.run_detached("s", &["--net", "extra"], &["sleep", "infinity"]);
+    let out = h.weft_ok(&["status"]);
+    for want in [
+        "health:  ok",
+        "(1 running)",
+        &format!("state:   {}", h.state_dir().display()),
+        "namespaces ready",
+        "cluster: none",
+    ] {
+        assert!(out.contains(want), "{want:?} in:\n{out}");
+    }
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("extra "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        row.contains("bridge") && row.contains("10.166.0.0/24") && row.trim_end().ends_with('1'),
+        "{row}"
+    );
+
+    // A bridge deleted behind weft's back: unhealthy, named, exit status 1.
+    let bridge = h.network("extra").bridge;
+    h.ns.sh(&format!("ip link del {bridge}"));
+    let out = h.weft(&["status"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("PROBLEMS") && said.contains(&format!("bridge {bridge} is missing")),
+        "{said}"
+    );
+
+    let log = h.agent_log();
+    assert!(
+        !log.contains('\u{1b}'),
+        "no ANSI codes in a log file:\n{log}"
+    );
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{l}");
+    }
+    assert!(lines.iter().any(|l| l.contains("\"agent ready\"")), "{log}");
+}
+
+/// Disconnecting the network that carries a sandbox's published ports
+/// takes them away, and says so.
+#[test]
+fn disconnect_says_which_published_ports_went() {
+    let h = TestHost::new(Some("10.167.0.0/16"));
+    h.weft_ok(&["network", "create", "--subnet", "10.168.0.0/24", "front"]);
+    h.weft_ok(&["network", "create", "--subnet", "10.169.0.0/24", "back"]);
+    h.run_detached(
+        "web",
+        &["--net", "front", "--net", "back", "-p", "8085:80"],
+        &["sleep", "infinity"],
+    );
+    let out = h.weft(&["network", "disconnect", "front", "web"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("web no longer publishes -p 8085:80/tcp (published on network front)"),
+        "{err}"
+    );
+    assert!(h.sandbox("web").ports.is_empty());
+    let out = h.weft(&["network", "disconnect", "back", "web"]);
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "nothing to say: {}",
+        text(&out)
+    );
+}

@@ -122,6 +122,30 @@ async fn status(State(app): State<App>) -> Reply<StatusView> {
     let cluster = app.cluster.clone();
     let mut v = blocking(move || Ok(app.host.status())).await?;
     v.cluster = cluster.map(|c| c.status());
+    let mut problems = std::mem::take(&mut v.problems);
+    if let Some(c) = &v.cluster {
+        if !c.etcd_healthy {
+            problems.push(format!(
+                "etcd unreachable: {}",
+                c.etcd_error.as_deref().unwrap_or("not contacted yet")
+            ));
+        }
+        for n in &c.networks {
+            if let Some(p) = &n.problem {
+                problems.push(format!("overlay network {}: {p}", n.name));
+            }
+            for peer in n.peers.iter().filter(|p| p.problem.is_some()) {
+                problems.push(format!(
+                    "overlay network {}: peer {} not programmed: {}",
+                    n.name,
+                    peer.node,
+                    peer.problem.as_deref().unwrap_or_default()
+                ));
+            }
+        }
+    }
+    v.healthy = problems.is_empty();
+    v.problems = problems;
     Ok(v)
 }
 

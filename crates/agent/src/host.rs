@@ -64,6 +64,9 @@ pub struct Host {
     snapshot: Arc<RwLock<Arc<Snapshot>>>,
     /// Bumped at every publish: waiters (the cluster) wake on it.
     published: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Read by `status` without the lock.
+    pub(crate) pool: Arc<crate::netns_pool::NetnsPool>,
+    pub(crate) started_unix: u64,
 }
 
 /// Every lock of weft's recovers from poisoning the same way: a panic while
@@ -104,6 +107,8 @@ impl Host {
     pub(crate) fn new(inner: Inner) -> Host {
         let snap = Arc::new(inner.snapshot());
         Host {
+            pool: Arc::clone(&inner.pool),
+            started_unix: crate::ids::now_unix(),
             cfg: Arc::new(inner.cfg.clone()),
             inner: Arc::new(Mutex::new(inner)),
             snapshot: Arc::new(RwLock::new(snap)),

@@ -107,6 +107,14 @@ impl NetnsPool {
         &self.dir
     }
 
+    /// How many entries it keeps ready, and how many are ready now.
+    pub fn fill(&self) -> (usize, usize) {
+        (
+            self.want,
+            self.ready.lock().unwrap_or_else(|e| e.into_inner()).len(),
+        )
+    }
+
     /// A ready entry, if any; wakes the refiller.
     pub fn take(&self) -> Option<Prepared> {
         let p = self.ready.lock().unwrap_or_else(|e| e.into_inner()).pop();

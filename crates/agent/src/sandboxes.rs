@@ -518,10 +518,46 @@ impl Host {
             }
             Err(e) => warn!(error = %e, "status: cannot read the kernel"),
         }
+        let on = |net: &str| {
+            snap.sandboxes
+                .values()
+                .filter(|s| s.attachment.endpoints().iter().any(|e| e.network == net))
+                .count()
+        };
+        let problems = missing
+            .iter()
+            .map(|(net, p)| {
+                format!(
+                    "network {net}: {} {} is missing from the kernel (check: {}); restart the agent to make it again",
+                    p.what, p.name, p.check
+                )
+            })
+            .collect::<Vec<_>>();
         weft_model::api::StatusView {
             version: env!("CARGO_PKG_VERSION").into(),
             networks: snap.networks.len(),
             sandboxes: snap.sandboxes.len(),
+            healthy: problems.is_empty(),
+            problems,
+            sandboxes_running: snap
+                .sandboxes
+                .values()
+                .filter(|s| state_of(s) == State::Running)
+                .count(),
+            network_list: snap
+                .networks
+                .values()
+                .map(|n| weft_model::api::NetworkSummary {
+                    name: n.name.clone(),
+                    driver: n.driver().to_string(),
+                    subnet: n.subnet,
+                    sandboxes: on(&n.name),
+                })
+                .collect(),
+            state_dir: self.config().state_dir.display().to_string(),
+            data_dir: self.config().data_dir.display().to_string(),
+            started_unix: self.started_unix,
+            netns_pool: self.pool.fill(),
             missing,
             cluster: None,
         }

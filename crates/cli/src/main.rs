@@ -5,6 +5,7 @@ mod client;
 mod cni;
 mod filter;
 mod lab;
+mod log_format;
 mod network_cmds;
 mod output;
 mod sandbox_cmds;
@@ -170,6 +171,9 @@ struct AgentArgs {
     /// Docker names the driver after the file, without .sock
     #[arg(long, value_name = "PATH")]
     docker_plugin_socket: Option<PathBuf>,
+    /// How log lines look on stderr: text, or json for log collectors
+    #[arg(long, value_enum, default_value_t = log_format::LogFormat::Text)]
+    log_format: log_format::LogFormat,
 }
 
 /// An error of weft itself, with the exit code to leave with.
@@ -279,12 +283,7 @@ fn reset(state_dir: PathBuf, format: Format, r: ResetArgs) -> Result<i32, Failur
 }
 
 fn run_agent(state_dir: PathBuf, a: AgentArgs) -> Result<i32, Failure> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    log_format::init(a.log_format);
     let cfg = weft_agent::AgentConfig {
         state_dir,
         data_dir: a.data_dir,

@@ -122,7 +122,9 @@ pub struct CreateArgs {
     /// No way out: no masquerade, no forwarding to or from other interfaces
     #[arg(long)]
     internal: bool,
-    /// Driver option KEY=VALUE: bridge.name (com.docker.network.bridge.name), mtu (com.docker.network.driver.mtu)
+    /// Driver option KEY=VALUE. bridge: bridge.name (or com.docker.network.bridge.name),
+    /// mtu (or com.docker.network.driver.mtu). macvlan: parent=IFACE,
+    /// macvlan_mode=bridge, host_access=ADDR (an address for the host on the LAN)
     #[arg(short = 'o', long = "opt", value_parser = key_value)]
     opts: Vec<(String, String)>,
     /// Label KEY=VALUE
@@ -223,10 +225,26 @@ pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
             Ok(0)
         }
         NetworkCommand::Disconnect { network, sandbox } => {
+            // Ports published on the network go with it: say which.
+            let before: Option<SandboxView> =
+                ctx.client.get(&format!("/v1/sandboxes/{sandbox}")).ok();
             let v: SandboxView = ctx.client.post(
                 &format!("/v1/networks/{network}/disconnect"),
                 &Disconnect { sandbox },
             )?;
+            let gone: Vec<String> = before
+                .iter()
+                .flat_map(|b| b.ports.iter())
+                .filter(|p| !v.ports.contains(p))
+                .map(|p| p.mapping.to_string())
+                .collect();
+            if !gone.is_empty() {
+                eprintln!(
+                    "weft: sandbox {} no longer publishes -p {} (published on network {network})",
+                    v.name,
+                    gone.join(", -p ")
+                );
+            }
             emit(ctx.format, &v, String::new);
             Ok(0)
         }

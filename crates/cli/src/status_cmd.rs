@@ -5,10 +5,29 @@ use crate::sandbox_cmds::Context;
 use crate::Failure;
 use weft_model::api::StatusView;
 
+/// Exits 1 when the agent reports a problem (a kernel object weft made is
+/// gone, etcd is unreachable, an overlay network or peer is not programmed).
 pub fn status(ctx: &Context) -> Result<i32, Failure> {
     let v: StatusView = ctx.client.get("/v1/status")?;
     emit(ctx.format, &v, || render(&v));
-    Ok(0)
+    Ok(if v.healthy { 0 } else { 1 })
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// "3h 5m", "42s": how long ago `since` was.
+fn span(since: u64) -> String {
+    let s = now_unix().saturating_sub(since);
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
+    }
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -48,9 +67,38 @@ pub fn version(ctx: &Context) -> Result<i32, Failure> {
 
 fn render(v: &StatusView) -> String {
     let mut out = format!(
-        "weft {}: {} networks, {} sandboxes\n",
-        v.version, v.networks, v.sandboxes
+        "weft {}, up {}: {} networks, {} sandboxes ({} running)\n{}\n\
+         state:   {}\ndata:    {}\npool:    {} of {} namespaces ready\n",
+        v.version,
+        span(v.started_unix),
+        v.networks,
+        v.sandboxes,
+        v.sandboxes_running,
+        if v.healthy {
+            "health:  ok".to_string()
+        } else {
+            format!("health:  PROBLEMS\n  - {}", v.problems.join("\n  - "))
+        },
+        v.state_dir,
+        v.data_dir,
+        v.netns_pool.1,
+        v.netns_pool.0,
     );
+    let rows: Vec<Vec<String>> = v
+        .network_list
+        .iter()
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                n.driver.clone(),
+                n.subnet.to_string(),
+                n.sandboxes.to_string(),
+            ]
+        })
+        .collect();
+    out.push('\n');
+    out.push_str(&table(&["NETWORK", "DRIVER", "SUBNET", "SANDBOXES"], &rows));
+    out.push_str("\n\n");
     let Some(c) = &v.cluster else {
         out.push_str(
             "cluster: none (single host; start the agent with --etcd-endpoints to join one)",
@@ -61,7 +109,10 @@ fn render(v: &StatusView) -> String {
         "healthy".to_string()
     } else {
         format!(
-            "UNREACHABLE ({})",
+            "UNREACHABLE{}: {}. Sandboxes still start on the subnets this host holds and \
+             programmed routes stay; network changes and new peers wait for etcd (retrying)",
+            c.etcd_down_since_unix
+                .map_or(String::new(), |t| format!(" for {}", span(t))),
             c.etcd_error.as_deref().unwrap_or("not contacted yet")
         )
     };

@@ -163,6 +163,26 @@ pub struct StatusView {
     pub version: String,
     pub networks: usize,
     pub sandboxes: usize,
+    /// False when something is wrong: `problems` says what (`weft status`
+    /// then exits 1).
+    #[serde(default = "yes")]
+    pub healthy: bool,
+    #[serde(default)]
+    pub problems: Vec<String>,
+    #[serde(default)]
+    pub sandboxes_running: usize,
+    #[serde(default)]
+    pub network_list: Vec<NetworkSummary>,
+    #[serde(default)]
+    pub state_dir: String,
+    #[serde(default)]
+    pub data_dir: String,
+    /// When the agent started (seconds since the epoch).
+    #[serde(default)]
+    pub started_unix: u64,
+    /// Namespaces the pool keeps ready, and how many are ready now.
+    #[serde(default)]
+    pub netns_pool: (usize, usize),
     /// Objects the drivers programmed that are missing from the kernel now
     /// (deleted behind weft's back): network, and what is missing.
     #[serde(default)]
@@ -171,12 +191,28 @@ pub struct StatusView {
     pub cluster: Option<ClusterView>,
 }
 
+fn yes() -> bool {
+    true
+}
+
+/// One network in `weft status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkSummary {
+    pub name: String,
+    pub driver: String,
+    pub subnet: ipnet::Ipv4Net,
+    pub sandboxes: usize,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ClusterView {
     pub etcd_endpoints: Vec<String>,
     pub etcd_healthy: bool,
     /// The last error talking to etcd, while unhealthy.
     pub etcd_error: Option<String>,
+    /// Since when etcd has been unreachable (seconds since the epoch).
+    #[serde(default)]
+    pub etcd_down_since_unix: Option<u64>,
     pub host_id: String,
     pub node: String,
     pub public_ip: Option<Ipv4Addr>,

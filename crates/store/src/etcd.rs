@@ -15,7 +15,7 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
-    #[error("etcd at {endpoints}: {source}")]
+    #[error("etcd at {endpoints}: {}", plain(source))]
     Rpc {
         endpoints: String,
         #[source]
@@ -30,6 +30,24 @@ pub enum EtcdError {
 }
 
 pub type EtcdResult<T> = std::result::Result<T, EtcdError>;
+
+/// An etcd client error as a sentence: a gRPC status's message and what
+/// its code means, not tonic's debug dump of the status and its metadata.
+fn plain(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            let m = s.message();
+            let m = m.strip_prefix("tcp connect error: ").unwrap_or(m);
+            let what = s.code().description().to_lowercase();
+            if m.is_empty() {
+                what
+            } else {
+                format!("{m} ({what})")
+            }
+        }
+        other => other.to_string(),
+    }
+}
 
 /// One change seen by a watch. `value` is empty for deletes.
 #[derive(Debug, Clone, PartialEq, Eq)]

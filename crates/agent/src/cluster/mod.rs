@@ -146,6 +146,11 @@ impl Cluster {
                 }
             }
         }
+        if err.is_none() {
+            s.etcd_down_since_unix = None;
+        } else if s.etcd_down_since_unix.is_none() {
+            s.etcd_down_since_unix = Some(crate::ids::now_unix());
+        }
         s.etcd_healthy = err.is_none();
         s.etcd_error = err;
     }
