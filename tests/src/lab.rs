@@ -121,8 +121,23 @@ impl TestLab {
             .success()
     }
 
+    /// `weft status` as host `i`: its view whether healthy (exit 0) or
+    /// not (exit 1, what the cluster tests wait through).
     pub fn status(&self, i: usize) -> StatusView {
-        self.weft_json(i, &["status"])
+        let out = self.weft(i, &["--format", "json", "status"]);
+        assert!(
+            matches!(out.status.code(), Some(0 | 1)),
+            "weft status on h{}: {}",
+            i + 1,
+            text(&out)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "weft status on h{} printed no status: {e}\n{}",
+                i + 1,
+                text(&out)
+            )
+        })
     }
 
     /// `weft network inspect NAME` on host `i`.

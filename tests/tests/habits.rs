@@ -208,8 +208,12 @@ fn ps_shows_dockers_columns_newest_first_and_filters() {
     assert!(rows[1].contains("seconds ago"), "{table}");
 
     let all = h.weft_ok(&["ps", "-a"]);
-    assert!(all.lines().nth(1).unwrap().starts_with("done "), "{all}");
-    assert!(all.contains("exited"), "{all}");
+    let done = all.lines().nth(1).unwrap();
+    assert!(
+        done.starts_with("done ") && done.contains("exited (0)"),
+        "{all}"
+    );
+    assert_eq!(h.sandbox("done").exit_code, Some(0));
 
     let ids =
         |args: &[&str]| -> Vec<String> { h.weft_ok(args).lines().map(String::from).collect() };
@@ -236,6 +240,16 @@ fn ps_shows_dockers_columns_newest_first_and_filters() {
         "network=side"
     ])
     .is_empty());
+    // A stopped one ended by SIGTERM: 128 + 15, as a shell says.
+    h.weft_ok(&["stop", "-t", "5", "old"]);
+    eventually("old's exit code", Duration::from_secs(5), || {
+        h.sandbox("old").exit_code == Some(143)
+    });
+    h.run_detached("fails", &[], &["sh", "-c", "exit 3"]);
+    eventually("fails' exit code", Duration::from_secs(5), || {
+        h.sandbox("fails").exit_code == Some(3)
+    });
+    assert!(h.weft_ok(&["ps", "-a"]).contains("exited (3)"));
     let out = h.weft(&["ps", "--filter", "colour=red"]);
     assert!(
         !out.status.success()

@@ -54,6 +54,7 @@ pub(crate) struct Snapshot {
     pub networks: BTreeMap<String, Network>,
     pub sandboxes: BTreeMap<String, Arc<Sandbox>>,
     pub resolv_dir: std::path::PathBuf,
+    pub logs_dir: std::path::PathBuf,
 }
 
 #[derive(Clone)]
@@ -149,6 +150,7 @@ impl Inner {
                 .collect(),
             sandboxes: self.sandboxes.clone(),
             resolv_dir: self.cfg.resolv_dir(),
+            logs_dir: self.cfg.logs_dir(),
         }
     }
 

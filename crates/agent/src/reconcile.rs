@@ -331,16 +331,11 @@ fn collect_garbage(inner: &mut Inner) -> Result<()> {
         }
     }
     let ids: HashSet<&String> = inner.sandboxes.keys().collect();
-    for (dir, ext) in [
-        (inner.cfg.logs_dir(), ".log"),
-        (inner.cfg.resolv_dir(), ".conf"),
-    ] {
+    // ID.log, ID.exit, ID.conf: the sandbox's id is the name up to the dot.
+    for dir in [inner.cfg.logs_dir(), inner.cfg.resolv_dir()] {
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let name = entry
-                .file_name()
-                .to_string_lossy()
-                .trim_end_matches(ext)
-                .to_string();
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let name = file.split('.').next().unwrap_or_default().to_string();
             if !ids.contains(&name) {
                 let _ = std::fs::remove_file(entry.path());
             }

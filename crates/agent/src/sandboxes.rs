@@ -64,10 +64,17 @@ impl Snapshot {
             Attachment::Host => Some(format!("/proc/{}/ns/net", std::process::id())),
             _ => sb.netns.clone(),
         };
+        let state = state_of(sb);
+        // Written by the process's waiter (`weft run -d`) when it ends.
+        let exit_code = (state == State::Exited)
+            .then(|| std::fs::read_to_string(self.logs_dir.join(format!("{}.exit", sb.id))).ok())
+            .flatten()
+            .and_then(|s| s.trim().parse().ok());
         SandboxView {
             id: sb.id.clone(),
             name: sb.name.clone(),
-            state: state_of(sb),
+            state,
+            exit_code,
             pid: sb.process.map(|p| p.pid),
             attachment: sb.attachment.clone(),
             netns,
@@ -462,6 +469,7 @@ impl Host {
         attach::remove(&mut g, &sb, links)?;
         let network_teardown_us = started.elapsed().as_micros() as u64;
         let _ = std::fs::remove_file(g.cfg.logs_dir().join(format!("{id}.log")));
+        let _ = std::fs::remove_file(g.cfg.logs_dir().join(format!("{id}.exit")));
         drop(g);
         self.reap_later(
             sb.attachment

@@ -63,6 +63,15 @@ enum Command {
         after_help = "Example:\n  weft version   # exits 1 when the agent cannot be reached"
     )]
     Version,
+    /// Internal: the waiter of a `run -d` command (waits for PID, writes its
+    /// exit code to FILE)
+    #[command(hide = true)]
+    ReapChild {
+        /// The command's pid (a child of this process)
+        pid: i32,
+        /// Where its exit code goes
+        exit_file: PathBuf,
+    },
     /// Run another command inside a running sandbox
     Exec(sandbox_cmds::ExecArgs),
     /// Stop sandboxes' processes (SIGTERM, then SIGKILL); the sandbox stays until rm
@@ -223,6 +232,7 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
     };
     match cli.command {
         Command::Agent(a) => run_agent(cli.state_dir, a),
+        Command::ReapChild { pid, exit_file } => Ok(spawn::reap_child(pid, &exit_file)),
         Command::Run(a) => sandbox_cmds::run(&ctx, a),
         Command::Ps(a) => sandbox_cmds::ps(&ctx, a),
         Command::Exec(a) => sandbox_cmds::exec(&ctx, a),

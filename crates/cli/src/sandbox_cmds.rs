@@ -3,7 +3,9 @@
 use crate::client::{Client, ClientError};
 use crate::filter::{ago, shell_quote, Filters};
 use crate::output::{emit, table};
-use crate::spawn::{exit_code, find_program, ignore_terminal_signals, spawn, Spec};
+use crate::spawn::{
+    exit_code, find_program, ignore_terminal_signals, spawn, spawn_with_waiter, Spec,
+};
 use crate::{Failure, Format};
 use clap::Args;
 use std::fs::File;
@@ -234,7 +236,7 @@ pub fn run(ctx: &Context, a: RunArgs) -> Result<i32, Failure> {
         ignore_terminal_signals();
         None
     };
-    let mut child = spawn(Spec {
+    let spec = Spec {
         argv: &a.command,
         netns: ns.as_ref(),
         resolv_conf: view.resolv_conf.as_deref(),
@@ -243,26 +245,32 @@ pub fn run(ctx: &Context, a: RunArgs) -> Result<i32, Failure> {
         hostname: a.hostname.as_deref(),
         uts: None,
         interactive: a.interactive,
-    })
-    .map_err(|e| undo(format!("start {}: {e}", a.command[0])))?;
-    let started: Result<SandboxView, ClientError> = ctx.client.post(
-        &format!("{}/started", sandbox_path(&view.id)),
-        &StartedProcess {
-            pid: child.id() as i32,
-        },
-    );
+    };
+    let record = |pid: u32| -> Result<SandboxView, ClientError> {
+        ctx.client.post(
+            &format!("{}/started", sandbox_path(&view.id)),
+            &StartedProcess { pid: pid as i32 },
+        )
+    };
     if a.detach {
-        let view = match started {
+        // Under a waiter that records the exit code next to the log.
+        let exit_file = ctx.state_dir.join("logs").join(format!("{}.exit", view.id));
+        let pid = spawn_with_waiter(spec, &exit_file)
+            .map_err(|e| undo(format!("start {}: {e}", a.command[0])))?;
+        let view = match record(pid) {
             Ok(v) => v,
             Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
+                // SAFETY: kill takes plain integers; pid is the command's.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
                 return Err(undo(format!("record the process: {e}")));
             }
         };
         emit(ctx.format, &view, || view.id.clone());
         return Ok(0);
     }
+    let mut child = spawn(spec).map_err(|e| undo(format!("start {}: {e}", a.command[0])))?;
+    // The agent learns the pid; a foreground run waits for the command itself.
+    let _ = record(child.id());
     let status = child
         .wait()
         .map_err(|e| undo(format!("wait for {}: {e}", a.command[0])))?;
@@ -368,7 +376,10 @@ pub fn ps(ctx: &Context, a: PsArgs) -> Result<i32, Failure> {
                     s.name.clone(),
                     s.id[..12].to_string(),
                     s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                    s.state.to_string(),
+                    match s.exit_code {
+                        Some(c) => format!("{} ({c})", s.state),
+                        None => s.state.to_string(),
+                    },
                     ago(s.created_unix, now),
                     s.attachment.describe(),
                     addresses(s),

@@ -140,3 +140,104 @@ pub fn ignore_terminal_signals() {
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);
     }
 }
+
+/// `weft run -d`: starts the command under a waiter, so that whoever is its
+/// parent reaps it and records how it ended (for `ps -a`). A forked copy of
+/// the CLI makes a session of its own, puts its stdio on /dev/null (so
+/// nobody reading the CLI's output waits for the command), starts the
+/// command as its child, sends the pid back through a pipe, and then execs
+/// `weft reap-child`, which keeps the child (exec keeps children), waits
+/// for it and writes its exit code to `exit_file`. The waiter is owned by
+/// the command: it ends when the command does. Returns the command's pid.
+pub fn spawn_with_waiter(spec: Spec, exit_file: &Path) -> std::io::Result<u32> {
+    use std::io::{Read, Write};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let exe = std::env::current_exe()?;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-element array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just made by pipe2 and are ours alone.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: `weft run` starts no threads (no runtime, blocking client),
+    // so the forked child is a whole copy and may allocate and spawn.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()),
+        0 => {
+            drop(r);
+            let mut w = File::from(w);
+            // SAFETY: setsid and dup2 take plain integers; the fds are valid.
+            unsafe {
+                libc::setsid();
+                if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+                    for fd in 0..3 {
+                        libc::dup2(null.as_raw_fd(), fd);
+                    }
+                }
+            }
+            let code = match spawn(spec) {
+                Ok(child) => {
+                    let _ = write!(w, "ok {}", child.id());
+                    drop(w);
+                    let err = Command::new(&exe)
+                        .arg("reap-child")
+                        .arg(child.id().to_string())
+                        .arg(exit_file)
+                        .exec();
+                    // Only reached when exec failed: wait here instead.
+                    let _ = err;
+                    let mut child = child;
+                    match child.wait() {
+                        Ok(st) => {
+                            let _ = std::fs::write(exit_file, format!("{}\n", exit_code(st)));
+                            0
+                        }
+                        Err(_) => 1,
+                    }
+                }
+                Err(e) => {
+                    let _ = write!(w, "err {e}");
+                    1
+                }
+            };
+            // SAFETY: ends the forked copy without running the parent's
+            // destructors or atexit handlers a second time.
+            unsafe { libc::_exit(code) }
+        }
+        _ => {
+            drop(w);
+            let mut said = String::new();
+            File::from(r).read_to_string(&mut said)?;
+            match said.split_once(' ') {
+                Some(("ok", pid)) => pid
+                    .parse()
+                    .map_err(|_| std::io::Error::other(format!("the waiter said {said:?}"))),
+                Some(("err", e)) => Err(std::io::Error::other(e.to_string())),
+                _ => Err(std::io::Error::other(
+                    "the waiter ended before starting the command",
+                )),
+            }
+        }
+    }
+}
+
+/// `weft reap-child PID FILE` (what the waiter execs): waits for its child
+/// PID and writes its exit code, as a shell reports it, to FILE.
+pub fn reap_child(pid: i32, exit_file: &Path) -> i32 {
+    let mut status = 0;
+    // SAFETY: waitpid writes the status into the integer it is given.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+    if r != pid {
+        return 1;
+    }
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    };
+    match std::fs::write(exit_file, format!("{code}\n")) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    }
+}

@@ -81,6 +81,10 @@ pub struct SandboxView {
     pub id: String,
     pub name: String,
     pub state: State,
+    /// The command's exit code once it exited, when weft saw it end
+    /// (`weft run -d` leaves a waiter that records it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
     pub pid: Option<i32>,
     pub attachment: Attachment,
     /// Path of the namespace to enter (own, or the shared sandbox's); none for host mode.
