@@ -22,6 +22,22 @@ fn sandboxes_on_three_hosts_reach_each_other_by_their_own_addresses_host_gw() {
 
 fn three_hosts(backend: Option<&str>) {
     let lab = TestLab::up(3, backend, 60);
+    // A lab host has its own name (a UTS namespace per command), the
+    // machine keeps its own, and a sandbox started there inherits it.
+    let hostname = |cmd: &[&str]| {
+        let argv: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        let out = lab.lab.exec(1, &argv).unwrap().output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(hostname(&["hostname"]), "h2");
+    assert_eq!(
+        hostname(&["weft", "run", "--net", "lab", "--", "hostname"]),
+        "h2"
+    );
+    assert_ne!(
+        String::from_utf8_lossy(&Command::new("hostname").output().unwrap().stdout).trim(),
+        "h2"
+    );
     let subnets: BTreeSet<_> = (0..3).map(|i| lab.subnet(i)).collect();
     assert_eq!(subnets.len(), 3, "leases are distinct: {subnets:?}");
     for s in &subnets {

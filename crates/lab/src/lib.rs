@@ -366,6 +366,28 @@ impl Lab {
         Ok(cmd)
     }
 
+    /// Gives `cmd` a UTS namespace of its own named `host`, so `hostname`
+    /// as a lab host prints that host's name (and the agent's default node
+    /// name is it), leaving the machine's name alone.
+    fn named(cmd: &mut Command, host: &str) -> Result<()> {
+        let name = std::ffi::CString::new(host)
+            .map_err(|_| LabError::Bad(format!("host name {host:?} has a NUL byte")))?;
+        // SAFETY: unshare and sethostname are async-signal-safe; `name` is
+        // owned by the closure and outlives the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                let b = name.as_bytes();
+                if libc::unshare(libc::CLONE_NEWUTS) != 0
+                    || libc::sethostname(b.as_ptr().cast(), b.len()) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(())
+    }
+
     fn spawn_logged(mut cmd: Command, log: &Path) -> Result<ProcessRef> {
         let out = File::options()
             .create(true)
@@ -438,6 +460,7 @@ impl Lab {
 
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
         let mut cmd = Self::command_in(&self.host_netns(i), &self.weft_bin, true)?;
+        Self::named(&mut cmd, &self.hosts[i].name)?;
         cmd.env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -529,6 +552,7 @@ impl Lab {
             PathBuf::from(first)
         };
         let mut cmd = Self::command_in(&self.host_netns(i), &program, false)?;
+        Self::named(&mut cmd, &self.hosts[i].name)?;
         cmd.env("WEFT_STATE_DIR", self.state_dir(i)).args(rest);
         Ok(cmd)
     }
