@@ -291,7 +291,7 @@ fn a_failed_agent_start_leaves_nothing() {
 /// off it: refused, naming the interface or route (issue 18, point 1).
 #[test]
 fn a_bridge_subnet_on_the_hosts_own_network_is_refused() {
-    let h = TestHost::new(Some("10.101.0.0/16"));
+    let h = TestHost::with_agent_args(Some("10.101.0.0/16"), &["--netns-pool", "0"]);
     // The host gets 203.0.113.1/24 on a veth to an "outside" namespace.
     let _outside = h.outside();
     h.ns.sh("ip route add 10.123.0.0/16 via 203.0.113.2");
