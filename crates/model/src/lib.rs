@@ -2,6 +2,7 @@
 //! the network, so everything can be unit-tested in isolation.
 
 pub mod api;
+pub mod blocks;
 pub mod ipam;
 pub mod keys;
 pub mod names;
