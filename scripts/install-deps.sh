@@ -17,6 +17,8 @@ pkgs+=(etcd-server etcd-client protobuf-compiler libprotobuf-dev)
 # tests/tests/docker.rs: dockerd (with the containerd it starts) using weft as
 # its network and IPAM driver.
 pkgs+=(docker.io)
+# tests/tests/metrics.rs: Prometheus scrapes an agent (and promtool checks the page).
+pkgs+=(prometheus)
 if [ "${1:-}" = "--bench" ]; then
     pkgs+=(containernetworking-plugins iperf3)
 fi

@@ -312,7 +312,29 @@ pub(crate) fn check_ports_free(
 }
 
 /// Attaches: see the module's comment. Returns the registered record.
+/// Timed, by driver and result, for `/metrics`.
 pub(crate) fn attach(inner: &mut Inner, a: Attach) -> Result<Arc<Sandbox>> {
+    let began = std::time::Instant::now();
+    let driver = driver_label(inner, a.endpoints.first().map(|e| e.network.as_str()));
+    let r = attach_untimed(inner, a);
+    inner
+        .metrics
+        .attach
+        .with(&[&driver, crate::metrics::result_label(&r)])
+        .observe_duration(began.elapsed());
+    r
+}
+
+/// The network driver of an attach or detach, for its label: the first
+/// endpoint's (a sandbox on no network has "none").
+fn driver_label(inner: &Inner, network: Option<&str>) -> String {
+    network
+        .and_then(|n| inner.networks.get(n))
+        .map(|n| n.net.driver().to_string())
+        .unwrap_or_else(|| "none".into())
+}
+
+fn attach_untimed(inner: &mut Inner, a: Attach) -> Result<Arc<Sandbox>> {
     validate(inner, &a)?;
     let Attach {
         mut sandbox,
@@ -608,6 +630,24 @@ pub(crate) fn teardown(
 /// record, names and DNS. On a teardown failure the sandbox stays
 /// registered, so that the next reconcile retries.
 pub(crate) fn remove(inner: &mut Inner, sb: &Sandbox, links: Links) -> Result<()> {
+    let began = std::time::Instant::now();
+    let driver = driver_label(
+        inner,
+        sb.attachment
+            .endpoints()
+            .first()
+            .map(|e| e.network.as_str()),
+    );
+    let r = remove_untimed(inner, sb, links);
+    inner
+        .metrics
+        .detach
+        .with(&[&driver, crate::metrics::result_label(&r)])
+        .observe_duration(began.elapsed());
+    r
+}
+
+fn remove_untimed(inner: &mut Inner, sb: &Sandbox, links: Links) -> Result<()> {
     if let Err(e) = inner.firewall.delete_ports(&sb.ports) {
         // Rewrite the whole table from what is left instead.
         warn!(sandbox = %sb.name, error = %e, "deleting published ports failed; rewriting the table");

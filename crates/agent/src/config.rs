@@ -21,6 +21,8 @@ pub struct AgentConfig {
     /// Where to serve Docker's network and IPAM plugin protocols (the
     /// socket's name is the driver's name); not served when absent.
     pub docker_plugin: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (read-only); not served when absent.
+    pub metrics_listen: Option<crate::metrics::MetricsListen>,
 }
 
 #[derive(Debug, Clone)]

@@ -42,6 +42,7 @@ pub(crate) struct Inner {
     /// Sandbox name -> id.
     pub names: HashMap<String, String>,
     pub firewall: Firewall,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// `weft leave` was run: the subnets of the overlay networks are given
     /// up (another host may lease them), so nothing new attaches to one
     /// until the agent restarts and rejoins.
@@ -68,6 +69,8 @@ pub struct Host {
     /// Read by `status` without the lock.
     pub(crate) pool: Arc<crate::netns_pool::NetnsPool>,
     pub(crate) started_unix: u64,
+    /// Bumped from anywhere without the lock; read by `/metrics`.
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Every lock of weft's recovers from poisoning the same way: a panic while
@@ -109,6 +112,7 @@ impl Host {
         let snap = Arc::new(inner.snapshot());
         Host {
             pool: Arc::clone(&inner.pool),
+            metrics: Arc::clone(&inner.metrics),
             started_unix: crate::ids::now_unix(),
             cfg: Arc::new(inner.cfg.clone()),
             inner: Arc::new(Mutex::new(inner)),

@@ -92,7 +92,13 @@ fn default_network(
 /// Opens the stores, makes the kernel match them, and starts the host:
 /// watches for auto-removed sandboxes, the namespace pool's refill.
 pub fn start(cfg: AgentConfig) -> Result<Host> {
+    let began = std::time::Instant::now();
     let inner = load(cfg)?;
+    inner
+        .metrics
+        .reconcile
+        .with(&["startup"])
+        .observe_duration(began.elapsed());
     let (watch, orphans) = auto_remove_watches(&inner);
     // Only now: garbage collection must not see the pool's fresh entries.
     inner.pool.start();
@@ -169,6 +175,7 @@ fn load(cfg: AgentConfig) -> Result<Inner> {
         sandboxes: BTreeMap::new(),
         names: HashMap::new(),
         left_cluster: false,
+        metrics: Default::default(),
     };
     let links: HashMap<String, Link> = inner
         .nl

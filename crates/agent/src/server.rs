@@ -36,6 +36,12 @@ pub async fn serve(cfg: AgentConfig) -> Result<()> {
         tokio::task::spawn_blocking(move || crate::cluster::check_public_address(&cc)).await??;
     }
 
+    // Bound now, so a taken port fails the start before any side effect.
+    let metrics_listener = match &cfg.metrics_listen {
+        Some(at) => Some(crate::metrics::bind(at).await?),
+        None => None,
+    };
+
     let start_cfg = cfg.clone();
     let host = tokio::task::spawn_blocking(move || crate::reconcile::start(start_cfg))
         .await
@@ -49,6 +55,8 @@ pub async fn serve(cfg: AgentConfig) -> Result<()> {
         host: host.clone(),
         cluster,
     };
+
+    let metrics = metrics_listener.map(|l| crate::metrics::serve(l, app.clone()));
 
     // Before the API: dockerd may be waiting for the plugin already.
     let docker = match &cfg.docker_plugin {
@@ -78,6 +86,7 @@ pub async fn serve(cfg: AgentConfig) -> Result<()> {
     if let Some(d) = docker {
         d.stop();
     }
+    drop(metrics);
     tokio::task::spawn_blocking(move || host.shutdown())
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))?;

@@ -180,6 +180,11 @@ struct AgentArgs {
     /// Docker names the driver after the file, without .sock
     #[arg(long, value_name = "PATH")]
     docker_plugin_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics (read-only, GET /metrics; nothing else is
+    /// served there) on ADDRESS:PORT, e.g. 127.0.0.1:9178, or on unix:PATH.
+    /// Off by default
+    #[arg(long, value_name = "ADDRESS:PORT|unix:PATH")]
+    metrics_listen: Option<weft_agent::MetricsListen>,
     /// How log lines look on stderr: text, or json for log collectors
     #[arg(long, value_enum, default_value_t = log_format::LogFormat::Text)]
     log_format: log_format::LogFormat,
@@ -275,6 +280,7 @@ fn reset(state_dir: PathBuf, format: Format, r: ResetArgs) -> Result<i32, Failur
         resolv_conf: PathBuf::from("/etc/resolv.conf"),
         cluster: None,
         docker_plugin: None,
+        metrics_listen: None,
     };
     let report = weft_agent::reset::reset(&cfg, r.keep_data)?;
     output::emit(format, &report, || {
@@ -312,6 +318,7 @@ fn run_agent(state_dir: PathBuf, a: AgentArgs) -> Result<i32, Failure> {
             a.docker_plugin
                 .then(|| PathBuf::from(weft_agent::config::DOCKER_PLUGIN_SOCKET))
         }),
+        metrics_listen: a.metrics_listen,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

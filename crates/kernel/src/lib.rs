@@ -14,7 +14,7 @@ pub mod sysctl;
 pub mod vxlan;
 
 pub use error::KernelError;
-pub use netlink::{Link, Netlink};
+pub use netlink::{Link, LinkStats, Netlink};
 pub use netns::Netns;
 pub use routes::{Route, OVERLAY_ROUTE_PROTOCOL};
 pub use vxlan::VxlanSpec;

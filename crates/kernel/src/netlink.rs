@@ -37,6 +37,19 @@ pub struct Link {
     pub up: bool,
 }
 
+/// A link's traffic counters (the kernel's 64-bit ones), as `ip -s link` shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_errors: u64,
+    pub tx_errors: u64,
+    pub rx_dropped: u64,
+    pub tx_dropped: u64,
+}
+
 pub struct Netlink {
     sock: Socket,
     seq: u32,
@@ -161,6 +174,42 @@ impl Netlink {
             Err(e) if e.errno() == Some(libc::ENODEV) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// A link's counters, or None when there is no link of that name.
+    pub fn link_stats(&mut self, name: &str) -> Result<Option<LinkStats>> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        let replies = match self.request(
+            &format!("get link {name}"),
+            RouteNetlinkMessage::GetLink(msg),
+            0,
+        ) {
+            Ok(r) => r,
+            Err(e) if e.errno() == Some(libc::ENODEV) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(replies.iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => Some(
+                l.attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        LinkAttribute::Stats64(s) => Some(LinkStats {
+                            rx_packets: s.rx_packets,
+                            tx_packets: s.tx_packets,
+                            rx_bytes: s.rx_bytes,
+                            tx_bytes: s.tx_bytes,
+                            rx_errors: s.rx_errors,
+                            tx_errors: s.tx_errors,
+                            rx_dropped: s.rx_dropped,
+                            tx_dropped: s.tx_dropped,
+                        }),
+                        _ => None,
+                    })
+                    .unwrap_or_default(),
+            ),
+            _ => None,
+        }))
     }
 
     /// Creates a bridge (up) unless a link of that name exists, and sets its

@@ -87,6 +87,10 @@ pub struct Lab {
     pub lease_ttl: u64,
     pub etcd: Option<ProcessRef>,
     pub hosts: Vec<LabHost>,
+    /// More options for every agent the lab starts from now on (a test's
+    /// `--metrics-listen`, say).
+    #[serde(default)]
+    pub agent_args: Vec<String>,
 }
 
 /// What `down` removed.
@@ -232,6 +236,7 @@ impl Lab {
             backend: spec.backend.clone(),
             lease_ttl: spec.lease_ttl,
             etcd: None,
+            agent_args: Vec::new(),
             hosts: Vec::new(),
         };
         let built = lab.build(spec, progress);
@@ -474,7 +479,8 @@ impl Lab {
         .args(["--public-ip", &self.hosts[i].ip.to_string()])
         .args(["--node-name", &self.hosts[i].name])
         .args(["--lease-ttl", &self.lease_ttl.to_string()])
-        .args(["--netns-pool", "2"]);
+        .args(["--netns-pool", "2"])
+        .args(&self.agent_args);
         let p = Self::spawn_logged(cmd, &self.agent_log(i))?;
         self.hosts[i].agent = Some(p);
         self.save()?;

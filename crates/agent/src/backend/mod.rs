@@ -166,6 +166,16 @@ pub(crate) trait Backend: Send {
     }
 }
 
+/// The device a network's backend carries its packets on, when it has one
+/// of its own (host-gw routes through the underlay interface).
+pub(crate) fn device_of(net: &Network) -> Option<String> {
+    match net.overlay()?.backend {
+        BackendKind::Vxlan => Some(weft_model::overlay::vxlan_device(&net.id)),
+        BackendKind::Udp | BackendKind::Secure => Some(tun_device(&net.id)),
+        BackendKind::HostGw => None,
+    }
+}
+
 pub(crate) fn new(kind: BackendKind) -> Option<Box<dyn Backend>> {
     match kind {
         BackendKind::HostGw => Some(Box::new(HostGw::default())),

@@ -176,7 +176,14 @@ impl Cluster {
             let ok = if id == 0 {
                 false
             } else {
-                match self.etcd.keep_alive(id).await {
+                let r = self.etcd.keep_alive(id).await;
+                let outcome = match &r {
+                    Ok(_) => "ok",
+                    Err(EtcdError::LeaseGone(_)) => "expired",
+                    Err(_) => "error",
+                };
+                self.host.metrics.lease_renewals.with(&[outcome]).inc();
+                match r {
                     Ok(_) => true,
                     Err(EtcdError::LeaseGone(_)) => {
                         warn!(lease = id, "the etcd lease expired; taking a new one");
@@ -282,6 +289,22 @@ impl Cluster {
     /// network, the local network on it, and the backend programmed with
     /// every other host's lease. Networks gone from etcd go from the host.
     async fn reconcile(
+        &self,
+        global: &mut Global,
+        bound: &mut HashMap<String, i64>,
+        verify: bool,
+    ) -> std::result::Result<(), EtcdError> {
+        let began = std::time::Instant::now();
+        let r = self.reconcile_pass(global, bound, verify).await;
+        self.host
+            .metrics
+            .reconcile
+            .with(&["cluster"])
+            .observe_duration(began.elapsed());
+        r
+    }
+
+    async fn reconcile_pass(
         &self,
         global: &mut Global,
         bound: &mut HashMap<String, i64>,
