@@ -48,6 +48,7 @@ pub(crate) fn router(app: App) -> Router {
             get(|| async { Json(serde_json::json!({ "version": env!("CARGO_PKG_VERSION") })) }),
         )
         .route("/v1/status", get(status))
+        .route("/v1/explain", post(explain))
         .route("/v1/cluster/leave", post(leave))
         .route("/v1/networks", get(list_networks).post(create_network))
         .route("/v1/networks/prune", post(prune_networks))
@@ -116,6 +117,14 @@ async fn remove_network(
         }
     }
     blocking(move || app.host.remove_network(&name, q.force)).await
+}
+
+async fn explain(
+    State(app): State<App>,
+    Json(req): Json<weft_model::explain::ExplainRequest>,
+) -> Reply<weft_model::explain::Explanation> {
+    let cluster = app.cluster.as_ref().map(|c| c.status());
+    blocking(move || crate::explain::explain(&app.host, cluster.as_ref(), &req)).await
 }
 
 async fn status(State(app): State<App>) -> Reply<StatusView> {

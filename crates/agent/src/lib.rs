@@ -13,6 +13,7 @@ mod dns;
 mod docker;
 mod driver;
 mod error;
+mod explain;
 mod firewall;
 mod host;
 mod ids;

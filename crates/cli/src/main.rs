@@ -3,6 +3,7 @@
 
 mod client;
 mod cni;
+mod explain_cmd;
 mod filter;
 mod lab;
 mod log_format;
@@ -33,7 +34,8 @@ struct Cli {
         default_value = "/run/weft"
     )]
     state_dir: PathBuf,
-    /// Output format: a readable table, or JSON for scripts
+    /// Output format: a readable table, or JSON for scripts (dot, svg and
+    /// png: pictures, for `weft explain`)
     #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
     format: Format,
     #[command(subcommand)]
@@ -44,6 +46,12 @@ struct Cli {
 pub enum Format {
     Table,
     Json,
+    /// Graphviz DOT (weft explain)
+    Dot,
+    /// SVG, rendered by Graphviz's `dot` (weft explain)
+    Svg,
+    /// PNG, rendered by Graphviz's `dot` (weft explain)
+    Png,
 }
 
 #[derive(Subcommand)]
@@ -104,6 +112,17 @@ with the weft binary (or a link to it) in the runtime's CNI plugin path."
         after_help = "Example:\n  weft leave && systemctl stop weft   # or stop `weft agent` however it runs"
     )]
     Leave,
+    /// The path of a packet, hop by hop, from the live kernel: routes,
+    /// neighbours, bridge ports, VXLAN FDB, weft's nft verdicts; and where
+    /// it ends (delivered, or dropped at which hop and why)
+    #[command(after_help = "Examples:\n  \
+weft explain a b                          # sandbox a to sandbox b (names, ids or addresses)\n  \
+weft explain a 10.40.7.2                  # to a sandbox on another host of the cluster\n  \
+weft explain a 203.0.113.9                # egress: routed and masqueraded\n  \
+weft explain host b                       # the host to a sandbox\n  \
+weft explain 198.51.100.9 host --proto tcp --port 8080   # a published port from outside\n  \
+weft explain a b --format dot | dot -Tpng > path.png     # or --format svg / png (Debian's graphviz)")]
+    Explain(explain_cmd::ExplainArgs),
     /// Several simulated hosts on this machine, with etcd and an agent each
     #[command(subcommand)]
     Lab(lab::LabCommand),
@@ -250,6 +269,7 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Port { sandbox } => sandbox_cmds::port(&ctx, &sandbox),
         Command::Network(n) => network_cmds::dispatch(&ctx, n),
         Command::Status => status_cmd::status(&ctx),
+        Command::Explain(a) => explain_cmd::explain(&ctx, a),
         Command::Leave => {
             let () = ctx.client.post_empty("/v1/cluster/leave")?;
             eprintln!("weft: left the cluster; stop the agent now");

@@ -56,6 +56,10 @@ pub fn emit<T: Serialize>(format: Format, value: &T, human: impl FnOnce() -> Str
                 print_line(&s);
             }
         }
+        Format::Dot | Format::Svg | Format::Png => {
+            eprintln!("weft: --format dot, svg and png are pictures of a path: only `weft explain` draws them; use table or json here");
+            std::process::exit(2);
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod connect_redirect;
 pub mod error;
+pub mod lookup;
 pub mod netlink;
 pub mod netns;
 pub mod nft;

@@ -38,7 +38,7 @@ fn neigh(family: AddressFamily, ifindex: u32) -> NeighbourMessage {
     m
 }
 
-fn mac_of(attrs: &[NeighbourAttribute]) -> Option<[u8; 6]> {
+pub(crate) fn mac_of(attrs: &[NeighbourAttribute]) -> Option<[u8; 6]> {
     attrs.iter().find_map(|a| match a {
         NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
             Some([b[0], b[1], b[2], b[3], b[4], b[5]])
@@ -47,9 +47,14 @@ fn mac_of(attrs: &[NeighbourAttribute]) -> Option<[u8; 6]> {
     })
 }
 
-fn dst_of(attrs: &[NeighbourAttribute]) -> Option<Ipv4Addr> {
+pub(crate) fn dst_of(attrs: &[NeighbourAttribute]) -> Option<Ipv4Addr> {
     attrs.iter().find_map(|a| match a {
         NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+        // An FDB entry (family AF_BRIDGE) carries its remote as raw bytes:
+        // netlink-packet-route decodes NDA_DST by the message's family.
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
+            Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+        }
         _ => None,
     })
 }

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod blocks;
+pub mod explain;
 pub mod ipam;
 pub mod keys;
 pub mod names;
