@@ -19,6 +19,8 @@ pkgs+=(etcd-server etcd-client protobuf-compiler libprotobuf-dev)
 pkgs+=(docker.io)
 # tests/tests/metrics.rs: Prometheus scrapes an agent (and promtool checks the page).
 pkgs+=(prometheus)
+# tests/tests/explain.rs: weft explain --format png renders with Graphviz.
+pkgs+=(graphviz)
 if [ "${1:-}" = "--bench" ]; then
     pkgs+=(containernetworking-plugins iperf3)
 fi

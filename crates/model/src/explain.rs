@@ -83,11 +83,12 @@ impl Explanation {
         out
     }
 
-    /// The path as a Graphviz digraph: one node per place, edges in hop
-    /// order, the last edge red when the packet is dropped there.
+    /// The path as a Graphviz digraph, top to bottom: one box per hop,
+    /// grouped in a frame per place (the sandbox, each host, the
+    /// underlay), the edge into the hop that drops drawn red.
     pub fn render_dot(&self) -> String {
         let mut out = String::from(
-            "digraph explain {\n  rankdir=LR;\n  node [shape=box, style=rounded, fontname=\"monospace\"];\n",
+            "digraph explain {\n  rankdir=TB;\n  node [shape=box, style=rounded, fontname=\"monospace\", fontsize=10];\n",
         );
         let _ = writeln!(
             out,
@@ -99,18 +100,38 @@ impl Explanation {
             Verdict::Dropped { hop, .. } => Some(*hop),
             Verdict::Delivered { .. } => None,
         };
-        for (i, h) in self.hops.iter().enumerate() {
-            let n = i + 1;
+        let mut i = 0;
+        let mut frame = 0;
+        while i < self.hops.len() {
+            let at = &self.hops[i].at;
+            let _ = writeln!(
+                out,
+                "  subgraph cluster_{frame} {{\n    label={};\n    style=dashed;",
+                dot_str(at)
+            );
+            while i < self.hops.len() && &self.hops[i].at == at {
+                let n = i + 1;
+                let color = if dropped_at == Some(n) {
+                    "red"
+                } else {
+                    "black"
+                };
+                let _ = writeln!(
+                    out,
+                    "    n{n} [label={}, color={color}];",
+                    dot_str(&format!("{n}. {}", wrap(&self.hops[i].what, 60)))
+                );
+                i += 1;
+            }
+            out.push_str("  }\n");
+            frame += 1;
+        }
+        for n in 1..=self.hops.len() {
             let color = if dropped_at == Some(n) {
                 "red"
             } else {
                 "black"
             };
-            let _ = writeln!(
-                out,
-                "  n{n} [label={}, color={color}];",
-                dot_str(&format!("{}. {}\\n{}", n, h.at, wrap(&h.what, 48)))
-            );
             let _ = writeln!(out, "  n{} -> n{n} [color={color}, penwidth=2];", n - 1);
         }
         let last = self.hops.len();
@@ -119,14 +140,14 @@ impl Explanation {
                 let _ = writeln!(
                     out,
                     "  done [label={}, shape=ellipse, color=darkgreen];\n  n{last} -> done [color=darkgreen, penwidth=2];",
-                    dot_str(&format!("delivered: {to}"))
+                    dot_str(&format!("delivered: {}", wrap(to, 60)))
                 );
             }
             Verdict::Dropped { why, .. } => {
                 let _ = writeln!(
                     out,
                     "  done [label={}, shape=octagon, color=red];\n  n{} -> done [color=red, penwidth=2];",
-                    dot_str(&format!("dropped: {}", wrap(why, 48))),
+                    dot_str(&format!("dropped: {}", wrap(why, 60))),
                     dropped_at.unwrap_or(last)
                 );
             }
@@ -433,9 +454,14 @@ mod tests {
         let dot = e.render_dot();
         assert!(dot.starts_with("digraph explain {"), "{dot}");
         assert!(
-            dot.contains("n2 [label=\"2. host\\nnft forward: \\\"drop\\\"\", color=red]"),
+            dot.contains("subgraph cluster_1 {\n    label=\"host\";"),
             "{dot}"
         );
+        assert!(
+            dot.contains("n2 [label=\"2. nft forward: \\\"drop\\\"\", color=red]"),
+            "{dot}"
+        );
+        assert!(dot.contains("n1 -> n2 [color=red"), "{dot}");
         assert!(dot.contains("n2 -> done [color=red"), "{dot}");
         assert!(e
             .render_text()
