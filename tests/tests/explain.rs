@@ -147,6 +147,30 @@ fn explain_matches_real_packets_on_one_host() {
         "the ping stopped at the host's forward chain"
     );
 
+    // --probe: a real ping, traced through the host's hooks, beside the
+    // prediction: the drop is seen at weft's forward rule.
+    let e = explain(&h, &["--probe", "a", "c"]);
+    let p = e.probe.as_ref().expect("a probe");
+    assert_eq!(p.delivered, Some(false), "{}", e.render_text());
+    assert!(
+        p.seen
+            .iter()
+            .any(|s| s.contains("inet weft forward") && s.contains("verdict drop")),
+        "{}",
+        e.render_text()
+    );
+    let e = explain(&h, &["--probe", "a", "b"]);
+    assert_eq!(
+        e.probe.as_ref().unwrap().delivered,
+        Some(true),
+        "{}",
+        e.render_text()
+    );
+    assert!(
+        !h.ns.sh("nft list tables").contains("wftprobe"),
+        "the probe's tables are gone"
+    );
+
     // 3. The host to a sandbox.
     let e = explain(&h, &["host", "c"]);
     delivered(&e, "sandbox c");

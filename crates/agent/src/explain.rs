@@ -40,6 +40,8 @@ struct Walk<'a> {
     disagreements: Vec<String>,
     /// "host" on a single host, "host h1" in a cluster.
     host_at: String,
+    /// The source address of a frame that stays on one bridge.
+    bridge_src: Option<Ipv4Addr>,
 }
 
 fn place_name(p: &Place) -> String {
@@ -118,6 +120,7 @@ pub(crate) fn explain(
         links,
         hops: Vec::new(),
         disagreements: Vec::new(),
+        bridge_src: None,
         host_at: cluster
             .map(|c| format!("host {}", c.node))
             .unwrap_or_else(|| "host".into()),
@@ -127,6 +130,28 @@ pub(crate) fn explain(
             .push("weft's nft table `inet weft` is missing: isolation and masquerade are off until the agent rewrites it".into());
     }
     let verdict = w.walk(&src, &dst, &proto, req.port)?;
+    let probe = if req.probe {
+        let from = match &src {
+            Place::Host => crate::probe::From::Host,
+            Place::Sandbox(sb) => match (&sb.netns, Walk::first_ip(&src)) {
+                (Some(ns), Some(ip)) => crate::probe::From::Netns(ns.into(), ip),
+                _ => crate::probe::From::Host,
+            },
+            Place::Address(ip) => {
+                return Err(AgentError::BadRequest(format!(
+                    "--probe sends from the source, and {ip} is not a sandbox of this host nor the host; probe from a sandbox or `host`"
+                )))
+            }
+        };
+        let to = match (&dst, req.port) {
+            (Place::Host, _) => w.host_address(),
+            _ => Walk::first_ip(&dst),
+        }
+        .ok_or_else(|| AgentError::BadRequest("the destination has no address to probe".into()))?;
+        Some(crate::probe::probe(&from, to, &proto, req.port)?)
+    } else {
+        None
+    };
     Ok(Explanation {
         src: place_name(&src),
         dst: place_name(&dst),
@@ -137,6 +162,7 @@ pub(crate) fn explain(
         hops: w.hops,
         verdict,
         disagreements: w.disagreements,
+        probe,
     })
 }
 
@@ -174,6 +200,14 @@ impl Walk<'_> {
             .values()
             .find(|l| l.name == name)
             .map(|l| l.index)
+    }
+
+    /// An address of this host to probe `host` at: its first bridge's gateway.
+    fn host_address(&self) -> Option<Ipv4Addr> {
+        self.networks
+            .values()
+            .find(|n| n.bridge().is_some())
+            .map(|n| n.gateway)
     }
 
     fn first_ip(p: &Place) -> Option<Ipv4Addr> {
@@ -412,6 +446,7 @@ impl Walk<'_> {
         };
         let _ = h;
         if gateway.is_none() {
+            self.bridge_src = Some(ep.ip);
             return self.on_bridge(&bridge, &ep.network, d, neigh.map(|n| n.mac));
         }
         let _ = proto;
@@ -472,6 +507,30 @@ impl Walk<'_> {
             ),
             format!("bridge fdb show br {bridge} | grep -i {}", format_mac(&mac)),
         );
+        // A frame between two ports; the host's own frames leave by the
+        // bridge device and pass no forward hook.
+        if let Some(src) = self.bridge_src.filter(|_| bridged_frames_filtered()) {
+            let pkt = Packet {
+                iif: bridge,
+                oif: bridge,
+                saddr: src,
+                daddr: d,
+                dnat: false,
+            };
+            let cmd = "sysctl net.bridge.bridge-nf-call-iptables; nft list chain inet weft forward";
+            match forward_rule(&self.table, &pkt) {
+                Some((r, false)) => {
+                    let h = self.hop(&host_at, format!("br_netfilter is on: bridged frames pass nft forward too, and `{r}` drops them"), cmd.into());
+                    return Ok(dropped(h, format!("weft's rule `{r}`"), None));
+                }
+                Some((r, true)) => {
+                    self.hop(&host_at, format!("br_netfilter is on: bridged frames pass nft forward too, and `{r}` accepts them"), cmd.into());
+                }
+                None => {
+                    self.hop(&host_at, "br_netfilter is on: bridged frames pass nft forward too; no rule of weft's matches, the policy accepts".into(), cmd.into());
+                }
+            }
+        }
         Ok(Verdict::Delivered {
             to: format!("sandbox {} ({d}) on network {network}", sb.name),
         })
@@ -898,6 +957,13 @@ impl Walk<'_> {
             .unwrap_or(Place::Address(to));
         self.forward(&host_at, (from, iif, &iif_name), to, &dst, true)
     }
+}
+
+/// Whether bridged IPv4 frames also traverse the inet hooks here
+/// (br_netfilter loaded and on in this namespace).
+fn bridged_frames_filtered() -> bool {
+    std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
+        .is_ok_and(|v| v.trim() == "1")
 }
 
 fn src_text(s: Option<Ipv4Addr>) -> String {

@@ -21,6 +21,7 @@ mod metrics;
 mod netns_pool;
 mod networks;
 mod overlay;
+mod probe;
 mod reconcile;
 pub mod reset;
 mod sandboxes;

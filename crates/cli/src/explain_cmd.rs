@@ -21,6 +21,11 @@ pub struct ExplainArgs {
     /// Destination port (tcp/udp); needed for a published port
     #[arg(long)]
     port: Option<u16>,
+    /// Also send one real packet (ping, a TCP connect or a UDP datagram)
+    /// and show where this host's netfilter saw it (nftables tracing),
+    /// beside the prediction
+    #[arg(long)]
+    probe: bool,
 }
 
 pub fn explain(ctx: &Context, a: ExplainArgs) -> Result<i32, Failure> {
@@ -29,6 +34,7 @@ pub fn explain(ctx: &Context, a: ExplainArgs) -> Result<i32, Failure> {
         dst: a.dst,
         proto: a.proto,
         port: a.port,
+        probe: a.probe,
     };
     let e: Explanation = ctx.client.post("/v1/explain", &req)?;
     match ctx.format {

@@ -20,6 +20,25 @@ pub struct ExplainRequest {
     /// tcp, udp or icmp.
     pub proto: String,
     pub port: Option<u16>,
+    /// Also send one real packet and trace it (`--probe`).
+    #[serde(default)]
+    pub probe: bool,
+}
+
+/// What a real packet did (`--probe`): sent from the source, followed
+/// through this host's netfilter hooks with nftables tracing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// What was sent, as a command would: "ping -c 1 -W 1 10.1.0.3".
+    pub sent: String,
+    /// "answered", "refused (RST)", "no answer", …
+    pub outcome: String,
+    /// Whether the packet reached the destination, as far as the probe
+    /// can tell (an answer came back); None when it cannot tell (UDP).
+    pub delivered: Option<bool>,
+    /// Where this host's netfilter saw it, in order (`nft monitor trace`,
+    /// condensed): the hook and interfaces, and weft's rules that decided.
+    pub seen: Vec<String>,
 }
 
 /// One step of the path.
@@ -57,6 +76,14 @@ pub struct Explanation {
     /// Where weft's records and the kernel disagree.
     #[serde(default)]
     pub disagreements: Vec<String>,
+    #[serde(default)]
+    pub probe: Option<Probe>,
+}
+
+impl Verdict {
+    pub fn is_delivered(&self) -> bool {
+        matches!(self, Verdict::Delivered { .. })
+    }
 }
 
 impl Explanation {
@@ -79,6 +106,25 @@ impl Explanation {
                     let _ = writeln!(out, "fix: {f}");
                 }
             }
+        }
+        if let Some(p) = &self.probe {
+            let _ = writeln!(out, "probe: sent `{}`: {}", p.sent, p.outcome);
+            for s in &p.seen {
+                let _ = writeln!(out, "  seen: {s}");
+            }
+            if p.seen.is_empty() {
+                let _ = writeln!(out, "  seen: nowhere in this host's netfilter hooks");
+            }
+            let _ = match p.delivered {
+                Some(d) if d == self.verdict.is_delivered() => {
+                    writeln!(out, "prediction and probe agree")
+                }
+                Some(_) => writeln!(out, "!! prediction and probe DISAGREE"),
+                None => writeln!(
+                    out,
+                    "the probe cannot tell whether it arrived (no answer expected)"
+                ),
+            };
         }
         out
     }
@@ -450,6 +496,7 @@ mod tests {
                 fix: None,
             },
             disagreements: vec![],
+            probe: None,
         };
         let dot = e.render_dot();
         assert!(dot.starts_with("digraph explain {"), "{dot}");
