@@ -339,6 +339,44 @@ fn explain_matches_real_packets_across_hosts() {
     delivered(&e, "on host h2");
     assert!(lab.sh(0, &format!("ping -c 1 -W 1 {b}")).status.success());
 
+    // The lab as one picture, with that path highlighted; and h1's own view.
+    let picture = |format: &str| {
+        std::process::Command::new(weft_e2e::weft_bin())
+            .args([
+                "lab",
+                "picture",
+                "--root",
+                weft_e2e::lab::ROOT,
+                "--name",
+                &lab.name,
+            ])
+            .args(["--path", "h1", "a", &b_s, "--format", format])
+            .output()
+            .unwrap()
+    };
+    let png = picture("png");
+    assert!(
+        png.status.success() && png.stdout.starts_with(b"\x89PNG"),
+        "{}",
+        text(&png)
+    );
+    let dot = String::from_utf8(picture("dot").stdout).unwrap();
+    assert!(
+        dot.contains("\"h2/sb/b\" [label=") && dot.contains("color=blue"),
+        "{dot}"
+    );
+    let t: weft_model::topology::Topology = lab.weft_json(0, &["topology"]);
+    assert!(
+        t.sandboxes.iter().any(|s| s.name == "a" && s.plugged),
+        "{t:?}"
+    );
+    assert!(
+        t.tunnels.iter().any(
+            |x| x.device.as_deref().is_some_and(|d| d.starts_with("wvx-")) && x.peers.len() == 2
+        ),
+        "{t:?}"
+    );
+
     // 12. Two overlay networks: isolated from each other.
     let e = explain_in_lab(&lab, 0, &["a", &o.to_string()]);
     dropped_at(&e, "nft forward", "overlay networks are isolated");

@@ -49,6 +49,7 @@ pub(crate) fn router(app: App) -> Router {
         )
         .route("/v1/status", get(status))
         .route("/v1/explain", post(explain))
+        .route("/v1/topology", get(topology))
         .route("/v1/cluster/leave", post(leave))
         .route("/v1/networks", get(list_networks).post(create_network))
         .route("/v1/networks/prune", post(prune_networks))
@@ -125,6 +126,11 @@ async fn explain(
 ) -> Reply<weft_model::explain::Explanation> {
     let cluster = app.cluster.as_ref().map(|c| c.status());
     blocking(move || crate::explain::explain(&app.host, cluster.as_ref(), &req)).await
+}
+
+async fn topology(State(app): State<App>) -> Reply<weft_model::topology::Topology> {
+    let cluster = app.cluster.as_ref().map(|c| c.status());
+    blocking(move || crate::explain::topology(&app.host, cluster.as_ref())).await
 }
 
 async fn status(State(app): State<App>) -> Reply<StatusView> {

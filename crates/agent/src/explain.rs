@@ -969,3 +969,86 @@ fn bridged_frames_filtered() -> bool {
 fn src_text(s: Option<Ipv4Addr>) -> String {
     s.map(|s| format!(" src {s}")).unwrap_or_default()
 }
+
+/// This host's network for a picture: records named, checked against the
+/// live links (a bridge that is gone, a veth off its bridge show dashed).
+pub(crate) fn topology(
+    host: &Host,
+    cluster: Option<&ClusterView>,
+) -> Result<weft_model::topology::Topology> {
+    use weft_model::topology::{TopoBridge, TopoPeer, TopoSandbox, TopoTunnel, Topology};
+    let snap = host.snapshot();
+    let mut nl = Netlink::open()?;
+    let links: HashMap<String, Link> = nl
+        .links()?
+        .into_iter()
+        .map(|l| (l.name.clone(), l))
+        .collect();
+    let index_of = |name: &str| links.get(name).map(|l| l.index);
+    let bridges: Vec<TopoBridge> = snap
+        .networks
+        .values()
+        .filter_map(|n| {
+            n.bridge().map(|b| TopoBridge {
+                name: b.to_string(),
+                network: n.name.clone(),
+                subnet: n.subnet,
+                gateway: n.gateway,
+                present: links.contains_key(b),
+            })
+        })
+        .collect();
+    let mut sandboxes = Vec::new();
+    for sb in snap.sandboxes.values() {
+        for ep in sb.attachment.endpoints() {
+            let bridge = snap.networks.get(&ep.network).and_then(|n| n.bridge());
+            let end = ep.host_ifname().map(String::from);
+            let plugged = match (&end, bridge) {
+                (Some(e), Some(b)) => links.get(e).and_then(|l| l.master) == index_of(b),
+                _ => true,
+            };
+            sandboxes.push(TopoSandbox {
+                name: sb.name.clone(),
+                ip: ep.ip,
+                network: ep.network.clone(),
+                host_end: end,
+                plugged,
+            });
+        }
+    }
+    let tunnels = cluster
+        .map(|c| {
+            c.networks
+                .iter()
+                .filter_map(|o| {
+                    let net = snap.networks.get(&o.name)?;
+                    Some(TopoTunnel {
+                        device: crate::backend::device_of(net),
+                        backend: o.backend.clone(),
+                        network: o.name.clone(),
+                        bridge: net.bridge().map(String::from),
+                        peers: o
+                            .peers
+                            .iter()
+                            .map(|p| TopoPeer {
+                                node: p.node.clone(),
+                                public_ip: p.public_ip,
+                                subnet: p.subnet,
+                                programmed: p.problem.is_none(),
+                            })
+                            .collect(),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Topology {
+        host: cluster
+            .map(|c| c.node.clone())
+            .unwrap_or_else(|| "host".into()),
+        public_ip: cluster.and_then(|c| c.public_ip),
+        bridges,
+        sandboxes,
+        tunnels,
+    })
+}

@@ -76,6 +76,23 @@ pub enum LabCommand {
         #[arg(long, env = "WEFT_LAB_ROOT", default_value = "/run/weft-lab")]
         root: PathBuf,
     },
+    /// The lab as one picture: every host's bridges, sandboxes and
+    /// tunnels, with the path of one `weft explain` highlighted (DOT;
+    /// --format svg or png through Graphviz)
+    #[command(
+        after_help = "Examples:\n  weft lab picture --format png > lab.png\n  weft lab picture --path h1 a 10.40.7.2 --format svg > path.svg   # explain a -> 10.40.7.2, as h1 sees it"
+    )]
+    Picture {
+        /// Highlight `weft explain SRC DST` run on HOST
+        #[arg(long, num_args = 3, value_names = ["HOST", "SRC", "DST"])]
+        path: Option<Vec<String>>,
+        /// Name of the lab
+        #[arg(long, default_value = "lab")]
+        name: String,
+        /// Where labs live
+        #[arg(long, env = "WEFT_LAB_ROOT", default_value = "/run/weft-lab")]
+        root: PathBuf,
+    },
 }
 
 pub fn dispatch(format: Format, cmd: LabCommand) -> Result<i32, Failure> {
@@ -107,7 +124,7 @@ pub fn dispatch(format: Format, cmd: LabCommand) -> Result<i32, Failure> {
                 );
             })?;
             eprintln!(
-                "[{:>5.1}s] lab {name} is up: {} hosts; try `weft lab exec h1 -- weft run --net lab -d -- sleep 1d`",
+                "[{:>5.1}s] lab {name} is up: {} hosts; try `weft lab exec h1 -- weft run --net lab -d -- sleep 1d`; its picture: `weft lab picture --name {name} --format png > lab.png`",
                 start.elapsed().as_secs_f64(),
                 lab.hosts.len()
             );
@@ -196,6 +213,9 @@ pub fn dispatch(format: Format, cmd: LabCommand) -> Result<i32, Failure> {
             });
             Ok(0)
         }
+        LabCommand::Picture { path, name, root } => {
+            picture(format, &Lab::load(&root, &name)?, path)
+        }
         LabCommand::Down { name, root } => {
             let r = weft_lab::down(&Lab::path(&root, &name))?;
             if !r.existed {
@@ -216,4 +236,45 @@ pub fn dispatch(format: Format, cmd: LabCommand) -> Result<i32, Failure> {
 
 fn weft_kernel_alive(p: &weft_model::ProcessRef) -> bool {
     weft_lab::is_alive(p)
+}
+
+/// Every host's topology (from its agent) and the path, as one picture.
+fn picture(format: Format, lab: &Lab, path: Option<Vec<String>>) -> Result<i32, Failure> {
+    let ask = |i: usize, args: &[&str]| -> Result<Vec<u8>, Failure> {
+        let out = lab.weft(i, args).output()?;
+        if !out.status.success() {
+            return Err(Failure {
+                code: 1,
+                message: format!(
+                    "weft {} on {}: {}",
+                    args.join(" "),
+                    lab.hosts[i].name,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        Ok(out.stdout)
+    };
+    let mut hosts = Vec::new();
+    for i in 0..lab.hosts.len() {
+        let t: weft_model::topology::Topology =
+            serde_json::from_slice(&ask(i, &["--format", "json", "topology"])?)?;
+        hosts.push(t);
+    }
+    let explained = match &path {
+        Some(p) => {
+            let i = lab.index_of(&p[0])?;
+            let e: weft_model::explain::Explanation =
+                serde_json::from_slice(&ask(i, &["--format", "json", "explain", &p[1], &p[2]])?)?;
+            Some(e)
+        }
+        None => None,
+    };
+    if format == Format::Json {
+        emit(format, &hosts, String::new);
+        return Ok(0);
+    }
+    let dot = weft_model::topology::render_dot(&hosts, explained.as_ref());
+    crate::explain_cmd::picture(format, &dot)?;
+    Ok(0)
 }

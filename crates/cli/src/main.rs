@@ -123,6 +123,12 @@ weft explain host b                       # the host to a sandbox\n  \
 weft explain 198.51.100.9 host --proto tcp --port 8080   # a published port from outside\n  \
 weft explain a b --format dot | dot -Tpng > path.png     # or --format svg / png (Debian's graphviz)")]
     Explain(explain_cmd::ExplainArgs),
+    /// This host's network as a picture: bridges, the sandboxes on them,
+    /// tunnel devices and their peers (text, json, or --format dot|svg|png)
+    #[command(
+        after_help = "Examples:\n  weft topology\n  weft --format png topology --path a b > host.png   # with the path of `weft explain a b`\n  weft lab picture --format png > lab.png            # every host of a lab"
+    )]
+    Topology(explain_cmd::TopologyArgs),
     /// Several simulated hosts on this machine, with etcd and an agent each
     #[command(subcommand)]
     Lab(lab::LabCommand),
@@ -270,6 +276,7 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Network(n) => network_cmds::dispatch(&ctx, n),
         Command::Status => status_cmd::status(&ctx),
         Command::Explain(a) => explain_cmd::explain(&ctx, a),
+        Command::Topology(a) => explain_cmd::topology(&ctx, a),
         Command::Leave => {
             let () = ctx.client.post_empty("/v1/cluster/leave")?;
             eprintln!("weft: left the cluster; stop the agent now");

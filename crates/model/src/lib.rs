@@ -13,6 +13,7 @@ pub mod overlay;
 pub mod ports;
 pub mod sandbox;
 pub mod subnet;
+pub mod topology;
 
 pub use ipam::{AddressPool, IpamError};
 pub use network::{Driver, Network, NetworkSpec};
