@@ -339,6 +339,33 @@ fn explain_matches_real_packets_across_hosts() {
     delivered(&e, "on host h2");
     assert!(lab.sh(0, &format!("ping -c 1 -W 1 {b}")).status.success());
 
+    // The whole way through the lab: h2's agent continues where h1's
+    // hands the packet over, down to b's veth.
+    let through = std::process::Command::new(weft_e2e::weft_bin())
+        .args([
+            "--format",
+            "json",
+            "lab",
+            "explain",
+            "--root",
+            weft_e2e::lab::ROOT,
+            "--name",
+            &lab.name,
+            "h1",
+            "a",
+            &b_s,
+        ])
+        .output()
+        .unwrap();
+    assert!(through.status.success(), "{}", text(&through));
+    let e: Explanation = serde_json::from_slice(&through.stdout).unwrap();
+    delivered(&e, "sandbox b");
+    assert!(
+        e.hops.iter().any(|x| x.at == "host h1") && e.hops.iter().any(|x| x.at == "host h2"),
+        "{}",
+        e.render_text()
+    );
+
     // The lab as one picture, with that path highlighted; and h1's own view.
     let picture = |format: &str| {
         std::process::Command::new(weft_e2e::weft_bin())

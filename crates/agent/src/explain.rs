@@ -238,10 +238,17 @@ impl Walk<'_> {
             (Place::Address(from), Place::Host) => self.published_port(*from, proto, port),
             (Place::Address(from), _) => {
                 let d = Self::first_ip(dst).expect("a destination address");
+                // It comes in where the route back to its source leaves.
+                let via = match self.host_nl.route_get(*from, None)? {
+                    RouteHit::Unicast { oif, .. } => {
+                        format!("on {}, the way back to {from}", self.link_name(oif))
+                    }
+                    _ => "from an address this host has no route to".into(),
+                };
                 let h = self.hop(
                     &host_at,
-                    format!("a packet from {from} arrives from outside, to {d}"),
-                    "ip -br addr".into(),
+                    format!("a packet from {from} to {d} comes in {via}"),
+                    format!("ip route get {from}"),
                 );
                 self.leave_host(&host_at, Some((*from, h)), d, dst)
             }

@@ -93,6 +93,25 @@ pub enum LabCommand {
         #[arg(long, env = "WEFT_LAB_ROOT", default_value = "/run/weft-lab")]
         root: PathBuf,
     },
+    /// `weft explain` the whole way through the lab: on HOST, then, when
+    /// the packet is handed to another host, on that host as it arrives
+    #[command(
+        after_help = "Example:\n  weft lab explain h1 web 10.40.10.2   # web on h1 to the sandbox at 10.40.10.2 on h2"
+    )]
+    Explain {
+        /// The host the packet starts on: h1, h2, …
+        host: String,
+        /// A sandbox of that host (name or id), an address, or `host`
+        src: String,
+        /// An address (of a sandbox on any host of the lab, or outside)
+        dst: String,
+        /// Name of the lab
+        #[arg(long, default_value = "lab")]
+        name: String,
+        /// Where labs live
+        #[arg(long, env = "WEFT_LAB_ROOT", default_value = "/run/weft-lab")]
+        root: PathBuf,
+    },
 }
 
 pub fn dispatch(format: Format, cmd: LabCommand) -> Result<i32, Failure> {
@@ -213,6 +232,13 @@ pub fn dispatch(format: Format, cmd: LabCommand) -> Result<i32, Failure> {
             });
             Ok(0)
         }
+        LabCommand::Explain {
+            host,
+            src,
+            dst,
+            name,
+            root,
+        } => explain_through(format, &Lab::load(&root, &name)?, &host, &src, &dst),
         LabCommand::Picture { path, name, root } => {
             picture(format, &Lab::load(&root, &name)?, path)
         }
@@ -236,6 +262,76 @@ pub fn dispatch(format: Format, cmd: LabCommand) -> Result<i32, Failure> {
 
 fn weft_kernel_alive(p: &weft_model::ProcessRef) -> bool {
     weft_lab::is_alive(p)
+}
+
+/// `weft --format json ARGS` as lab host `i`, its answer parsed.
+fn ask_json<T: serde::de::DeserializeOwned>(
+    lab: &Lab,
+    i: usize,
+    args: &[&str],
+) -> Result<T, Failure> {
+    let mut all = vec!["--format", "json"];
+    all.extend_from_slice(args);
+    let out = lab.weft(i, &all).output()?;
+    if !out.status.success() {
+        return Err(Failure {
+            code: 1,
+            message: format!(
+                "weft {} on {}: {}",
+                args.join(" "),
+                lab.hosts[i].name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Explains on `host`, then on every host the packet is handed to.
+fn explain_through(
+    format: Format,
+    lab: &Lab,
+    host: &str,
+    src: &str,
+    dst: &str,
+) -> Result<i32, Failure> {
+    let mut i = lab.index_of(host)?;
+    let mut e: weft_model::explain::Explanation = ask_json(lab, i, &["explain", src, dst])?;
+    // Inside an overlay the source address stays the sandbox's own.
+    let src_ip = match src.parse::<std::net::Ipv4Addr>() {
+        Ok(ip) => ip.to_string(),
+        Err(_) => {
+            let sbs: Vec<weft_model::api::SandboxView> = ask_json(lab, i, &["inspect", src])?;
+            sbs.first()
+                .and_then(|s| s.attachment.endpoints().first())
+                .map(|ep| ep.ip.to_string())
+                .ok_or_else(|| Failure {
+                    code: 1,
+                    message: format!("{src} on {host} has no address"),
+                })?
+        }
+    };
+    // At most once per host: a path never crosses a host twice.
+    for _ in 0..lab.hosts.len() {
+        let Some(next) = e.verdict.next_host().map(String::from) else {
+            break;
+        };
+        let Ok(j) = lab.index_of(&next) else {
+            break;
+        };
+        if j == i {
+            break;
+        }
+        let far: weft_model::explain::Explanation = ask_json(lab, j, &["explain", &src_ip, dst])?;
+        e = e.then(far);
+        i = j;
+    }
+    match format {
+        Format::Table => crate::output::print_line(e.render_text().trim_end()),
+        Format::Json => emit(format, &e, String::new),
+        _ => crate::explain_cmd::picture(format, &e.render_dot())?,
+    }
+    Ok(0)
 }
 
 /// Every host's topology (from its agent) and the path, as one picture.

@@ -84,6 +84,35 @@ impl Verdict {
     pub fn is_delivered(&self) -> bool {
         matches!(self, Verdict::Delivered { .. })
     }
+
+    /// The host a delivered packet was handed to, when it left this one
+    /// for another host of the cluster ("… on host h2 (…)").
+    pub fn next_host(&self) -> Option<&str> {
+        match self {
+            Verdict::Delivered { to } => to.split(" on host ").nth(1)?.split_whitespace().next(),
+            Verdict::Dropped { .. } => None,
+        }
+    }
+}
+
+impl Explanation {
+    /// This host's part followed by the far host's (what that host's
+    /// agent says about the packet arriving there): one path, the far
+    /// side's verdict, hop numbers counted through.
+    pub fn then(mut self, far: Explanation) -> Explanation {
+        let offset = self.hops.len();
+        self.hops.extend(far.hops);
+        self.disagreements.extend(far.disagreements);
+        self.verdict = match far.verdict {
+            Verdict::Dropped { hop, why, fix } => Verdict::Dropped {
+                hop: hop + offset,
+                why,
+                fix,
+            },
+            v => v,
+        };
+        self
+    }
 }
 
 impl Explanation {
@@ -470,6 +499,39 @@ mod tests {
         ] {
             assert!(table.contains(rule), "{rule} is not in the table");
         }
+    }
+
+    #[test]
+    fn the_far_hosts_part_continues_the_path() {
+        let hop = |at: &str| Hop {
+            at: at.into(),
+            what: "x".into(),
+            command: "y".into(),
+        };
+        let near = Explanation {
+            src: "sandbox a".into(),
+            dst: "10.40.2.2".into(),
+            proto: "icmp".into(),
+            hops: vec![hop("sandbox a"), hop("host h1")],
+            verdict: Verdict::Delivered {
+                to: "10.40.2.2 on host h2 (198.51.100.12)".into(),
+            },
+            disagreements: vec![],
+            probe: None,
+        };
+        assert_eq!(near.verdict.next_host(), Some("h2"));
+        let far = Explanation {
+            hops: vec![hop("host h2")],
+            verdict: Verdict::Dropped {
+                hop: 1,
+                why: "w".into(),
+                fix: None,
+            },
+            ..near.clone()
+        };
+        let all = near.then(far);
+        assert_eq!(all.hops.len(), 3);
+        assert!(matches!(all.verdict, Verdict::Dropped { hop: 3, .. }));
     }
 
     #[test]
