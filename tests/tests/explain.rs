@@ -6,7 +6,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 use weft_e2e::lab::TestLab;
-use weft_e2e::{text, Netns, TestHost};
+use weft_e2e::{text, Lan, Netns, TestHost};
 use weft_model::explain::{Explanation, Verdict};
 
 fn explain(h: &TestHost, args: &[&str]) -> Explanation {
@@ -58,8 +58,17 @@ fn dropped_at(e: &Explanation, hop_says: &str, why: &str) -> usize {
 
 /// Packets matching `filter` seen on `iface` in `ns` while `f` runs.
 fn seen(ns: &Netns, iface: &str, filter: &str, f: impl FnOnce()) -> usize {
-    let mut child = ns
-        .command("tcpdump")
+    seen_by(ns.command("tcpdump"), iface, filter, f)
+}
+
+/// The same with `tcpdump`, a command set to run in some namespace.
+fn seen_by(
+    mut tcpdump: std::process::Command,
+    iface: &str,
+    filter: &str,
+    f: impl FnOnce(),
+) -> usize {
+    let mut child = tcpdump
         .args(["-l", "-n", "-i", iface])
         .args(filter.split_whitespace())
         .stdout(Stdio::piped())
@@ -266,7 +275,14 @@ fn explain_matches_real_packets_on_one_host() {
         "{}",
         e.render_text()
     );
-    assert!(!pings(&h, "b", &h.ip_of("a")));
+
+    let a_ip = h.ip_of("a");
+    let mut ok = true;
+    let on_bridge = seen(&h.ns, &weft0, &format!("icmp and host {a_ip}"), || {
+        let left_b = seen(&h.ns, &b_end, "icmp or arp", || ok = pings(&h, "b", &a_ip));
+        assert!(left_b >= 1, "b's packets reach its veth's host end");
+    });
+    assert!(!ok && on_bridge == 0, "and go no further than the veth");
 
     // The picture renders with Graphviz.
     let png = h
@@ -407,7 +423,24 @@ fn explain_matches_real_packets_across_hosts() {
     // 12. Two overlay networks: isolated from each other.
     let e = explain_in_lab(&lab, 0, &["a", &o.to_string()]);
     dropped_at(&e, "nft forward", "overlay networks are isolated");
-    assert!(!lab.ping(0, "a", o));
+    // Seen entering h1 on lab's bridge, never leaving by other's VXLAN device.
+    let lab_bridge = lab.network(0, "lab").bridge;
+    let other_vx = lab
+        .weft_json::<weft_model::topology::Topology>(0, &["topology"])
+        .tunnels
+        .into_iter()
+        .find(|t| t.network == "other")
+        .and_then(|t| t.device)
+        .expect("other's VXLAN device on h1");
+    let in_h1 = || weft_testkit::command_in(&lab.host_netns(0), "tcpdump");
+    let mut ok = true;
+    let left = seen_by(in_h1(), &other_vx, "icmp", || {
+        let entered = seen_by(in_h1(), &lab_bridge, &format!("icmp and host {o}"), || {
+            ok = lab.ping(0, "a", o)
+        });
+        assert!(entered >= 1, "the ping reached h1");
+    });
+    assert!(!ok && left == 0, "it never left by {other_vx}");
 }
 
 fn two_hosts(backend: &str, via: &str) {
@@ -434,4 +467,64 @@ fn explain_follows_host_gw_routes() {
 #[test]
 fn explain_follows_the_userspace_tunnel() {
     two_hosts("udp", "userspace tunnel");
+}
+
+// 15.
+#[test]
+fn explain_follows_the_secure_tunnel() {
+    two_hosts("secure", "userspace tunnel");
+}
+
+// 16, 17: macvlan, straight onto the LAN; and the host that cannot reach
+// its own macvlan sandbox through the parent.
+#[test]
+fn explain_follows_macvlan_onto_the_lan() {
+    let lan = Lan::new();
+    let (a, b) = (
+        TestHost::new(Some("10.176.0.0/16")),
+        TestHost::new(Some("10.177.0.0/16")),
+    );
+    let (pa, pb) = (lan.plug(&a), lan.plug(&b));
+    a.ns.sh(&format!("ip addr add 10.170.20.250/24 dev {pa}"));
+    for (h, p) in [(&a, &pa), (&b, &pb)] {
+        let parent = format!("parent={p}");
+        h.weft_ok(&[
+            "network",
+            "create",
+            "-d",
+            "macvlan",
+            "--subnet",
+            "10.170.20.0/24",
+            "--gateway",
+            "10.170.20.1",
+            "-o",
+            &parent,
+            "lan",
+        ]);
+    }
+    a.run_detached(
+        "m2",
+        &["--net", "lan", "--ip", "10.170.20.2"],
+        &["sleep", "1d"],
+    );
+    b.run_detached(
+        "m3",
+        &["--net", "lan", "--ip", "10.170.20.3"],
+        &["sleep", "1d"],
+    );
+
+    let e = explain(&a, &["m2", "10.170.20.3"]);
+    delivered(&e, "LAN (macvlan)");
+    let mut ok = false;
+    let cap = lan.capture("icmp", 1, || {
+        ok = a.exec("m2", "ping -c 1 -W 2 10.170.20.3").status.success()
+    });
+    assert!(ok && cap.contains("10.170.20.2 > 10.170.20.3"), "{cap}");
+
+    let e = explain(&a, &["host", "m2"]);
+    dropped_at(&e, "macvlan parent", "cannot reach its own macvlan sandbox");
+    assert!(
+        matches!(&e.verdict, Verdict::Dropped { fix: Some(f), .. } if f.contains("host_access"))
+    );
+    assert!(!a.ns.try_sh("ping -c 1 -W 1 10.170.20.2").status.success());
 }

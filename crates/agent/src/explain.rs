@@ -689,6 +689,27 @@ impl Walk<'_> {
         d: Ipv4Addr,
         dst: &Place,
     ) -> Result<Verdict> {
+        // A macvlan sandbox of this host, reached through its parent: the
+        // kernel never passes frames between a parent and its macvlans.
+        if let Some((sb, ep)) = self.local_endpoint(d).filter(|(_, e)| !e.kind.is_veth()) {
+            let net = self.networks.get(&ep.network).cloned();
+            let parent = net
+                .as_ref()
+                .and_then(|n| n.macvlan())
+                .map(|m| m.parent.clone());
+            if parent.as_deref() == Some(oif_name) {
+                let h = self.hop(
+                    host_at,
+                    format!("{oif_name} is the macvlan parent of sandbox {}'s {}: a parent never exchanges frames with its own macvlan interfaces", sb.name, ep.ifname),
+                    format!("ip -d link show {oif_name}"),
+                );
+                return Ok(dropped(
+                    h,
+                    format!("the host cannot reach its own macvlan sandbox {} through the parent", sb.name),
+                    Some(format!("give the host its own macvlan on the LAN: create network {} with -o host_access=ADDRESS", ep.network)),
+                ));
+            }
+        }
         if let Some(net) = self
             .networks
             .values()
