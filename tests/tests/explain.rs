@@ -355,8 +355,8 @@ fn explain_matches_real_packets_across_hosts() {
     delivered(&e, "on host h2");
     assert!(lab.sh(0, &format!("ping -c 1 -W 1 {b}")).status.success());
 
-    // The whole way through the lab: h2's agent continues where h1's
-    // hands the packet over, down to b's veth.
+    // The whole way through the lab, b named though it is on h2: h2's
+    // agent continues where h1's hands the packet over, down to b's veth.
     let through = std::process::Command::new(weft_e2e::weft_bin())
         .args([
             "--format",
@@ -369,7 +369,7 @@ fn explain_matches_real_packets_across_hosts() {
             &lab.name,
             "h1",
             "a",
-            &b_s,
+            "b",
         ])
         .output()
         .unwrap();

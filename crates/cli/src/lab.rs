@@ -103,7 +103,7 @@ pub enum LabCommand {
         host: String,
         /// A sandbox of that host (name or id), an address, or `host`
         src: String,
-        /// An address (of a sandbox on any host of the lab, or outside)
+        /// A sandbox of any host of the lab (name or id), an address, or `host`
         dst: String,
         /// Name of the lab
         #[arg(long, default_value = "lab")]
@@ -296,6 +296,24 @@ fn explain_through(
     dst: &str,
 ) -> Result<i32, Failure> {
     let mut i = lab.index_of(host)?;
+    // A name of a sandbox on another host of the lab: its address (an
+    // agent knows only its own sandboxes' names).
+    let dst = match dst.parse::<std::net::Ipv4Addr>() {
+        Ok(_) => dst.to_string(),
+        Err(_) if dst == "host" => dst.to_string(),
+        Err(_) => {
+            let mine = lab.weft(i, &["inspect", dst]).output()?.status.success();
+            let found = (0..lab.hosts.len())
+                .filter(|j| *j != i && !mine)
+                .find_map(|j| {
+                    let sbs: Vec<weft_model::api::SandboxView> =
+                        ask_json(lab, j, &["inspect", dst]).ok()?;
+                    Some(sbs.first()?.attachment.endpoints().first()?.ip.to_string())
+                });
+            found.unwrap_or_else(|| dst.to_string())
+        }
+    };
+    let dst = dst.as_str();
     let mut e: weft_model::explain::Explanation = ask_json(lab, i, &["explain", src, dst])?;
     // Inside an overlay the source address stays the sandbox's own.
     let src_ip = match src.parse::<std::net::Ipv4Addr>() {
