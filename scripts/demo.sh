@@ -47,6 +47,9 @@ lab h1 -- weft status || echo "(weft status exits 1 when the host reports a prob
 step "a on h1 -> c on h3, across hosts, by their own addresses"
 lab h1 -- weft exec a -- ping -c 2 "$c"
 lab h1 -- weft exec a -- socat -T 2 - "TCP:$c:80"
+
+step "the path of that packet, hop by hop, from the live kernel of h1 and h3 (weft lab explain)"
+"$weft" lab explain --name wftdemo h1 a c
 "$weft" lab down --name wftdemo
 
 step "a simulated host, with an outside network (203.0.113.0/24) behind it"
