@@ -195,7 +195,7 @@ pub(crate) fn validate(inner: &Inner, a: &Attach) -> Result<()> {
                         "--net {}: {ip} is taken by sandbox {} ({}); pick another address or remove it with `weft rm -f {}`",
                         r.network,
                         s.name,
-                        crate::sandboxes::state_of(s),
+                        crate::host::state_of(s),
                         s.name
                     )),
                     None => AgentError::BadRequest(format!("--net {}: {e}", r.network)),

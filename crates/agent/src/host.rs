@@ -73,6 +73,16 @@ pub struct Host {
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
+/// Whether a sandbox's process has not started, runs, or has exited.
+pub(crate) fn state_of(sb: &Sandbox) -> weft_model::api::State {
+    use weft_model::api::State;
+    match &sb.process {
+        None => State::Created,
+        Some(p) if weft_kernel::process::is_alive(p) => State::Running,
+        Some(_) => State::Exited,
+    }
+}
+
 /// Every lock of weft's recovers from poisoning the same way: a panic while
 /// holding it must not take the whole agent down, and the state it guards
 /// is kept consistent by rollbacks, not by the panic's unwinding.

@@ -18,6 +18,7 @@ mod firewall;
 mod host;
 mod ids;
 mod metrics;
+mod metrics_page;
 mod netns_pool;
 mod networks;
 mod overlay;

@@ -30,13 +30,7 @@ enum Plan {
     },
 }
 
-pub(crate) fn state_of(sb: &Sandbox) -> State {
-    match &sb.process {
-        None => State::Created,
-        Some(p) if process::is_alive(p) => State::Running,
-        Some(_) => State::Exited,
-    }
-}
+pub(crate) use crate::host::state_of;
 
 impl Snapshot {
     /// The resolv.conf weft wrote for a sandbox with a namespace of its own

@@ -38,7 +38,7 @@ pub async fn serve(cfg: AgentConfig) -> Result<()> {
 
     // Bound now, so a taken port fails the start before any side effect.
     let metrics_listener = match &cfg.metrics_listen {
-        Some(at) => Some(crate::metrics::bind(at).await?),
+        Some(at) => Some(crate::metrics_page::bind(at).await?),
         None => None,
     };
 
@@ -56,7 +56,7 @@ pub async fn serve(cfg: AgentConfig) -> Result<()> {
         cluster,
     };
 
-    let metrics = metrics_listener.map(|l| crate::metrics::serve(l, app.clone()));
+    let metrics = metrics_listener.map(|l| crate::metrics_page::serve(l, app.clone()));
 
     // Before the API: dockerd may be waiting for the plugin already.
     let docker = match &cfg.docker_plugin {
