@@ -6,7 +6,7 @@ if [ "$(id -u)" != 0 ]; then
     echo "install-deps.sh: run as root (sudo bash scripts/install-deps.sh)" >&2
     exit 1
 fi
-pkgs=(iproute2 nftables iputils-ping socat procps util-linux ca-certificates dnsmasq-base bind9-dnsutils tcpdump)
+pkgs=(iproute2 nftables iputils-ping socat procps util-linux ca-certificates dnsmasq-base bind9-dnsutils tcpdump python3)
 # tests/tests/podman.rs: podman 4 with its CNI backend (runc: crun cannot run on
 # hybrid cgroup hosts), containers from a busybox-static root file system.
 pkgs+=(podman crun runc conmon busybox-static)
