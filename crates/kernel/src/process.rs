@@ -74,14 +74,26 @@ pub fn signal(fd: &OwnedFd, signal: i32) -> Result<()> {
 /// -d` makes it), every process of that group: the shell's background jobs
 /// go with the shell, as a container's processes go with the container.
 pub fn signal_group(p: &ProcessRef, fd: &OwnedFd, sig: i32) -> Result<()> {
-    signal(fd, sig)?;
-    // The pidfd pins the pid, so a group with this id is still ours.
+    // The group first: once the leader is signalled its parent may reap it
+    // at once, and asking for its group afterwards would find nothing,
+    // leaving the rest of the group running. While the leader exists (not
+    // yet reaped: `fd` still reaches it), its pid is not free, so a group
+    // with this id is the one it leads.
     // SAFETY: getpgid and kill take integers and touch no memory of ours.
-    if unsafe { libc::getpgid(p.pid) } == p.pid {
+    if reaches(fd) && unsafe { libc::getpgid(p.pid) } == p.pid {
         // SAFETY: as above; -pid names the process group checked just now.
         unsafe { libc::kill(-p.pid, sig) };
     }
-    Ok(())
+    signal(fd, sig)
+}
+
+/// Whether the process behind `fd` still exists (running or a zombie).
+fn reaches(fd: &OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: integers only (signal 0 checks, sends nothing; the info
+    // pointer is null); the descriptor is borrowed from `fd`.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), 0, 0usize, 0u32) };
+    rc == 0
 }
 
 /// Waits until the process behind `fd` exits or `timeout_ms` passes; true if it exited.
