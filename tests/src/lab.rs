@@ -59,6 +59,7 @@ impl TestLab {
             network: Some((NET.into(), "10.40.0.0/16".parse().unwrap())),
             lease_ttl,
             weft_bin: weft_bin(),
+            insecure_etcd: false,
         };
         let lab = Lab::up(&spec, &mut |_| {}).unwrap_or_else(|e| panic!("lab up: {e}"));
         TestLab { lab }

@@ -431,19 +431,12 @@ fn an_unreachable_peer_is_reported_not_routed() {
     let lease = r#"{"network":"lab","subnet":"10.40.250.0/24","host_id":"faraway","node":"far","public_ip":"203.0.113.77"}"#;
     let out = lab
         .lab
-        .exec(
+        .etcdctl(
             0,
-            &[
-                "etcdctl".into(),
-                "--endpoints".into(),
-                weft_lab::etcd_url(),
-                "put".into(),
-                "/weft/leases/lab/10.40.250.0-24".into(),
-                lease.into(),
-            ],
+            weft_lab::ADMIN,
+            &["put", "/weft/leases/lab/10.40.250.0-24", lease],
         )
         .unwrap()
-        .env("ETCDCTL_API", "3")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));

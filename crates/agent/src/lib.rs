@@ -31,3 +31,4 @@ pub use error::AgentError;
 pub use host::Host;
 pub use reconcile::start;
 pub use server::serve;
+pub use weft_store::EtcdSecurity;

@@ -126,6 +126,13 @@ fn render(v: &StatusView) -> String {
         c.etcd_lease.map_or("none".into(), |l| format!("{l:x}")),
         c.lease_ttl_secs
     ));
+    if c.etcd_plaintext {
+        out.push_str(
+            "WARNING: plain http to etcd: the cluster's state travels unencrypted and etcd \
+             cannot tell hosts apart; use https:// endpoints with --etcd-cafile, \
+             --etcd-certfile and --etcd-keyfile\n",
+        );
+    }
     for n in &c.networks {
         out.push_str(&format!(
             "\nnetwork {} ({}, backend {}): this host {}{}\n",

@@ -211,6 +211,9 @@ pub struct NetworkSummary {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ClusterView {
     pub etcd_endpoints: Vec<String>,
+    /// The connection to etcd is plain http (no TLS): `weft status` warns.
+    #[serde(default)]
+    pub etcd_plaintext: bool,
     pub etcd_healthy: bool,
     /// The last error talking to etcd, while unhealthy.
     pub etcd_error: Option<String>,

@@ -38,7 +38,7 @@ use weft_kernel::Netlink;
 use weft_model::api::{ClusterView, NetworkView, OverlayStatus, RemovedNetwork};
 use weft_model::overlay::subnet_key;
 use weft_model::{network, Lease, Network, NetworkSpec};
-use weft_store::{Etcd, EtcdError};
+use weft_store::{Etcd, EtcdError, FailureKind};
 
 /// How often the backends re-read the kernel to heal what was changed
 /// behind weft's back.
@@ -99,12 +99,31 @@ impl Cluster {
         })
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))??;
-        let etcd = Etcd::connect(&cfg.etcd_endpoints, &cfg.etcd_prefix, ETCD_TIMEOUT)
-            .await
-            .map_err(|e| AgentError::BadRequest(format!("--etcd-endpoints: {e}")))?;
+        let etcd = Etcd::connect(
+            &cfg.etcd_endpoints,
+            &cfg.etcd_prefix,
+            ETCD_TIMEOUT,
+            &cfg.etcd_security,
+        )
+        .await
+        .map_err(|e| AgentError::BadRequest(format!("--etcd-endpoints: {e}")))?;
+        // A wrong CA, a refused certificate or a bad password never heal by
+        // retrying: the agent stops at once with the reason, instead of
+        // serving with a cluster that can never sync. An etcd that is merely
+        // down is waited for, as before.
+        if let Err(e) = etcd.probe().await {
+            if matches!(e.kind(), FailureKind::Tls | FailureKind::Auth) {
+                return Err(AgentError::BadRequest(e.to_string()));
+            }
+            warn!(error = %e, "etcd is not answering yet; the cluster catches up when it does");
+        }
+        if etcd.is_plaintext() {
+            warn!("the connection to etcd is plain http: anyone on the path can read and change the cluster's state; use https:// with --etcd-cafile/--etcd-certfile/--etcd-keyfile");
+        }
         info!(node = %me.node, public_ip = %me.public_ip, host_id = %me.host_id, "joining the cluster");
         let status = ClusterView {
             etcd_endpoints: cfg.etcd_endpoints.clone(),
+            etcd_plaintext: etcd.is_plaintext(),
             host_id: me.host_id.clone(),
             node: me.node.clone(),
             public_ip: Some(me.public_ip),
