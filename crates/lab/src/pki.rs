@@ -101,7 +101,11 @@ impl Pki {
     pub fn issue_server(&self, name: &str, ip: Ipv4Addr) -> Result<CertFiles> {
         let mut p = CertificateParams::default();
         p.subject_alt_names = vec![rcgen::SanType::IpAddress(ip.into())];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        // Client too: etcd's own gRPC gateway connects to etcd with it.
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         self.issue(name, p, Validity::Current)
     }
 

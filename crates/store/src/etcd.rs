@@ -57,6 +57,22 @@ pub enum EtcdError {
     /// A flag's value is wrong before anything is sent (a file missing...).
     #[error("{0}")]
     Config(String),
+    /// The start-time TLS probe failed (handshake, or etcd's alert after it).
+    #[error("etcd at {endpoint}: {}", tls_hint(message))]
+    Tls { endpoint: String, message: String },
+}
+
+/// A TLS failure as a sentence with what to check, by which side refused.
+fn tls_hint(s: &str) -> String {
+    if s.contains("invalid peer certificate") {
+        format!(
+            "TLS with etcd failed, etcd's certificate is not trusted ({s}); --etcd-cafile must be the CA certificate that signed etcd's server certificate, and the certificate must name the endpoint's address"
+        )
+    } else {
+        format!(
+            "TLS with etcd failed ({s}); etcd refused this host's client certificate or the handshake: --etcd-certfile must be signed by the CA etcd trusts (its --trusted-ca-file), not expired, and --etcd-cafile the CA of etcd's certificate"
+        )
+    }
 }
 
 impl EtcdError {
@@ -65,6 +81,7 @@ impl EtcdError {
         match self {
             EtcdError::Rpc { source, .. } => classify(source),
             EtcdError::Config(_) => FailureKind::Other,
+            EtcdError::Tls { .. } => FailureKind::Tls,
             _ => FailureKind::Unreachable,
         }
     }
@@ -153,12 +170,7 @@ fn plain(e: &etcd_client::Error) -> String {
         _ => s,
     };
     match classify(e) {
-        FailureKind::Tls if s.contains("invalid peer certificate") => format!(
-            "TLS with etcd failed, etcd's certificate is not trusted ({s}); --etcd-cafile must be the CA certificate that signed etcd's server certificate, and the certificate must name the endpoint's address"
-        ),
-        FailureKind::Tls => format!(
-            "TLS with etcd failed ({s}); etcd refused this host's client certificate or the handshake: --etcd-certfile must be signed by the CA etcd trusts (its --trusted-ca-file), not expired, and --etcd-cafile the CA of etcd's certificate"
-        ),
+        FailureKind::Tls => tls_hint(&s),
         FailureKind::Auth => format!(
             "etcd refused the credentials ({s}); check --etcd-username and the password in --etcd-password-file"
         ),
@@ -182,7 +194,15 @@ pub struct Etcd {
     /// Kept for [`Etcd::probe`], which connects to each endpoint itself.
     opts: ConnectOptions,
     tls: Option<TlsOptions>,
+    /// PEM of the CA, and of the client certificate and key if any.
+    tls_files: Option<TlsFiles>,
     timeout: Duration,
+}
+
+#[derive(Clone)]
+struct TlsFiles {
+    ca: Vec<u8>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Etcd {
@@ -200,7 +220,10 @@ impl Etcd {
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
             .with_keep_alive(Duration::from_secs(2), timeout);
-        let tls = tls_options(endpoints, security)?;
+        let (tls, tls_files) = match tls_options(endpoints, security)? {
+            Some((t, f)) => (Some(t), Some(f)),
+            None => (None, None),
+        };
         if let Some(tls) = &tls {
             opts = opts.with_tls(tls.clone());
         }
@@ -238,6 +261,7 @@ impl Etcd {
             endpoints: joined,
             opts,
             tls,
+            tls_files,
             timeout,
         })
     }
@@ -267,6 +291,14 @@ impl Etcd {
             source,
         };
         let transport = |e| err(etcd_client::Error::TransportError(e));
+        if let Some(files) = &self.tls_files {
+            tls_probe(ep, files, self.timeout)
+                .await
+                .map_err(|message| EtcdError::Tls {
+                    endpoint: ep.to_string(),
+                    message,
+                })?;
+        }
         let mut endpoint = tonic::transport::Endpoint::from_shared(ep.to_string())
             .map_err(transport)?
             .connect_timeout(self.timeout)
@@ -492,7 +524,10 @@ fn read(path: &Path, flag: &str) -> EtcdResult<Vec<u8>> {
 }
 
 /// The TLS settings for `endpoints`, refusing a mix that cannot work.
-fn tls_options(endpoints: &[String], s: &EtcdSecurity) -> EtcdResult<Option<TlsOptions>> {
+fn tls_options(
+    endpoints: &[String],
+    s: &EtcdSecurity,
+) -> EtcdResult<Option<(TlsOptions, TlsFiles)>> {
     let https = endpoints
         .iter()
         .filter(|e| e.starts_with("https://"))
@@ -518,14 +553,14 @@ fn tls_options(endpoints: &[String], s: &EtcdSecurity) -> EtcdResult<Option<TlsO
             "https:// endpoints need --etcd-cafile: the CA certificate (PEM) that signed etcd's server certificate".into(),
         ));
     };
-    let mut tls =
-        TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca, "--etcd-cafile")?));
+    let ca = read(ca, "--etcd-cafile")?;
+    let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(&ca));
+    let mut files = TlsFiles { ca, identity: None };
     match (&s.cert_file, &s.key_file) {
         (Some(c), Some(k)) => {
-            tls = tls.identity(Identity::from_pem(
-                read(c, "--etcd-certfile")?,
-                read(k, "--etcd-keyfile")?,
-            ));
+            let (c, k) = (read(c, "--etcd-certfile")?, read(k, "--etcd-keyfile")?);
+            tls = tls.identity(Identity::from_pem(&c, &k));
+            files.identity = Some((c, k));
         }
         (None, None) => {}
         _ => {
@@ -534,7 +569,76 @@ fn tls_options(endpoints: &[String], s: &EtcdSecurity) -> EtcdResult<Option<TlsO
             ))
         }
     }
-    Ok(Some(tls))
+    Ok(Some((tls, files)))
+}
+
+/// A TLS handshake with `ep` as the client would make it, then the
+/// HTTP/2 preface: etcd answers with its settings, or with an alert when
+/// it refuses the client certificate (TLS 1.3 sends that after the
+/// handshake, which is why the handshake alone cannot tell). An endpoint
+/// that does not answer at all is not this probe's business (Ok).
+async fn tls_probe(ep: &str, files: &TlsFiles, timeout: Duration) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let hostport = ep
+        .strip_prefix("https://")
+        .unwrap_or(ep)
+        .trim_end_matches('/');
+    let host = hostport
+        .rsplit_once(':')
+        .map_or(hostport, |(h, _)| h)
+        .trim_matches(['[', ']']);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&files.ca) {
+        let c = c.map_err(|e| format!("--etcd-cafile does not parse: {e}"))?;
+        roots
+            .add(c)
+            .map_err(|e| format!("--etcd-cafile is not a usable CA: {e}"))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let mut cfg = match &files.identity {
+        Some((c, k)) => {
+            let certs = CertificateDer::pem_slice_iter(c)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("--etcd-certfile does not parse: {e}"))?;
+            let key = PrivateKeyDer::from_pem_slice(k)
+                .map_err(|e| format!("--etcd-keyfile does not parse: {e}"))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| format!("--etcd-certfile/--etcd-keyfile: {e}"))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+    let Ok(Ok(tcp)) = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(hostport)).await
+    else {
+        return Ok(());
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let mut tls = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Ok(()),
+    };
+    // The HTTP/2 connection preface and an empty SETTINGS frame.
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    if let Err(e) = tls.write_all(preface).await {
+        return Err(e.to_string());
+    }
+    let mut buf = [0u8; 9];
+    match tokio::time::timeout(timeout, tls.read(&mut buf)).await {
+        Ok(Ok(0)) => Err("etcd closed the connection right after the handshake".into()),
+        Ok(Ok(_)) | Err(_) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+    }
 }
 
 fn put_opts(lease: Option<i64>) -> Option<PutOptions> {

@@ -17,6 +17,7 @@ mod dataplane;
 mod identity;
 pub(crate) use identity::check_public_address;
 mod lease;
+mod signing;
 mod state;
 
 use crate::backend;
@@ -74,6 +75,11 @@ pub struct Cluster {
     /// The netlink socket and the backends; only blocking threads lock it.
     dataplane: dataplane::Shared,
     data_dir: std::path::PathBuf,
+    /// Signs this host's leases (it has an etcd client certificate).
+    signer: Option<signing::Signer>,
+    /// Checks other hosts' leases against the etcd CA; with TLS, a lease
+    /// that fails is never programmed (see signing.rs).
+    verifier: Option<signing::Verifier>,
 }
 
 impl Cluster {
@@ -99,6 +105,17 @@ impl Cluster {
         })
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))??;
+        let sec = &cfg.etcd_security;
+        let signer = match (&sec.cert_file, &sec.key_file) {
+            (Some(c), Some(k)) => {
+                Some(signing::Signer::load(c, k).map_err(AgentError::BadRequest)?)
+            }
+            _ => None,
+        };
+        let verifier = match &sec.ca_file {
+            Some(ca) => Some(signing::Verifier::load(ca).map_err(AgentError::BadRequest)?),
+            None => None,
+        };
         let etcd = Etcd::connect(
             &cfg.etcd_endpoints,
             &cfg.etcd_prefix,
@@ -142,6 +159,8 @@ impl Cluster {
             underlay: (underlay, underlay_mtu),
             data_dir: data.data_dir.clone(),
             dataplane: dataplane::Shared::new(Dataplane::new(Box::new(nl))),
+            signer,
+            verifier,
         });
         tokio::spawn(c.clone().keep_lease_alive());
         tokio::spawn(c.clone().sync_forever());
@@ -358,6 +377,7 @@ impl Cluster {
                 me: &me,
                 etcd_lease: self.lease.load(Ordering::Relaxed),
                 public_key,
+                signer: self.signer.as_ref(),
             };
             let own = match lease::own_lease(&self.etcd, &claim, global, bound).await {
                 Ok(l) => l,
@@ -395,11 +415,9 @@ impl Cluster {
                 views.push(view);
                 continue;
             }
-            let peers: Vec<Lease> = global
-                .leases_of(&name)
-                .filter(|l| l.host_id != me.host_id)
-                .cloned()
-                .collect();
+            let (peers, refused) = self.believed_peers(global, &name, &me.host_id);
+            // Shown with the programmed peers below; never programmed.
+            view.peers = refused;
             let local = backend::Local {
                 host_id: me.host_id.clone(),
                 public_ip: me.public_ip,
@@ -423,7 +441,9 @@ impl Cluster {
         {
             Ok(done) => {
                 for (i, p) in at.into_iter().zip(done) {
+                    let refused = std::mem::take(&mut views[i].peers);
                     views[i].peers = p.peers;
+                    views[i].peers.extend(refused);
                     views[i].counters = p.counters;
                 }
             }
@@ -449,6 +469,67 @@ impl Cluster {
         }
         crate::host::recover(self.status.lock()).networks = views;
         Ok(())
+    }
+
+    /// The other hosts' leases of `network` this host believes, and a view
+    /// of each one it refuses with why: with a CA to check against, a lease
+    /// must be signed by its node's certificate, and a node holds one
+    /// subnet per network (a second one it signs is a grab of someone
+    /// else's subnet or a stale copy: all of that node's are refused).
+    fn believed_peers(
+        &self,
+        global: &Global,
+        network: &str,
+        me: &str,
+    ) -> (Vec<Lease>, Vec<weft_model::api::PeerView>) {
+        let refuse = |l: &Lease, why: String| {
+            warn!(network, node = %l.node, subnet = %l.subnet, reason = %why, "refusing a lease");
+            weft_model::api::PeerView {
+                node: l.node.clone(),
+                subnet: l.subnet,
+                public_ip: l.public_ip,
+                programmed: None,
+                problem: Some(why),
+            }
+        };
+        let mut ok = Vec::new();
+        let mut refused = Vec::new();
+        for (key, l) in global.leases_keyed(network) {
+            if l.host_id == me {
+                continue;
+            }
+            match self.verifier.as_ref().and_then(|v| v.refuse(key, l)) {
+                Some(why) => refused.push(refuse(l, why)),
+                None => ok.push(l.clone()),
+            }
+        }
+        if self.verifier.is_some() {
+            let mut per_node: HashMap<&str, Vec<Ipv4Net>> = HashMap::new();
+            for l in &ok {
+                per_node.entry(&l.node).or_default().push(l.subnet);
+            }
+            let greedy: HashMap<String, String> = per_node
+                .into_iter()
+                .filter(|(_, s)| s.len() > 1)
+                .map(|(n, s)| {
+                    let list: Vec<String> = s.iter().map(|s| s.to_string()).collect();
+                    (n.to_string(), list.join(", "))
+                })
+                .collect();
+            let (keep, grab): (Vec<Lease>, Vec<Lease>) =
+                ok.into_iter().partition(|l| !greedy.contains_key(&l.node));
+            ok = keep;
+            for l in grab {
+                let why = format!(
+                    "refused: {} signed leases on {} subnets of this network ({}); a host holds one, so none of them is believed",
+                    l.node,
+                    greedy[&l.node].matches(',').count() + 1,
+                    greedy[&l.node]
+                );
+                refused.push(refuse(&l, why));
+            }
+        }
+        (ok, refused)
     }
 
     // ---- API -------------------------------------------------------------
