@@ -279,3 +279,37 @@ fn a_lease_forged_with_a_hosts_own_credentials_is_refused_by_every_agent() {
     let human = String::from_utf8_lossy(&human.stdout);
     assert!(human.contains("cannot have written it"), "{human}");
 }
+
+#[test]
+fn a_peers_new_secure_key_shows_in_status() {
+    let mut lab = TestLab::up(2, Some("secure"), 60);
+    let key_of = |lab: &TestLab| {
+        leases(lab, "h1")
+            .into_iter()
+            .find(|(_, l)| l.node == "h2")
+            .and_then(|(_, l)| l.public_key)
+            .unwrap()
+    };
+    let before = key_of(&lab);
+    // h2 gets a new key pair: its key file is gone when its agent starts.
+    lab.stop_agent(1, libc::SIGTERM).unwrap();
+    std::fs::remove_file(lab.data_dir(1).join("secure.key")).unwrap();
+    lab.start_agent(1).unwrap();
+    lab.wait(Duration::from_secs(10), "h2 to publish its new key", || {
+        key_of(&lab) != before
+    });
+    let after = key_of(&lab);
+    lab.wait(Duration::from_secs(5), "h1 to show h2's key change", || {
+        lab.status(0).cluster.is_some_and(|c| {
+            c.networks[0].peers.iter().any(|p| {
+                p.node == "h2"
+                    && p.key_change
+                        .as_ref()
+                        .is_some_and(|k| k.previous == before && k.current == after)
+            })
+        })
+    });
+    let human = lab.weft_ok(0, &["status"]);
+    assert!(human.contains("KEY CHANGED"), "{human}");
+    assert!(human.contains(&before[..12]), "{human}");
+}

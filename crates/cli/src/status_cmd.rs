@@ -155,7 +155,15 @@ fn render(v: &StatusView) -> String {
                     p.programmed
                         .clone()
                         .or_else(|| p.problem.as_ref().map(|e| format!("NOT PROGRAMMED: {e}")))
-                        .unwrap_or_default(),
+                        .unwrap_or_default()
+                        + &p.key_change.as_ref().map_or(String::new(), |k| {
+                            format!(
+                                "; KEY CHANGED {} ago: was {}…, now {}…",
+                                span(k.at_unix),
+                                k.previous.get(..12).unwrap_or(&k.previous),
+                                k.current.get(..12).unwrap_or(&k.current)
+                            )
+                        }),
                 ]
             })
             .collect();

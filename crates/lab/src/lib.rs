@@ -203,7 +203,7 @@ impl Lab {
         self.dir.join(&self.hosts[i].name).join("state")
     }
 
-    fn data_dir(&self, i: usize) -> PathBuf {
+    pub fn data_dir(&self, i: usize) -> PathBuf {
         self.dir.join(&self.hosts[i].name).join("data")
     }
 

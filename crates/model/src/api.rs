@@ -253,6 +253,17 @@ pub struct PeerView {
     pub programmed: Option<String>,
     /// Why nothing is programmed, when nothing is.
     pub problem: Option<String>,
+    /// secure: the peer's public key changed while this agent ran, and
+    /// since when (the key it had before, when it changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_change: Option<KeyChange>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyChange {
+    pub previous: String,
+    pub current: String,
+    pub at_unix: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

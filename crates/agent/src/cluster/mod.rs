@@ -80,6 +80,9 @@ pub struct Cluster {
     /// Checks other hosts' leases against the etcd CA; with TLS, a lease
     /// that fails is never programmed (see signing.rs).
     verifier: Option<signing::Verifier>,
+    /// secure: (network, peer host id) -> the peer's public key as last
+    /// seen, and its last change, so `weft status` shows a key change.
+    peer_keys: Mutex<HashMap<(String, String), (String, Option<weft_model::api::KeyChange>)>>,
 }
 
 impl Cluster {
@@ -161,6 +164,7 @@ impl Cluster {
             dataplane: dataplane::Shared::new(Dataplane::new(Box::new(nl))),
             signer,
             verifier,
+            peer_keys: Default::default(),
         });
         tokio::spawn(c.clone().keep_lease_alive());
         tokio::spawn(c.clone().sync_forever());
@@ -329,6 +333,8 @@ impl Cluster {
         let mut views = Vec::new();
         // (index in views, what to program): programmed all at once below.
         let mut jobs: Vec<(usize, Job)> = Vec::new();
+        // (index in views, node -> its key change): added to the peers' views.
+        let mut key_notes: Vec<(usize, HashMap<String, weft_model::api::KeyChange>)> = Vec::new();
         let names: Vec<String> = global.networks.keys().cloned().collect();
         for name in names {
             let net = global.networks[&name].clone();
@@ -416,6 +422,7 @@ impl Cluster {
                 continue;
             }
             let (peers, refused) = self.believed_peers(global, &name, &me.host_id);
+            let changes = self.key_changes(&name, &peers);
             // Shown with the programmed peers below; never programmed.
             view.peers = refused;
             let local = backend::Local {
@@ -427,6 +434,7 @@ impl Cluster {
                 data_dir: self.data_dir.clone(),
             };
             jobs.push((views.len(), Job { net, local, peers }));
+            key_notes.push((views.len(), changes));
             views.push(view);
         }
         // The kernel's part, on a blocking thread: every backend programmed,
@@ -452,6 +460,11 @@ impl Cluster {
                 for i in at {
                     views[i].problem = Some(e.to_string());
                 }
+            }
+        }
+        for (i, notes) in key_notes {
+            for p in &mut views[i].peers {
+                p.key_change = notes.get(&p.node).cloned();
             }
         }
         for net in self.host.local_overlays() {
@@ -490,6 +503,7 @@ impl Cluster {
                 public_ip: l.public_ip,
                 programmed: None,
                 problem: Some(why),
+                key_change: None,
             }
         };
         let mut ok = Vec::new();
@@ -530,6 +544,43 @@ impl Cluster {
             }
         }
         (ok, refused)
+    }
+
+    /// Remembers each peer's secure-backend key and returns, per node, the
+    /// last change seen by this process. The key comes from the peer's
+    /// lease: a change is legitimate (a new key file) or a sign that
+    /// someone who can sign as that host did it; either way it is shown.
+    fn key_changes(
+        &self,
+        network: &str,
+        peers: &[Lease],
+    ) -> HashMap<String, weft_model::api::KeyChange> {
+        let mut known = crate::host::recover(self.peer_keys.lock());
+        let mut out = HashMap::new();
+        for p in peers {
+            let Some(key) = &p.public_key else { continue };
+            let slot = (network.to_string(), p.host_id.clone());
+            match known.get_mut(&slot) {
+                None => {
+                    known.insert(slot, (key.clone(), None));
+                }
+                Some((old, change)) => {
+                    if old != key {
+                        warn!(network, node = %p.node, previous = %old, current = %key, "a peer's secure-backend key changed");
+                        *change = Some(weft_model::api::KeyChange {
+                            previous: old.clone(),
+                            current: key.clone(),
+                            at_unix: crate::ids::now_unix(),
+                        });
+                        *old = key.clone();
+                    }
+                    if let Some(c) = change {
+                        out.insert(p.node.clone(), c.clone());
+                    }
+                }
+            }
+        }
+        out
     }
 
     // ---- API -------------------------------------------------------------
