@@ -59,6 +59,9 @@ fn lease_key(network: &str, subnet: &Ipv4Net) -> String {
     format!("leases/{network}/{}", subnet_key(subnet))
 }
 
+/// A peer's secure-backend key as last seen, and its last change.
+type PeerKey = (String, Option<weft_model::api::KeyChange>);
+
 pub struct Cluster {
     cfg: ClusterConfig,
     host: Host,
@@ -82,7 +85,7 @@ pub struct Cluster {
     verifier: Option<signing::Verifier>,
     /// secure: (network, peer host id) -> the peer's public key as last
     /// seen, and its last change, so `weft status` shows a key change.
-    peer_keys: Mutex<HashMap<(String, String), (String, Option<weft_model::api::KeyChange>)>>,
+    peer_keys: Mutex<HashMap<(String, String), PeerKey>>,
 }
 
 impl Cluster {
