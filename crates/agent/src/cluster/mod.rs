@@ -271,6 +271,16 @@ impl Cluster {
         loop {
             let r = self.sync_once(&mut bound, &mut cleaned).await;
             if let Err(e) = r {
+                // The client only says "cancelled" when etcd refuses the
+                // handshake (a certificate that expired while running):
+                // a direct probe says why, for `weft status` and the log.
+                let e = match e.kind() {
+                    FailureKind::Unreachable => match self.etcd.probe().await {
+                        Err(p) if matches!(p.kind(), FailureKind::Tls | FailureKind::Auth) => p,
+                        _ => e,
+                    },
+                    _ => e,
+                };
                 self.set_health(Some(e.to_string()));
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
