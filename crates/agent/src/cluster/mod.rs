@@ -531,30 +531,9 @@ impl Cluster {
             }
         }
         if self.verifier.is_some() {
-            let mut per_node: HashMap<&str, Vec<Ipv4Net>> = HashMap::new();
-            for l in &ok {
-                per_node.entry(&l.node).or_default().push(l.subnet);
-            }
-            let greedy: HashMap<String, String> = per_node
-                .into_iter()
-                .filter(|(_, s)| s.len() > 1)
-                .map(|(n, s)| {
-                    let list: Vec<String> = s.iter().map(|s| s.to_string()).collect();
-                    (n.to_string(), list.join(", "))
-                })
-                .collect();
-            let (keep, grab): (Vec<Lease>, Vec<Lease>) =
-                ok.into_iter().partition(|l| !greedy.contains_key(&l.node));
+            let (keep, grabs) = signing::one_subnet_per_node(ok);
             ok = keep;
-            for l in grab {
-                let why = format!(
-                    "refused: {} signed leases on {} subnets of this network ({}); a host holds one, so none of them is believed",
-                    l.node,
-                    greedy[&l.node].matches(',').count() + 1,
-                    greedy[&l.node]
-                );
-                refused.push(refuse(&l, why));
-            }
+            refused.extend(grabs.into_iter().map(|(l, why)| refuse(&l, why)));
         }
         (ok, refused)
     }

@@ -157,7 +157,11 @@ impl Verifier {
             None,
             None,
         )
-        .map_err(|e| format!("its certificate is not one of the etcd CA's ({e:?})"))?;
+        .map_err(|e| match e {
+            webpki::Error::CertExpired { .. } => "its certificate has expired".to_string(),
+            webpki::Error::UnknownIssuer => "its certificate is not one of the etcd CA's".into(),
+            e => format!("its certificate is not valid for a host ({e:?})"),
+        })?;
         let name = ServerName::try_from(lease.node.as_str())
             .map_err(|_| format!("node name {:?} is not a DNS name", lease.node))?;
         ee.verify_is_valid_for_subject_name(&name)
@@ -174,12 +178,136 @@ impl Verifier {
     }
 }
 
+/// Splits believed leases of one network into those kept and those
+/// refused (with why) because their node signed more than one: a host
+/// holds one subnet per network, so a second is someone else's subnet
+/// taken or a stale copy, and which one is genuine cannot be told.
+pub(crate) fn one_subnet_per_node(leases: Vec<Lease>) -> (Vec<Lease>, Vec<(Lease, String)>) {
+    let mut per_node: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for l in &leases {
+        per_node
+            .entry(l.node.clone())
+            .or_default()
+            .push(l.subnet.to_string());
+    }
+    let (keep, grab): (Vec<Lease>, Vec<Lease>) = leases
+        .into_iter()
+        .partition(|l| per_node[&l.node].len() == 1);
+    let refused = grab
+        .into_iter()
+        .map(|l| {
+            let subnets = &per_node[&l.node];
+            let why = format!(
+                "refused: {} signed leases on {} subnets of this network ({}); a host holds one, so none of them is believed",
+                l.node,
+                subnets.len(),
+                subnets.join(", ")
+            );
+            (l, why)
+        })
+        .collect();
+    (keep, refused)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// Real certificates and signatures are covered end to end
     /// (tests/tests/etcd_tls.rs); these are the rules checked before them.
+    fn lease(node: &str, subnet: &str) -> Lease {
+        Lease {
+            network: "ov".into(),
+            subnet: subnet.parse().unwrap(),
+            host_id: format!("id-{node}"),
+            node: node.into(),
+            public_ip: "198.51.100.1".parse().unwrap(),
+            vtep_mac: None,
+            public_key: Some("ab".repeat(32)),
+            signed: None,
+        }
+    }
+
+    /// A directory removed on drop, pass or fail.
+    struct Scratch(std::path::PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A CA of the lab's kind named `name`, in a scratch dir.
+    fn scratch_ca(name: &str) -> (weft_lab::pki::Pki, Scratch) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("wft-signing-{}-{n}", std::process::id()));
+        let pki = weft_lab::pki::Pki::create(&dir, name).unwrap();
+        (pki, Scratch(dir))
+    }
+
+    #[test]
+    fn a_signed_lease_verifies_and_any_change_or_other_signer_does_not() {
+        let (pki, _dir) = scratch_ca("unit");
+        let h1 = pki
+            .issue_client("h1", weft_lab::pki::Validity::Current)
+            .unwrap();
+        let h2 = pki
+            .issue_client("h2", weft_lab::pki::Validity::Current)
+            .unwrap();
+        let s1 = Signer::load(&h1.cert, &h1.key).unwrap();
+        let s2 = Signer::load(&h2.cert, &h2.key).unwrap();
+        let v = Verifier::load(&pki.ca_file()).unwrap();
+        let key = "leases/ov/10.40.3.0-24";
+        let good = s1.sign(lease("h1", "10.40.3.0/24"));
+        assert_eq!(v.refuse(key, &good), None);
+        // The same content signed again: a different signature, same body.
+        assert_eq!(s1.sign(lease("h1", "10.40.3.0/24")).body(), good.body());
+        // Another address under h1's signature.
+        let moved = Lease {
+            public_ip: "198.51.100.9".parse().unwrap(),
+            ..good.clone()
+        };
+        assert!(v.refuse(key, &moved).unwrap().contains("does not match"));
+        // h2 signing a lease in h1's name.
+        let posing = s2.sign(lease("h1", "10.40.3.0/24"));
+        assert!(v.refuse(key, &posing).unwrap().contains("not h1's"));
+        // A certificate of another CA.
+        let (other, _other_dir) = scratch_ca("other");
+        let o = other
+            .issue_client("h1", weft_lab::pki::Validity::Current)
+            .unwrap();
+        let stranger = Signer::load(&o.cert, &o.key)
+            .unwrap()
+            .sign(lease("h1", "10.40.3.0/24"));
+        let why = v.refuse(key, &stranger).unwrap();
+        assert!(why.contains("not one of the etcd CA's"), "{why}");
+        // An expired certificate of the right CA.
+        let e = pki
+            .issue_client("h1-old", weft_lab::pki::Validity::Expired)
+            .unwrap();
+        let expired = Signer::load(&e.cert, &e.key)
+            .unwrap()
+            .sign(lease("h1-old", "10.40.3.0/24"));
+        assert!(v.refuse(key, &expired).unwrap().contains("has expired"));
+    }
+
+    #[test]
+    fn a_node_signing_two_subnets_has_neither_believed() {
+        let (keep, refused) = one_subnet_per_node(vec![
+            lease("h1", "10.40.1.0/24"),
+            lease("h2", "10.40.2.0/24"),
+            lease("h1", "10.40.3.0/24"),
+        ]);
+        assert_eq!(keep.len(), 1);
+        assert_eq!(keep[0].node, "h2");
+        assert_eq!(refused.len(), 2);
+        assert!(
+            refused[0].1.contains("10.40.1.0/24, 10.40.3.0/24"),
+            "{}",
+            refused[0].1
+        );
+    }
+
     #[test]
     fn a_lease_must_sit_at_its_own_subnets_key() {
         let lease = Lease {
