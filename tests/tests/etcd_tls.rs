@@ -168,6 +168,16 @@ fn flags_that_cannot_work_are_refused_with_the_fix() {
         err.contains("--etcd-cafile /nonexistent/wft-ca.pem: cannot read it"),
         "{err}"
     );
+    // A node name the certificate does not carry: peers would refuse
+    // every lease of this host, so the agent does not start.
+    let out = agent_with(&mut lab, &[("--node-name", "wft-other".into())], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--etcd-certfile cannot sign this host's leases")
+            && err.contains("\"wft-other\" (--node-name)"),
+        "{err}"
+    );
 }
 
 #[test]

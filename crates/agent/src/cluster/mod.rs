@@ -143,6 +143,26 @@ impl Cluster {
         if etcd.is_plaintext() {
             warn!("the connection to etcd is plain http: anyone on the path can read and change the cluster's state; use https:// with --etcd-cafile/--etcd-certfile/--etcd-keyfile");
         }
+        if let (Some(sg), Some(v)) = (&signer, &verifier) {
+            // Peers would refuse every lease of this host: say so now.
+            let trial = sg.sign(Lease {
+                network: "trial".into(),
+                subnet: Ipv4Net::default(),
+                host_id: me.host_id.clone(),
+                node: me.node.clone(),
+                public_ip: me.public_ip,
+                vtep_mac: None,
+                public_key: None,
+                signed: None,
+            });
+            let key = lease_key("trial", &trial.subnet);
+            if let Some(why) = v.refuse(&key, &trial) {
+                return Err(AgentError::BadRequest(format!(
+                    "--etcd-certfile cannot sign this host's leases ({why}); its certificate must be issued by --etcd-cafile's CA for client authentication with the DNS name {:?} (--node-name)",
+                    me.node
+                )));
+            }
+        }
         info!(node = %me.node, public_ip = %me.public_ip, host_id = %me.host_id, "joining the cluster");
         let status = ClusterView {
             etcd_endpoints: cfg.etcd_endpoints.clone(),
