@@ -49,8 +49,18 @@ impl Drop for TestLab {
 }
 
 impl TestLab {
-    /// A lab of `hosts` hosts with the overlay network `lab` on 10.40.0.0/16.
+    /// A lab of `hosts` hosts with the overlay network `lab` on 10.40.0.0/16
+    /// (etcd over TLS with client certificates, the lab's default).
     pub fn up(hosts: usize, backend: Option<&str>, lease_ttl: u64) -> TestLab {
+        TestLab::build(hosts, backend, lease_ttl, false)
+    }
+
+    /// The same with etcd on plain http (`lab up --insecure-etcd`).
+    pub fn up_insecure(hosts: usize, backend: Option<&str>) -> TestLab {
+        TestLab::build(hosts, backend, 60, true)
+    }
+
+    fn build(hosts: usize, backend: Option<&str>, lease_ttl: u64, insecure: bool) -> TestLab {
         let spec = LabSpec {
             name: unique("wftl"),
             root: PathBuf::from(ROOT),
@@ -59,6 +69,7 @@ impl TestLab {
             network: Some((NET.into(), "10.40.0.0/16".parse().unwrap())),
             lease_ttl,
             weft_bin: weft_bin(),
+            insecure_etcd: insecure,
         };
         let lab = Lab::up(&spec, &mut |_| {}).unwrap_or_else(|e| panic!("lab up: {e}"));
         TestLab { lab }

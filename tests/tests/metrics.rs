@@ -72,7 +72,7 @@ fn prometheus_scrapes_an_agent_and_sees_counters_rise_after_traffic() {
     let b = lab.sandbox(1, "b");
     // h1's agent again, now with the listener (every host's netns has its
     // own port space: the wildcard address is h1's alone).
-    lab.agent_args = vec!["--metrics-listen".into(), format!("0.0.0.0:{METRICS_PORT}")];
+    lab.extra_agent_args = vec!["--metrics-listen".into(), format!("0.0.0.0:{METRICS_PORT}")];
     lab.stop_agent(0, libc::SIGTERM).unwrap();
     lab.start_agent(0).unwrap();
     lab.sandbox(0, "a");

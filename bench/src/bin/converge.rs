@@ -62,7 +62,7 @@ enum Op {
 }
 
 impl EtcdWorker {
-    fn start(netns: &Path) -> Result<EtcdWorker> {
+    fn start(netns: &Path, url: String) -> Result<EtcdWorker> {
         let ns =
             std::fs::File::open(netns).map_err(|e| format!("open {}: {e}", netns.display()))?;
         let (tx, rx) = std::sync::mpsc::channel::<(Op, std::sync::mpsc::Sender<_>)>();
@@ -79,9 +79,10 @@ impl EtcdWorker {
                 .build()
                 .unwrap();
             let etcd = match rt.block_on(weft_store::Etcd::connect(
-                &[weft_lab::etcd_url()],
+                &[url],
                 "/weft",
                 Duration::from_secs(5),
+                &Default::default(),
             )) {
                 Ok(e) => e,
                 Err(_) => return,
@@ -132,6 +133,9 @@ fn lab_spec(root: &Path, name: &str, hosts: usize, weft: &Path) -> LabSpec {
         network: Some(("lab".into(), "10.40.0.0/16".parse().unwrap())),
         lease_ttl: 60,
         weft_bin: weft.into(),
+        // The benchmark's own etcd client speaks plain http, as flannel's
+        // comparison setup does.
+        insecure_etcd: true,
     }
 }
 
@@ -183,7 +187,7 @@ fn convergence(root: &Path, weft: &Path, hosts: usize, samples: usize) -> Result
         )
         .map_err(|e| format!("lab up: {e}"))?,
     );
-    let etcd = EtcdWorker::start(&lab.0.host_netns(0))?;
+    let etcd = EtcdWorker::start(&lab.0.host_netns(0), lab.0.etcd_url())?;
     let mut nls = sockets(&lab.0)?;
     let mut out = Convergence {
         hosts,
@@ -285,7 +289,7 @@ fn control_plane(root: &Path, weft: &Path, peers: usize) -> Result<ControlPlane>
             (key, lease_json("big", &subnet, &format!("sim{k}"), ip))
         })
         .collect();
-    let etcd = EtcdWorker::start(&l.host_netns(0))?;
+    let etcd = EtcdWorker::start(&l.host_netns(0), l.etcd_url())?;
     let start = Instant::now();
     etcd.call(Op::CreateAll(leases))?;
     let write_ms = start.elapsed().as_secs_f64() * 1e3;

@@ -470,6 +470,7 @@ fn run(base: &Path, args: &Args, pid: u32) -> Result<bool> {
                 network: Some(("vx".into(), "10.40.0.0/16".parse().unwrap())),
                 lease_ttl: 60,
                 weft_bin: weft,
+                insecure_etcd: false,
             },
             &mut |s| eprintln!("  {s}"),
         )

@@ -30,6 +30,8 @@ pub struct ClusterConfig {
     pub etcd_endpoints: Vec<String>,
     /// Every key weft writes lives under this prefix.
     pub etcd_prefix: String,
+    /// TLS files and etcd user for the connection (all empty: plain http).
+    pub etcd_security: weft_store::EtcdSecurity,
     /// Where other hosts reach this one; found from `iface` or the default
     /// route when absent.
     pub public_ip: Option<std::net::Ipv4Addr>,

@@ -36,3 +36,4 @@ pub use host::Host;
 pub use metrics::MetricsListen;
 pub use reconcile::start;
 pub use server::serve;
+pub use weft_store::EtcdSecurity;

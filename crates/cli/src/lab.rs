@@ -32,6 +32,10 @@ pub enum LabCommand {
         /// Lease TTL of the agents, in seconds
         #[arg(long, default_value_t = 60)]
         lease_ttl: u64,
+        /// Run etcd on plain http without client certificates (default:
+        /// TLS with a CA of the lab's own and a client certificate per host)
+        #[arg(long)]
+        insecure_etcd: bool,
         /// Where labs live
         #[arg(long, env = "WEFT_LAB_ROOT", default_value = "/run/weft-lab")]
         root: PathBuf,
@@ -122,6 +126,7 @@ pub fn dispatch(format: Format, cmd: LabCommand) -> Result<i32, Failure> {
             name,
             subnet,
             lease_ttl,
+            insecure_etcd,
             root,
         } => {
             let spec = LabSpec {
@@ -132,6 +137,7 @@ pub fn dispatch(format: Format, cmd: LabCommand) -> Result<i32, Failure> {
                 network: Some(("lab".into(), subnet)),
                 lease_ttl,
                 weft_bin: std::env::current_exe()?,
+                insecure_etcd,
             };
             let start = Instant::now();
             let mut step = 0;

@@ -183,6 +183,8 @@ struct AgentArgs {
     /// Prefix of every key weft keeps in etcd
     #[arg(long, default_value = "/weft")]
     etcd_prefix: String,
+    #[command(flatten)]
+    etcd_security: EtcdSecurityArgs,
     /// This host's address that other hosts reach it on (default: from --iface,
     /// else the interface of the default route)
     #[arg(long)]
@@ -213,6 +215,54 @@ struct AgentArgs {
     /// How log lines look on stderr: text, or json for log collectors
     #[arg(long, value_enum, default_value_t = log_format::LogFormat::Text)]
     log_format: log_format::LogFormat,
+}
+
+/// TLS and authentication with etcd (flannel's flag names).
+#[derive(clap::Args)]
+struct EtcdSecurityArgs {
+    /// CA certificate (PEM) that signed etcd's server certificate; needed
+    /// with https:// endpoints
+    #[arg(long, value_name = "FILE", env = "WEFT_ETCD_CAFILE")]
+    etcd_cafile: Option<PathBuf>,
+    /// This host's client certificate (PEM), for etcd's --client-cert-auth
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "WEFT_ETCD_CERTFILE",
+        requires = "etcd_keyfile"
+    )]
+    etcd_certfile: Option<PathBuf>,
+    /// The private key (PEM) of --etcd-certfile
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "WEFT_ETCD_KEYFILE",
+        requires = "etcd_certfile"
+    )]
+    etcd_keyfile: Option<PathBuf>,
+    /// etcd user to authenticate as (etcd's `auth enable`)
+    #[arg(long, env = "WEFT_ETCD_USERNAME", requires = "etcd_password_file")]
+    etcd_username: Option<String>,
+    /// File whose content is the password of --etcd-username
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "WEFT_ETCD_PASSWORD_FILE",
+        requires = "etcd_username"
+    )]
+    etcd_password_file: Option<PathBuf>,
+}
+
+impl From<EtcdSecurityArgs> for weft_agent::EtcdSecurity {
+    fn from(a: EtcdSecurityArgs) -> Self {
+        weft_agent::EtcdSecurity {
+            ca_file: a.etcd_cafile,
+            cert_file: a.etcd_certfile,
+            key_file: a.etcd_keyfile,
+            username: a.etcd_username,
+            password_file: a.etcd_password_file,
+        }
+    }
 }
 
 /// An error of weft itself, with the exit code to leave with.
@@ -336,6 +386,7 @@ fn run_agent(state_dir: PathBuf, a: AgentArgs) -> Result<i32, Failure> {
         cluster: (!a.etcd_endpoints.is_empty()).then(|| weft_agent::ClusterConfig {
             etcd_endpoints: a.etcd_endpoints,
             etcd_prefix: a.etcd_prefix,
+            etcd_security: a.etcd_security.into(),
             public_ip: a.public_ip,
             iface: a.iface,
             node_name: a.node_name.unwrap_or_else(hostname),

@@ -126,6 +126,13 @@ fn render(v: &StatusView) -> String {
         c.etcd_lease.map_or("none".into(), |l| format!("{l:x}")),
         c.lease_ttl_secs
     ));
+    if c.etcd_plaintext {
+        out.push_str(
+            "WARNING: plain http to etcd: the cluster's state travels unencrypted and etcd \
+             cannot tell hosts apart; use https:// endpoints with --etcd-cafile, \
+             --etcd-certfile and --etcd-keyfile\n",
+        );
+    }
     for n in &c.networks {
         out.push_str(&format!(
             "\nnetwork {} ({}, backend {}): this host {}{}\n",
@@ -148,7 +155,15 @@ fn render(v: &StatusView) -> String {
                     p.programmed
                         .clone()
                         .or_else(|| p.problem.as_ref().map(|e| format!("NOT PROGRAMMED: {e}")))
-                        .unwrap_or_default(),
+                        .unwrap_or_default()
+                        + &p.key_change.as_ref().map_or(String::new(), |k| {
+                            format!(
+                                "; KEY CHANGED {} ago: was {}…, now {}…",
+                                span(k.at_unix),
+                                k.previous.get(..12).unwrap_or(&k.previous),
+                                k.current.get(..12).unwrap_or(&k.current)
+                            )
+                        }),
                 ]
             })
             .collect();

@@ -9,7 +9,10 @@
 //! namespace), so it works after a crash half-way through `up` too.
 //! The end-to-end tests use this same code as their harness.
 
+pub mod pki;
+
 use ipnet::Ipv4Net;
+use pki::{CertFiles, Pki, Validity};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::fs::File;
@@ -69,6 +72,9 @@ pub struct LabSpec {
     pub lease_ttl: u64,
     /// The weft binary the agents run.
     pub weft_bin: PathBuf,
+    /// etcd on plain http without client certificates (default: TLS, and
+    /// every host with a client certificate of the lab's CA).
+    pub insecure_etcd: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,10 +93,13 @@ pub struct Lab {
     pub lease_ttl: u64,
     pub etcd: Option<ProcessRef>,
     pub hosts: Vec<LabHost>,
+    /// etcd on plain http (`lab up --insecure-etcd`).
+    #[serde(default)]
+    pub insecure_etcd: bool,
     /// More options for every agent the lab starts from now on (a test's
     /// `--metrics-listen`, say).
     #[serde(default)]
-    pub agent_args: Vec<String>,
+    pub extra_agent_args: Vec<String>,
 }
 
 /// What `down` removed.
@@ -105,9 +114,9 @@ pub fn host_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 51, 100, 10 + i as u8)
 }
 
-pub fn etcd_url() -> String {
-    format!("http://{ETCD_IP}:2379")
-}
+/// The name of the client certificate for etcdctl and other admin work:
+/// with etcd's authentication on, it is etcd's `root` user.
+pub const ADMIN: &str = "root";
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -122,6 +131,70 @@ impl Lab {
         root.join(name)
     }
 
+    /// etcd's client URL: https unless the lab is insecure.
+    pub fn etcd_url(&self) -> String {
+        let scheme = if self.insecure_etcd { "http" } else { "https" };
+        format!("{scheme}://{ETCD_IP}:2379")
+    }
+
+    /// The lab's CA (certificates in `<lab>/pki/`).
+    pub fn pki(&self) -> Pki {
+        Pki::open(&self.dir.join("pki"), &self.name)
+    }
+
+    /// A client certificate of the lab's CA: a host's, or [`ADMIN`].
+    pub fn client_cert(&self, name: &str) -> CertFiles {
+        self.pki().files(name)
+    }
+
+    /// The agent's flags for etcd as `name` (URL, CA, client certificate).
+    pub fn etcd_args(&self, name: &str) -> Vec<String> {
+        let mut v = vec!["--etcd-endpoints".to_string(), self.etcd_url()];
+        if !self.insecure_etcd {
+            let c = self.client_cert(name);
+            v.extend([
+                "--etcd-cafile".into(),
+                self.pki().ca_file().display().to_string(),
+                "--etcd-certfile".into(),
+                c.cert.display().to_string(),
+                "--etcd-keyfile".into(),
+                c.key.display().to_string(),
+            ]);
+        }
+        v
+    }
+
+    /// `etcdctl ARGS` (API v3) from host `i`'s namespace, as `name` (a
+    /// host's certificate or [`ADMIN`]).
+    pub fn etcdctl<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        i: usize,
+        name: &str,
+        args: &[S],
+    ) -> Result<Command> {
+        let etcdctl = which("etcdctl").ok_or_else(|| {
+            LabError::Bad(
+                "etcdctl is not installed: apt-get install etcd-client (scripts/install-deps.sh does)"
+                    .into(),
+            )
+        })?;
+        let mut cmd = Self::command_in(&self.host_netns(i), &etcdctl, false)?;
+        cmd.env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.etcd_url());
+        if !self.insecure_etcd {
+            let c = self.client_cert(name);
+            cmd.arg("--cacert")
+                .arg(self.pki().ca_file())
+                .arg("--cert")
+                .arg(c.cert)
+                .arg("--key")
+                .arg(c.key);
+        }
+        cmd.args(args);
+        Ok(cmd)
+    }
+
     fn netns_path(&self, what: &str) -> PathBuf {
         self.dir.join("netns").join(what)
     }
@@ -134,7 +207,7 @@ impl Lab {
         self.dir.join(&self.hosts[i].name).join("state")
     }
 
-    fn data_dir(&self, i: usize) -> PathBuf {
+    pub fn data_dir(&self, i: usize) -> PathBuf {
         self.dir.join(&self.hosts[i].name).join("data")
     }
 
@@ -236,8 +309,9 @@ impl Lab {
             backend: spec.backend.clone(),
             lease_ttl: spec.lease_ttl,
             etcd: None,
-            agent_args: Vec::new(),
+            extra_agent_args: Vec::new(),
             hosts: Vec::new(),
+            insecure_etcd: spec.insecure_etcd,
         };
         let built = lab.build(spec, progress);
         if let Err(e) = built {
@@ -259,6 +333,12 @@ impl Lab {
         progress("underlay switch");
         let (_, mut ul) = Netns::create(&self.netns_path("underlay"), &[])?;
         ul.ensure_bridge(SWITCH, [0x02, 0x77, 0xff, 0, 0, 1], None)?;
+        if !self.insecure_etcd {
+            progress("certificates");
+            let pki = Pki::create(&self.dir.join("pki"), &self.name)?;
+            pki.issue_server("etcd", ETCD_IP)?;
+            pki.issue_client(ADMIN, Validity::Current)?;
+        }
         progress("etcd");
         self.plug("etcd", ETCD_IP)?;
         self.start_etcd()?;
@@ -343,6 +423,9 @@ impl Lab {
         });
         self.save()?;
         self.plug(&name, ip)?;
+        if !self.insecure_etcd {
+            self.pki().issue_client(&name, Validity::Current)?;
+        }
         for d in [self.state_dir(i), self.data_dir(i)] {
             std::fs::create_dir_all(&d).map_err(io(format!("create {}", d.display())))?;
         }
@@ -427,15 +510,28 @@ impl Lab {
             )
         })?;
         let mut cmd = Self::command_in(&self.netns_path("etcd"), &etcd, true)?;
+        let url = self.etcd_url();
+        if !self.insecure_etcd {
+            // Every client must show a certificate of the lab's CA.
+            let pki = self.pki();
+            let server = pki.files("etcd");
+            cmd.arg("--cert-file")
+                .arg(&server.cert)
+                .arg("--key-file")
+                .arg(&server.key)
+                .arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(pki.ca_file());
+        }
         cmd.args([
             "--name",
             "lab",
             "--data-dir",
             &data.join("data").display().to_string(),
             "--listen-client-urls",
-            &etcd_url(),
+            &url,
             "--advertise-client-urls",
-            &etcd_url(),
+            &url,
             "--listen-peer-urls",
             "http://127.0.0.1:2380",
             "--initial-advertise-peer-urls",
@@ -463,6 +559,30 @@ impl Lab {
         self.save()
     }
 
+    /// The arguments of host `i`'s `weft` for its agent (tests vary them).
+    pub fn agent_args(&self, i: usize) -> Vec<String> {
+        let mut v = vec![
+            "--state-dir".to_string(),
+            self.state_dir(i).display().to_string(),
+            "agent".into(),
+            "--data-dir".into(),
+            self.data_dir(i).display().to_string(),
+        ];
+        v.extend(self.etcd_args(&self.hosts[i].name));
+        v.extend([
+            "--public-ip".into(),
+            self.hosts[i].ip.to_string(),
+            "--node-name".into(),
+            self.hosts[i].name.clone(),
+            "--lease-ttl".into(),
+            self.lease_ttl.to_string(),
+            "--netns-pool".into(),
+            "2".into(),
+        ]);
+        v.extend(self.extra_agent_args.iter().cloned());
+        v
+    }
+
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
         let mut cmd = Self::command_in(&self.host_netns(i), &self.weft_bin, true)?;
         Self::named(&mut cmd, &self.hosts[i].name)?;
@@ -470,17 +590,7 @@ impl Lab {
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         )
-        .arg("--state-dir")
-        .arg(self.state_dir(i))
-        .arg("agent")
-        .arg("--data-dir")
-        .arg(self.data_dir(i))
-        .args(["--etcd-endpoints", &etcd_url()])
-        .args(["--public-ip", &self.hosts[i].ip.to_string()])
-        .args(["--node-name", &self.hosts[i].name])
-        .args(["--lease-ttl", &self.lease_ttl.to_string()])
-        .args(["--netns-pool", "2"])
-        .args(&self.agent_args);
+        .args(self.agent_args(i));
         let p = Self::spawn_logged(cmd, &self.agent_log(i))?;
         self.hosts[i].agent = Some(p);
         self.save()?;

@@ -211,6 +211,9 @@ pub struct NetworkSummary {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ClusterView {
     pub etcd_endpoints: Vec<String>,
+    /// The connection to etcd is plain http (no TLS): `weft status` warns.
+    #[serde(default)]
+    pub etcd_plaintext: bool,
     pub etcd_healthy: bool,
     /// The last error talking to etcd, while unhealthy.
     pub etcd_error: Option<String>,
@@ -250,6 +253,17 @@ pub struct PeerView {
     pub programmed: Option<String>,
     /// Why nothing is programmed, when nothing is.
     pub problem: Option<String>,
+    /// secure: the peer's public key changed while this agent ran, and
+    /// since when (the key it had before, when it changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_change: Option<KeyChange>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyChange {
+    pub previous: String,
+    pub current: String,
+    pub at_unix: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -354,6 +354,35 @@ pub struct Lease {
     /// (`weft_tunnel::encode_key`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
+    /// The host's signature over the rest of the lease, made with the key
+    /// of its etcd client certificate (docs/ARCHITECTURE.md, "Who may
+    /// claim what"). None when the host has no client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<LeaseSignature>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseSignature {
+    /// The signer's certificate (PEM): its DNS name must be the lease's node.
+    pub cert: String,
+    /// Base64 of the signature over [`Lease::signed_bytes`].
+    pub sig: String,
+}
+
+impl Lease {
+    /// The lease without its signature: what is signed, and what two
+    /// leases are compared by (a new signature of the same content differs).
+    pub fn body(&self) -> Lease {
+        Lease {
+            signed: None,
+            ..self.clone()
+        }
+    }
+
+    /// The bytes a signature covers: the body as JSON.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.body()).expect("serializable")
+    }
 }
 
 /// The key part that names a subnet: `10.40.3.0-24`, as flannel spells it.
@@ -690,6 +719,7 @@ mod tests {
         // What weft_tunnel::encode_key makes: 64 lowercase hex digits.
         let key: String = (0u8..32).map(|b| format!("{b:02x}")).collect();
         let lease = Lease {
+            signed: None,
             network: "n".into(),
             subnet: "10.40.3.0/24".parse().unwrap(),
             host_id: "h".into(),

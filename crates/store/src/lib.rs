@@ -17,7 +17,7 @@ mod etcd;
 mod runtime;
 
 pub use disk::DiskStore;
-pub use etcd::{Change, Etcd, EtcdError, EtcdResult, Watch};
+pub use etcd::{Change, Etcd, EtcdError, EtcdResult, EtcdSecurity, FailureKind, Watch};
 pub use runtime::RuntimeStore;
 
 use serde::{de::DeserializeOwned, Serialize};

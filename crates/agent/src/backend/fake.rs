@@ -57,6 +57,7 @@ pub(crate) fn local(subnet: &str) -> Local {
 /// Another host's lease, with the VTEP MAC the vxlan backend publishes.
 pub(crate) fn peer(host: &str, subnet: &str, public_ip: &str) -> Lease {
     Lease {
+        signed: None,
         network: "ov".into(),
         subnet: subnet.parse().unwrap(),
         host_id: host.into(),

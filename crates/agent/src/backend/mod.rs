@@ -120,6 +120,7 @@ pub(crate) fn peer_state(p: &Lease) -> PeerState {
         public_ip: p.public_ip,
         programmed: None,
         problem: None,
+        key_change: None,
     }
 }
 

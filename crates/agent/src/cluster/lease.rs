@@ -86,6 +86,8 @@ pub(crate) struct Claim<'a> {
     pub etcd_lease: i64,
     /// secure: this host's public key, published in the lease.
     pub public_key: Option<String>,
+    /// Signs the leases this host writes (it has a client certificate).
+    pub signer: Option<&'a super::signing::Signer>,
 }
 
 /// This host's lease on `c.net`: the one in `global` (rebound to the
@@ -119,13 +121,27 @@ pub(crate) async fn own_lease<S: LeaseStore>(
         public_ip: me.public_ip,
         vtep_mac: vtep.clone(),
         public_key: c.public_key.clone(),
+        signed: None,
+    };
+    let sign = |l: Lease| match c.signer {
+        Some(s) => s.sign(l),
+        None => l,
     };
     if let Some((key, raw, have)) = global.own(name, &me.host_id) {
         let want = wanted(have.subnet);
-        if bound.get(name) == Some(&lease_id) && have == want {
+        // Compared without signatures (a new one of the same content differs).
+        let same = have.body() == want
+            && have.signed.as_ref().map(|s| s.cert.as_str()) == c.signer.map(|s| s.cert_pem());
+        if bound.get(name) == Some(&lease_id) && same {
             return Ok(have);
         }
-        let bytes = serde_json::to_vec(&want).expect("serializable");
+        let (want, bytes) = if same {
+            (have, raw.clone())
+        } else {
+            let w = sign(want);
+            let b = serde_json::to_vec(&w).expect("serializable");
+            (w, b)
+        };
         if store
             .replace(&key, &raw, bytes.clone(), Some(lease_id))
             .await?
@@ -151,7 +167,8 @@ pub(crate) async fn own_lease<S: LeaseStore>(
             return Err(LeaseError::Full);
         };
         let key = lease_key(name, &subnet);
-        let bytes = serde_json::to_vec(&wanted(subnet)).expect("serializable");
+        let lease = sign(wanted(subnet));
+        let bytes = serde_json::to_vec(&lease).expect("serializable");
         if store
             .create(&[(key.clone(), bytes.clone())], Some(lease_id))
             .await?
@@ -159,7 +176,7 @@ pub(crate) async fn own_lease<S: LeaseStore>(
             info!(network = %name, subnet = %subnet, "leased a subnet");
             bound.insert(name.clone(), lease_id);
             global.put_raw(&key, bytes);
-            return Ok(wanted(subnet));
+            return Ok(lease);
         }
         // Someone was faster: read the leases again and pick another.
         prefer = None;
@@ -291,6 +308,7 @@ mod tests {
     fn other(subnet: &str, host: &str) -> (String, Vec<u8>) {
         let subnet: Ipv4Net = subnet.parse().unwrap();
         let l = Lease {
+            signed: None,
             network: "ov".into(),
             subnet,
             host_id: host.into(),
@@ -316,6 +334,7 @@ mod tests {
             me,
             etcd_lease,
             public_key: None,
+            signer: None,
         };
         let r = own_lease(store, &c, &mut global, bound).await;
         (r, global)

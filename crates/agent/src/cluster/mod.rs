@@ -17,6 +17,7 @@ mod dataplane;
 mod identity;
 pub(crate) use identity::check_public_address;
 mod lease;
+mod signing;
 mod state;
 
 use crate::backend;
@@ -38,7 +39,7 @@ use weft_kernel::Netlink;
 use weft_model::api::{ClusterView, NetworkView, OverlayStatus, RemovedNetwork};
 use weft_model::overlay::subnet_key;
 use weft_model::{network, Lease, Network, NetworkSpec};
-use weft_store::{Etcd, EtcdError};
+use weft_store::{Etcd, EtcdError, FailureKind};
 
 /// How often the backends re-read the kernel to heal what was changed
 /// behind weft's back.
@@ -58,6 +59,9 @@ fn lease_key(network: &str, subnet: &Ipv4Net) -> String {
     format!("leases/{network}/{}", subnet_key(subnet))
 }
 
+/// A peer's secure-backend key as last seen, and its last change.
+type PeerKey = (String, Option<weft_model::api::KeyChange>);
+
 pub struct Cluster {
     cfg: ClusterConfig,
     host: Host,
@@ -74,6 +78,14 @@ pub struct Cluster {
     /// The netlink socket and the backends; only blocking threads lock it.
     dataplane: dataplane::Shared,
     data_dir: std::path::PathBuf,
+    /// Signs this host's leases (it has an etcd client certificate).
+    signer: Option<signing::Signer>,
+    /// Checks other hosts' leases against the etcd CA; with TLS, a lease
+    /// that fails is never programmed (see signing.rs).
+    verifier: Option<signing::Verifier>,
+    /// secure: (network, peer host id) -> the peer's public key as last
+    /// seen, and its last change, so `weft status` shows a key change.
+    peer_keys: Mutex<HashMap<(String, String), PeerKey>>,
 }
 
 impl Cluster {
@@ -99,12 +111,62 @@ impl Cluster {
         })
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))??;
-        let etcd = Etcd::connect(&cfg.etcd_endpoints, &cfg.etcd_prefix, ETCD_TIMEOUT)
-            .await
-            .map_err(|e| AgentError::BadRequest(format!("--etcd-endpoints: {e}")))?;
+        let sec = &cfg.etcd_security;
+        let signer = match (&sec.cert_file, &sec.key_file) {
+            (Some(c), Some(k)) => {
+                Some(signing::Signer::load(c, k).map_err(AgentError::BadRequest)?)
+            }
+            _ => None,
+        };
+        let verifier = match &sec.ca_file {
+            Some(ca) => Some(signing::Verifier::load(ca).map_err(AgentError::BadRequest)?),
+            None => None,
+        };
+        let etcd = Etcd::connect(
+            &cfg.etcd_endpoints,
+            &cfg.etcd_prefix,
+            ETCD_TIMEOUT,
+            &cfg.etcd_security,
+        )
+        .await
+        .map_err(|e| AgentError::BadRequest(format!("--etcd-endpoints: {e}")))?;
+        // A wrong CA, a refused certificate or a bad password never heal by
+        // retrying: the agent stops at once with the reason, instead of
+        // serving with a cluster that can never sync. An etcd that is merely
+        // down is waited for, as before.
+        if let Err(e) = etcd.probe().await {
+            if matches!(e.kind(), FailureKind::Tls | FailureKind::Auth) {
+                return Err(AgentError::BadRequest(e.to_string()));
+            }
+            warn!(error = %e, "etcd is not answering yet; the cluster catches up when it does");
+        }
+        if etcd.is_plaintext() {
+            warn!("the connection to etcd is plain http: anyone on the path can read and change the cluster's state; use https:// with --etcd-cafile/--etcd-certfile/--etcd-keyfile");
+        }
+        if let (Some(sg), Some(v)) = (&signer, &verifier) {
+            // Peers would refuse every lease of this host: say so now.
+            let trial = sg.sign(Lease {
+                network: "trial".into(),
+                subnet: Ipv4Net::default(),
+                host_id: me.host_id.clone(),
+                node: me.node.clone(),
+                public_ip: me.public_ip,
+                vtep_mac: None,
+                public_key: None,
+                signed: None,
+            });
+            let key = lease_key("trial", &trial.subnet);
+            if let Some(why) = v.refuse(&key, &trial) {
+                return Err(AgentError::BadRequest(format!(
+                    "--etcd-certfile cannot sign this host's leases ({why}); its certificate must be issued by --etcd-cafile's CA for client authentication with the DNS name {:?} (--node-name)",
+                    me.node
+                )));
+            }
+        }
         info!(node = %me.node, public_ip = %me.public_ip, host_id = %me.host_id, "joining the cluster");
         let status = ClusterView {
             etcd_endpoints: cfg.etcd_endpoints.clone(),
+            etcd_plaintext: etcd.is_plaintext(),
             host_id: me.host_id.clone(),
             node: me.node.clone(),
             public_ip: Some(me.public_ip),
@@ -123,6 +185,9 @@ impl Cluster {
             underlay: (underlay, underlay_mtu),
             data_dir: data.data_dir.clone(),
             dataplane: dataplane::Shared::new(Dataplane::new(Box::new(nl))),
+            signer,
+            verifier,
+            peer_keys: Default::default(),
         });
         tokio::spawn(c.clone().keep_lease_alive());
         tokio::spawn(c.clone().sync_forever());
@@ -233,6 +298,16 @@ impl Cluster {
         loop {
             let r = self.sync_once(&mut bound, &mut cleaned).await;
             if let Err(e) = r {
+                // The client only says "cancelled" when etcd refuses the
+                // handshake (a certificate that expired while running):
+                // a direct probe says why, for `weft status` and the log.
+                let e = match e.kind() {
+                    FailureKind::Unreachable => match self.etcd.probe().await {
+                        Err(p) if matches!(p.kind(), FailureKind::Tls | FailureKind::Auth) => p,
+                        _ => e,
+                    },
+                    _ => e,
+                };
                 self.set_health(Some(e.to_string()));
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -314,6 +389,8 @@ impl Cluster {
         let mut views = Vec::new();
         // (index in views, what to program): programmed all at once below.
         let mut jobs: Vec<(usize, Job)> = Vec::new();
+        // (index in views, node -> its key change): added to the peers' views.
+        let mut key_notes: Vec<(usize, HashMap<String, weft_model::api::KeyChange>)> = Vec::new();
         let names: Vec<String> = global.networks.keys().cloned().collect();
         for name in names {
             let net = global.networks[&name].clone();
@@ -362,6 +439,7 @@ impl Cluster {
                 me: &me,
                 etcd_lease: self.lease.load(Ordering::Relaxed),
                 public_key,
+                signer: self.signer.as_ref(),
             };
             let own = match lease::own_lease(&self.etcd, &claim, global, bound).await {
                 Ok(l) => l,
@@ -399,11 +477,10 @@ impl Cluster {
                 views.push(view);
                 continue;
             }
-            let peers: Vec<Lease> = global
-                .leases_of(&name)
-                .filter(|l| l.host_id != me.host_id)
-                .cloned()
-                .collect();
+            let (peers, refused) = self.believed_peers(global, &name, &me.host_id);
+            let changes = self.key_changes(&name, &peers);
+            // Shown with the programmed peers below; never programmed.
+            view.peers = refused;
             let local = backend::Local {
                 host_id: me.host_id.clone(),
                 public_ip: me.public_ip,
@@ -413,6 +490,7 @@ impl Cluster {
                 data_dir: self.data_dir.clone(),
             };
             jobs.push((views.len(), Job { net, local, peers }));
+            key_notes.push((views.len(), changes));
             views.push(view);
         }
         // The kernel's part, on a blocking thread: every backend programmed,
@@ -427,7 +505,9 @@ impl Cluster {
         {
             Ok(done) => {
                 for (i, p) in at.into_iter().zip(done) {
+                    let refused = std::mem::take(&mut views[i].peers);
                     views[i].peers = p.peers;
+                    views[i].peers.extend(refused);
                     views[i].counters = p.counters;
                 }
             }
@@ -436,6 +516,11 @@ impl Cluster {
                 for i in at {
                     views[i].problem = Some(e.to_string());
                 }
+            }
+        }
+        for (i, notes) in key_notes {
+            for p in &mut views[i].peers {
+                p.key_change = notes.get(&p.node).cloned();
             }
         }
         for net in self.host.local_overlays() {
@@ -453,6 +538,84 @@ impl Cluster {
         }
         crate::host::recover(self.status.lock()).networks = views;
         Ok(())
+    }
+
+    /// The other hosts' leases of `network` this host believes, and a view
+    /// of each one it refuses with why: with a CA to check against, a lease
+    /// must be signed by its node's certificate, and a node holds one
+    /// subnet per network (a second one it signs is a grab of someone
+    /// else's subnet or a stale copy: all of that node's are refused).
+    fn believed_peers(
+        &self,
+        global: &Global,
+        network: &str,
+        me: &str,
+    ) -> (Vec<Lease>, Vec<weft_model::api::PeerView>) {
+        let refuse = |l: &Lease, why: String| {
+            warn!(network, node = %l.node, subnet = %l.subnet, reason = %why, "refusing a lease");
+            weft_model::api::PeerView {
+                node: l.node.clone(),
+                subnet: l.subnet,
+                public_ip: l.public_ip,
+                programmed: None,
+                problem: Some(why),
+                key_change: None,
+            }
+        };
+        let mut ok = Vec::new();
+        let mut refused = Vec::new();
+        for (key, l) in global.leases_keyed(network) {
+            if l.host_id == me {
+                continue;
+            }
+            match self.verifier.as_ref().and_then(|v| v.refuse(key, l)) {
+                Some(why) => refused.push(refuse(l, why)),
+                None => ok.push(l.clone()),
+            }
+        }
+        if self.verifier.is_some() {
+            let (keep, grabs) = signing::one_subnet_per_node(ok);
+            ok = keep;
+            refused.extend(grabs.into_iter().map(|(l, why)| refuse(&l, why)));
+        }
+        (ok, refused)
+    }
+
+    /// Remembers each peer's secure-backend key and returns, per node, the
+    /// last change seen by this process. The key comes from the peer's
+    /// lease: a change is legitimate (a new key file) or a sign that
+    /// someone who can sign as that host did it; either way it is shown.
+    fn key_changes(
+        &self,
+        network: &str,
+        peers: &[Lease],
+    ) -> HashMap<String, weft_model::api::KeyChange> {
+        let mut known = crate::host::recover(self.peer_keys.lock());
+        let mut out = HashMap::new();
+        for p in peers {
+            let Some(key) = &p.public_key else { continue };
+            let slot = (network.to_string(), p.host_id.clone());
+            match known.get_mut(&slot) {
+                None => {
+                    known.insert(slot, (key.clone(), None));
+                }
+                Some((old, change)) => {
+                    if old != key {
+                        warn!(network, node = %p.node, previous = %old, current = %key, "a peer's secure-backend key changed");
+                        *change = Some(weft_model::api::KeyChange {
+                            previous: old.clone(),
+                            current: key.clone(),
+                            at_unix: crate::ids::now_unix(),
+                        });
+                        *old = key.clone();
+                    }
+                    if let Some(c) = change {
+                        out.insert(p.node.clone(), c.clone());
+                    }
+                }
+            }
+        }
+        out
     }
 
     // ---- API -------------------------------------------------------------

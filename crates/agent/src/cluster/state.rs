@@ -90,6 +90,17 @@ impl Global {
             .flat_map(|m| m.values().map(|(l, _)| l))
     }
 
+    /// Every lease of `network` with the key it was found at.
+    pub fn leases_keyed<'a>(
+        &'a self,
+        network: &str,
+    ) -> impl Iterator<Item = (&'a str, &'a Lease)> + 'a {
+        self.leases
+            .get(network)
+            .into_iter()
+            .flat_map(|m| m.iter().map(|(k, (l, _))| (k.as_str(), l)))
+    }
+
     /// This host's lease on `network`: key, raw value, lease.
     pub fn own(&self, network: &str, host_id: &str) -> Option<(String, Vec<u8>, Lease)> {
         self.leases
@@ -111,6 +122,7 @@ mod tests {
 
     fn lease(net: &str, subnet: &str, host: &str) -> Vec<u8> {
         serde_json::to_vec(&Lease {
+            signed: None,
             network: net.into(),
             subnet: subnet.parse().unwrap(),
             host_id: host.into(),
