@@ -204,18 +204,34 @@ impl WeftHarness {
     /// is removed at teardown unless [`WeftHarness::remove_all`] removes it
     /// first.
     pub fn run_detached(&mut self, ports: &[String], argv: &[&str]) -> Result<WeftRun> {
+        self.run_detached_with(&[], ports, argv)
+    }
+
+    /// [`WeftHarness::run_detached`] with more options of `weft run`
+    /// before the ports, e.g. `["--net", "other"]`.
+    pub fn run_detached_with(
+        &mut self,
+        options: &[&str],
+        ports: &[String],
+        argv: &[&str],
+    ) -> Result<WeftRun> {
         let mut cmd = self.cli()?;
-        cmd.args(["run", "-d", "--format", "json"]);
+        cmd.args(["run", "-d", "--format", "json"]).args(options);
         for p in ports {
             cmd.arg("-p").arg(p);
         }
         cmd.arg("--").args(argv);
         let what = || {
+            let options = if options.is_empty() {
+                String::new()
+            } else {
+                format!("{} ", options.join(" "))
+            };
             if ports.is_empty() {
-                format!("weft run -d -- {}", argv.join(" "))
+                format!("weft run -d {options}-- {}", argv.join(" "))
             } else {
                 format!(
-                    "weft run -d -p {} -- {}",
+                    "weft run -d {options}-p {} -- {}",
                     describe_ports(ports),
                     argv.join(" ")
                 )
