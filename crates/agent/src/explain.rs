@@ -35,7 +35,9 @@ struct Walk<'a> {
     cluster: Option<&'a ClusterView>,
     table: LiveTable,
     host_nl: Netlink,
-    links: HashMap<u32, Link>,
+    /// Links looked up one by one as the walk meets them (a dump of every
+    /// link costs O(n^2) in the kernel with many veths), cached.
+    links: LinkCache,
     hops: Vec<Hop>,
     disagreements: Vec<String>,
     /// "host" on a single host, "host h1" in a cluster.
@@ -109,8 +111,8 @@ pub(crate) fn explain(
         Some(j) => LiveTable::from_nft_json(&j).map_err(AgentError::Internal)?,
         None => LiveTable::default(),
     };
-    let mut host_nl = Netlink::open()?;
-    let links = host_nl.links()?.into_iter().map(|l| (l.index, l)).collect();
+    let host_nl = Netlink::open()?;
+    let links = LinkCache::new()?;
     let mut w = Walk {
         networks: &snap.networks,
         sandboxes,
@@ -170,6 +172,41 @@ fn table_json_missing(t: &LiveTable) -> bool {
     t.bridges.is_empty()
 }
 
+/// Host links by index and by name, each asked of the kernel once.
+struct LinkCache {
+    nl: std::cell::RefCell<Netlink>,
+    seen: std::cell::RefCell<HashMap<u32, Option<Link>>>,
+    named: std::cell::RefCell<HashMap<String, Option<Link>>>,
+}
+
+impl LinkCache {
+    fn new() -> Result<LinkCache> {
+        Ok(LinkCache {
+            nl: std::cell::RefCell::new(Netlink::open()?),
+            seen: Default::default(),
+            named: Default::default(),
+        })
+    }
+
+    fn by_index(&self, index: u32) -> Option<Link> {
+        if let Some(l) = self.seen.borrow().get(&index) {
+            return l.clone();
+        }
+        let l = self.nl.borrow_mut().link_by_index(index).ok().flatten();
+        self.seen.borrow_mut().insert(index, l.clone());
+        l
+    }
+
+    fn by_name(&self, name: &str) -> Option<Link> {
+        if let Some(l) = self.named.borrow().get(name) {
+            return l.clone();
+        }
+        let l = self.nl.borrow_mut().link_by_name(name).ok().flatten();
+        self.named.borrow_mut().insert(name.to_string(), l.clone());
+        l
+    }
+}
+
 fn dropped(hop: usize, why: impl Into<String>, fix: Option<String>) -> Verdict {
     Verdict::Dropped {
         hop,
@@ -190,16 +227,13 @@ impl Walk<'_> {
 
     fn link_name(&self, index: u32) -> String {
         self.links
-            .get(&index)
-            .map(|l| l.name.clone())
+            .by_index(index)
+            .map(|l| l.name)
             .unwrap_or_else(|| format!("if{index}"))
     }
 
     fn index_of(&self, name: &str) -> Option<u32> {
-        self.links
-            .values()
-            .find(|l| l.name == name)
-            .map(|l| l.index)
+        self.links.by_name(name).map(|l| l.index)
     }
 
     /// An address of this host to probe `host` at: its first bridge's gateway.
@@ -409,7 +443,7 @@ impl Walk<'_> {
             Some(i) => {
                 let master = self
                     .links
-                    .get(&i)
+                    .by_index(i)
                     .and_then(|l| l.master)
                     .map(|m| self.link_name(m));
                 if master.as_deref() != Some(bridge.as_str()) {

@@ -393,6 +393,21 @@ impl Host {
         Ok(snap.view(sb))
     }
 
+    /// A `run -d` command's waiter writes its exit code once it has reaped
+    /// it, a moment after the pidfd reports the exit: waits (2 s at most)
+    /// for that, so the file is not written after `rm` deleted it.
+    fn wait_for_exit_file(&self, id: &str) {
+        let logs = self.config().logs_dir();
+        if !logs.join(format!("{id}.log")).exists() {
+            return;
+        }
+        let exit = logs.join(format!("{id}.exit"));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !exit.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// SIGTERM, then SIGKILL after `timeout`. The sandbox stays until `rm`.
     pub fn stop(&self, key: &str, timeout: Duration) -> Result<SandboxView> {
         let p = self.snapshot().find(key)?.process;
@@ -445,7 +460,9 @@ impl Host {
         if let Some(p) = p {
             if let Some(fd) = process::pidfd(&p)? {
                 process::signal_group(&p, &fd, libc::SIGKILL)?;
-                process::wait_exit(&fd, 5000);
+                if process::wait_exit(&fd, 5000) {
+                    self.wait_for_exit_file(&id);
+                }
             }
         }
         let mut g = self.lock();
