@@ -173,6 +173,11 @@ impl WeftHarness {
         self.state_dir.join("weft.sock")
     }
 
+    /// The agent's process id, for reading its CPU time.
+    pub fn agent_pid(&self) -> Option<i32> {
+        self.agent.as_ref().and_then(Daemon::pid)
+    }
+
     /// The agent's namespace: the "host" of its sandboxes.
     pub fn netns(&self) -> &Netns {
         self.ns()
@@ -204,8 +209,19 @@ impl WeftHarness {
     /// is removed at teardown unless [`WeftHarness::remove_all`] removes it
     /// first.
     pub fn run_detached(&mut self, ports: &[String], argv: &[&str]) -> Result<WeftRun> {
+        self.run_detached_with(&[], ports, argv)
+    }
+
+    /// [`WeftHarness::run_detached`] with more `weft run` options before
+    /// the `-p` values (`--name N`, `--net NET`).
+    pub fn run_detached_with(
+        &mut self,
+        opts: &[&str],
+        ports: &[String],
+        argv: &[&str],
+    ) -> Result<WeftRun> {
         let mut cmd = self.cli()?;
-        cmd.args(["run", "-d", "--format", "json"]);
+        cmd.args(["run", "-d", "--format", "json"]).args(opts);
         for p in ports {
             cmd.arg("-p").arg(p);
         }
