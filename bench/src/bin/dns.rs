@@ -154,7 +154,10 @@ fn run(args: &Args, base: &Path, pid: u32) -> Result<bool> {
         (&args.dnsperf, "dnsperf"),
         (&args.dnsmasq, "dnsmasq-base"),
     ] {
-        require_exe(exe, &format!("install Debian's {pkg} (scripts/install-deps.sh --bench)"))?;
+        require_exe(
+            exe,
+            &format!("install Debian's {pkg} (scripts/install-deps.sh --bench)"),
+        )?;
     }
     let tree = TempTree::create(base)?;
     let dir = tree.path().to_path_buf();
@@ -169,7 +172,8 @@ fn run(args: &Args, base: &Path, pid: u32) -> Result<bool> {
     };
     let started = Instant::now();
     let mut h = WeftHarness::start(&opts, &agent_dir, pid)?;
-    h.netns().try_ip(&["addr", "add", &format!("{UPSTREAM}/32"), "dev", "lo"])?;
+    h.netns()
+        .try_ip(&["addr", "add", &format!("{UPSTREAM}/32"), "dev", "lo"])?;
 
     let mut dnsmasq_cmd = h.netns().entered(&args.dnsmasq)?;
     dnsmasq_cmd.args([
@@ -204,7 +208,8 @@ fn run(args: &Args, base: &Path, pid: u32) -> Result<bool> {
                 &["sleep", "infinity"],
             )
             .context(format_args!("starting sandbox {name}"))?;
-        let ip = r.ip.context(format_args!("sandbox {name} has no address"))?;
+        let ip =
+            r.ip.context(format_args!("sandbox {name} has no address"))?;
         sandboxes.push((r.id, ip, name));
         sys::check_interrupted()?;
     }
@@ -214,7 +219,9 @@ fn run(args: &Args, base: &Path, pid: u32) -> Result<bool> {
         &["sleep", "infinity"],
     )?;
     let client_ip = client.ip.context("the client sandbox has no address")?;
-    let client_pid = client.pid.context("`weft run` gave no pid for the client")?;
+    let client_pid = client
+        .pid
+        .context("`weft run` gave no pid for the client")?;
     let client_ns = PathBuf::from(format!("/proc/{client_pid}/ns/net"));
     eprintln!(
         "weft: network {NETWORK} {} (resolver {gateway}:53), {} named sandboxes, client {client_ip}",
@@ -439,10 +446,7 @@ impl Drop for Aardvark {
 }
 
 /// Runs `f` on a thread that entered the network namespace `path`.
-fn in_netns<T: Send + 'static>(
-    path: &Path,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T> {
+fn in_netns<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     let file = fs::File::open(path).context(format_args!("opening {}", path.display()))?;
     let what = path.display().to_string();
     std::thread::spawn(move || {
@@ -497,9 +501,7 @@ fn dnsperf(
     let lost = field("Queries lost:")? as u64;
     let qps = field("Queries per second:")?;
     if !text.contains(&format!("NOERROR {completed} ")) {
-        return bail(format!(
-            "not every dnsperf answer was NOERROR:\n{text}"
-        ));
+        return bail(format!("not every dnsperf answer was NOERROR:\n{text}"));
     }
     Ok((completed, lost, qps))
 }
