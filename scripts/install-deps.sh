@@ -18,7 +18,8 @@ pkgs+=(etcd-server etcd-client protobuf-compiler libprotobuf-dev)
 # its network and IPAM driver.
 pkgs+=(docker.io)
 if [ "${1:-}" = "--bench" ]; then
-    pkgs+=(containernetworking-plugins iperf3)
+    # bench/dns: dnsperf drives weft's resolver and podman's aardvark-dns.
+    pkgs+=(containernetworking-plugins iperf3 dnsperf aardvark-dns)
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq

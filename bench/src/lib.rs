@@ -1,6 +1,6 @@
 //! Benchmarks of weft against Docker's default bridge, the CNI reference
-//! plugins, kernel VXLAN and hand-built flannel-style paths: the five
-//! binaries of src/bin (attach, ports, converge, tunnel, overlay), each
+//! plugins, kernel VXLAN and hand-built flannel-style paths: the seven
+//! binaries of src/bin (attach, ports, converge, tunnel, overlay, psload, dns), each
 //! described in bench/README.md. Their namespaces come from weft-testkit.
 
 pub mod cni;

@@ -122,6 +122,9 @@ struct Figures {
     completed: u64,
     lost: u64,
     cpu_us_per_query: f64,
+    /// dnsperf's own CPU time per query: near 1 s per second at its q/s
+    /// means the client, not the server, set the pace.
+    client_cpu_us_per_query: f64,
     p50_us: f64,
     p99_us: f64,
     latency_timeouts: usize,
@@ -297,8 +300,11 @@ fn run(args: &Args, base: &Path, pid: u32) -> Result<bool> {
             let f = &mut figs[i];
             let load = loadavg();
             let cpu0 = cpu_ticks(s.pid)?;
+            let client0 = children_cpu_us();
             let (completed, lost, qps) = dnsperf(args, &client_ns, s.addr, &data, &dir)?;
             let cpu1 = cpu_ticks(s.pid)?;
+            f.client_cpu_us_per_query =
+                (children_cpu_us() - client0) as f64 / completed.max(1) as f64;
             f.qps = qps;
             f.completed = completed;
             f.lost = lost;
@@ -312,11 +318,12 @@ fn run(args: &Args, base: &Path, pid: u32) -> Result<bool> {
             f.p99_us = percentile(&lat, 0.99);
             f.latency_timeouts = timeouts;
             eprintln!(
-                "  {:9} {:12} {:>9.0} q/s  {:>6.2} us CPU/query  p50 {:>6.1} us  p99 {:>6.1} us  (load {load:.2})",
+                "  {:9} {:12} {:>9.0} q/s  {:>6.2} us CPU/query (dnsperf {:.2})  p50 {:>6.1} us  p99 {:>6.1} us  (load {load:.2})",
                 kind.label(),
                 s.label,
                 f.qps,
                 f.cpu_us_per_query,
+                f.client_cpu_us_per_query,
                 f.p50_us,
                 f.p99_us
             );
@@ -336,15 +343,18 @@ fn print_report(args: &Args, results: &[(Kind, [Figures; 2])], took: Duration) {
         args.seconds, args.in_flight, args.latency_queries, args.names, args.names
     );
     println!();
-    println!("| names | server | q/s | CPU us/query | p50 us | p99 us | lost | timeouts |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| names | server | q/s | server CPU us/query | server CPU use | dnsperf CPU us/query | dnsperf CPU use | p50 us | p99 us | lost | timeouts |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (kind, figs) in results {
         for (f, label) in figs.iter().zip(["weft", "aardvark-dns"]) {
             println!(
-                "| {} | {label} | {:.0} | {:.2} | {:.1} | {:.1} | {} of {} | {} |",
+                "| {} | {label} | {:.0} | {:.2} | {:.0}% | {:.2} | {:.0}% | {:.1} | {:.1} | {} of {} | {} |",
                 kind.label(),
                 f.qps,
                 f.cpu_us_per_query,
+                f.cpu_us_per_query * f.qps / 1e4,
+                f.client_cpu_us_per_query,
+                f.client_cpu_us_per_query * f.qps / 1e4,
                 f.p50_us,
                 f.p99_us,
                 f.lost,
@@ -522,6 +532,18 @@ fn cpu_ticks(pid: i32) -> Result<u64> {
         [u, s] => Ok(u + s),
         _ => bail(format!("cannot parse /proc/{pid}/stat: {stat}")),
     }
+}
+
+/// CPU time (user + system) of the children we have waited for, in us:
+/// dnsperf's, taken before and after its run (nsenter execs it, so it is
+/// our child itself).
+fn children_cpu_us() -> u64 {
+    // SAFETY: all-zero is a valid rusage, filled in by the call.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a rusage we own.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    us(ru.ru_utime) + us(ru.ru_stime)
 }
 
 fn clock_ticks() -> u64 {

@@ -27,7 +27,7 @@ pub(crate) const UPSTREAM_TIMEOUT: Duration = Duration::from_millis(1500);
 /// The host's upstream servers, from its resolv.conf, reread when it changes.
 pub(crate) struct Upstream {
     path: PathBuf,
-    cache: Mutex<(Option<SystemTime>, weft_dns::ResolvConf)>,
+    cache: Mutex<(Option<SystemTime>, Arc<weft_dns::ResolvConf>)>,
 }
 
 impl Upstream {
@@ -40,15 +40,20 @@ impl Upstream {
 
     /// The current resolv.conf (cached while the file's mtime stays the same).
     pub fn conf(&self) -> weft_dns::ResolvConf {
+        (*self.shared()).clone()
+    }
+
+    /// [`Upstream::conf`] without a copy: what every forward reads.
+    fn shared(&self) -> Arc<weft_dns::ResolvConf> {
         let mtime = std::fs::metadata(&self.path)
             .and_then(|m| m.modified())
             .ok();
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.0 != mtime || mtime.is_none() {
             let text = std::fs::read_to_string(&self.path).unwrap_or_default();
-            *cache = (mtime, weft_dns::parse_resolv_conf(&text));
+            *cache = (mtime, Arc::new(weft_dns::parse_resolv_conf(&text)));
         }
-        cache.1.clone()
+        Arc::clone(&cache.1)
     }
 }
 
@@ -110,16 +115,16 @@ impl Resolver {
         tcp.set_nonblocking(true).map_err(bind_err)?;
         let _guard = self.runtime.enter();
         let tcp = tokio::net::TcpListener::from_std(tcp).map_err(bind_err)?;
-        let ctx = Ctx {
+        let ctx = Arc::new(Ctx {
             network: network.to_string(),
             names: Arc::clone(&self.names),
             upstream: Arc::clone(&self.upstream),
             own: Arc::clone(&self.own),
             pool: Arc::clone(&self.pool),
-        };
+        });
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (udp, ctx, stop) = (Arc::clone(&udp), ctx.clone(), Arc::clone(&stop));
+            let (udp, ctx, stop) = (Arc::clone(&udp), Arc::clone(&ctx), Arc::clone(&stop));
             let runtime = self.runtime.clone();
             std::thread::Builder::new()
                 .name("weft-dns-udp".into())
@@ -188,7 +193,6 @@ impl Drop for UdpThread {
     }
 }
 
-#[derive(Clone)]
 struct Ctx {
     network: String,
     names: Arc<RwLock<Names>>,
@@ -207,13 +211,12 @@ impl Ctx {
     }
 
     fn servers(&self) -> Vec<SocketAddr> {
-        let own = self.own.read().unwrap_or_else(|e| e.into_inner()).clone();
-        self.upstream
-            .conf()
-            .nameservers
-            .into_iter()
+        let conf = self.upstream.shared();
+        let own = self.own.read().unwrap_or_else(|e| e.into_inner());
+        conf.nameservers
+            .iter()
             .filter(|ip| !matches!(ip, IpAddr::V4(v4) if own.contains(v4)))
-            .map(|ip| SocketAddr::new(ip, 53))
+            .map(|ip| SocketAddr::new(*ip, 53))
             .collect()
     }
 }
@@ -230,7 +233,7 @@ const QUERY_BUF: usize = 4096;
 /// go to the async runtime, so a slow upstream never holds up local names.
 fn serve_udp(
     sock: &Arc<std::net::UdpSocket>,
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     stop: &AtomicBool,
     runtime: &tokio::runtime::Handle,
 ) {
@@ -293,7 +296,8 @@ fn serve_udp(
                     Written::Drop => {}
                     Written::Forward => {
                         let peer = SocketAddrV4::new(client, u16::from_be(peer.sin_port));
-                        let (query, sock, ctx) = (query.to_vec(), Arc::clone(sock), ctx.clone());
+                        let (query, sock, ctx) =
+                            (query.to_vec(), Arc::clone(sock), Arc::clone(ctx));
                         runtime.spawn(async move {
                             let reply = forward_udp(&ctx, &query).await;
                             let _ = sock.send_to(&reply, peer);
@@ -436,7 +440,7 @@ async fn connect_udp(server: SocketAddr) -> std::io::Result<tokio::net::UdpSocke
     Ok(sock)
 }
 
-async fn serve_tcp(listener: tokio::net::TcpListener, ctx: Ctx) {
+async fn serve_tcp(listener: tokio::net::TcpListener, ctx: Arc<Ctx>) {
     loop {
         let (mut stream, peer) = match listener.accept().await {
             Ok(r) => r,
