@@ -67,8 +67,6 @@ pub(crate) struct Resolver {
     own: Arc<RwLock<Vec<Ipv4Addr>>>,
     /// network -> its listening address and the tasks serving it.
     listeners: Mutex<HashMap<String, Listener>>,
-    /// Connected sockets to upstream servers, reused across forwards.
-    pool: Arc<UpstreamPool>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -79,7 +77,6 @@ impl Resolver {
             upstream: Arc::new(Upstream::new(resolv_conf)),
             own: Default::default(),
             listeners: Mutex::new(HashMap::new()),
-            pool: Default::default(),
             runtime: tokio::runtime::Handle::current(),
         }
     }
@@ -120,15 +117,13 @@ impl Resolver {
             names: Arc::clone(&self.names),
             upstream: Arc::clone(&self.upstream),
             own: Arc::clone(&self.own),
-            pool: Arc::clone(&self.pool),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (udp, ctx, stop) = (Arc::clone(&udp), Arc::clone(&ctx), Arc::clone(&stop));
-            let runtime = self.runtime.clone();
             std::thread::Builder::new()
                 .name("weft-dns-udp".into())
-                .spawn(move || serve_udp(&udp, &ctx, &stop, &runtime))
+                .spawn(move || serve_udp(&udp, &ctx, &stop))
                 .map_err(|e| AgentError::Io {
                     what: format!("DNS for network {network}: starting its UDP thread"),
                     source: e,
@@ -198,7 +193,6 @@ struct Ctx {
     names: Arc<RwLock<Names>>,
     upstream: Arc<Upstream>,
     own: Arc<RwLock<Vec<Ipv4Addr>>>,
-    pool: Arc<UpstreamPool>,
 }
 
 impl Ctx {
@@ -226,17 +220,14 @@ const BATCH: usize = 32;
 /// Room for one query; a longer one is cut, as a single receive would.
 const QUERY_BUF: usize = 4096;
 
-/// Serves one network's UDP socket on a thread of its own: queries come in
-/// batches (recvmmsg), names are answered right there under one read lock
-/// per batch, without a task, a copy or (for the common query) an
-/// allocation, and the replies go out together (sendmmsg). Only forwards
-/// go to the async runtime, so a slow upstream never holds up local names.
-fn serve_udp(
-    sock: &Arc<std::net::UdpSocket>,
-    ctx: &Arc<Ctx>,
-    stop: &AtomicBool,
-    runtime: &tokio::runtime::Handle,
-) {
+/// Serves one network's UDP socket on a thread of its own, without the
+/// async runtime: queries come in batches (recvmmsg), names are answered
+/// right there under one read lock per batch, without a copy or (for the
+/// common query) an allocation, and the replies go out together
+/// (sendmmsg). Forwards are sent from here too, on non-blocking upstream
+/// sockets that the same poll(2) watches, so a slow upstream never holds
+/// up local names or other forwards.
+fn serve_udp(sock: &std::net::UdpSocket, ctx: &Ctx, stop: &AtomicBool) {
     let fd = sock.as_raw_fd();
     let mut bufs = vec![0u8; BATCH * QUERY_BUF];
     // SAFETY (both): all-zero is a valid sockaddr_in and mmsghdr.
@@ -251,7 +242,44 @@ fn serve_udp(
         .collect();
     let mut replies: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(512)).collect();
     let mut reply_to: Vec<libc::sockaddr_in> = Vec::with_capacity(BATCH);
+    let mut fwd = Forwarder::default();
+    let mut fds: Vec<libc::pollfd> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
+        fds.clear();
+        fds.push(libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        fds.extend(fwd.pending.iter().map(|p| libc::pollfd {
+            fd: p.sock.sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }));
+        let timeout = fwd.next_deadline().map_or(-1, |d| {
+            let left = d.saturating_duration_since(std::time::Instant::now());
+            // Rounded up: waking early would only poll again.
+            (left.as_micros().div_ceil(1000)).min(i32::MAX as u128) as i32
+        });
+        // SAFETY: `fds` is a live array of that many pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                warn!(network = %ctx.network, error = %e, "DNS poll failed");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        }
+        // Upstream answers and timeouts first, while `fds` still matches
+        // the pending list; new forwards are added after.
+        fwd.progress(&fds[1..], sock);
+        if fds[0].revents == 0 {
+            continue;
+        }
         for (i, m) in msgs.iter_mut().enumerate() {
             m.msg_hdr.msg_name = (&mut peers[i] as *mut libc::sockaddr_in).cast();
             m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
@@ -259,23 +287,23 @@ fn serve_udp(
             m.msg_hdr.msg_iovlen = 1;
             m.msg_len = 0;
         }
-        // Blocks for the first query, then takes whatever else is queued.
+        // Whatever is queued, without waiting.
         // SAFETY: every header points at live buffers of the given sizes.
         let n = unsafe {
             libc::recvmmsg(
                 fd,
                 msgs.as_mut_ptr(),
                 BATCH as u32,
-                libc::MSG_WAITFORONE,
+                libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             )
         };
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
         if n < 0 {
             let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+            ) {
                 warn!(network = %ctx.network, error = %e, "DNS receive failed");
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -296,12 +324,7 @@ fn serve_udp(
                     Written::Drop => {}
                     Written::Forward => {
                         let peer = SocketAddrV4::new(client, u16::from_be(peer.sin_port));
-                        let (query, sock, ctx) =
-                            (query.to_vec(), Arc::clone(sock), Arc::clone(ctx));
-                        runtime.spawn(async move {
-                            let reply = forward_udp(&ctx, &query).await;
-                            let _ = sock.send_to(&reply, peer);
-                        });
+                        fwd.start(ctx, query, peer, sock);
                     }
                 }
             }
@@ -350,94 +373,166 @@ fn send_replies(fd: i32, replies: &[Vec<u8>], to: &mut [libc::sockaddr_in]) {
     }
 }
 
-/// Asks each upstream in turn; the first answer is passed back unchanged.
-async fn forward_udp(ctx: &Ctx, query: &[u8]) -> Vec<u8> {
-    for server in ctx.servers() {
-        match ctx.pool.ask(server, query).await {
-            Ok(r) => return r,
-            Err(e) => debug!(%server, error = %e, "upstream did not answer; trying the next"),
-        }
-    }
-    match server_failure(query) {
-        Outcome::Reply(r) => r,
-        _ => Vec::new(),
-    }
+/// A query on its way to an upstream server.
+struct Pending {
+    /// Connected to `servers[next]`, non-blocking.
+    sock: UpstreamSocket,
+    query: Vec<u8>,
+    client: SocketAddrV4,
+    servers: Vec<SocketAddr>,
+    next: usize,
+    deadline: std::time::Instant,
 }
 
-/// A connected socket to one upstream server, with its receive buffer.
 struct UpstreamSocket {
-    sock: tokio::net::UdpSocket,
-    buf: Box<[u8]>,
+    sock: std::net::UdpSocket,
     uses: u32,
 }
 
-/// Sockets to upstream servers kept between forwards: binding, connecting
-/// and registering a socket for each query cost more than the forward's
-/// own send and receive. A socket goes back only after its answer came
-/// (never after a timeout, when a late answer may still be on its way),
-/// and is retired after [`UpstreamPool::MAX_USES`] queries, so that the
-/// source ports keep changing as they did with a socket per query.
+/// The forwards of one network's UDP thread. Each upstream server is asked
+/// in turn, [`UPSTREAM_TIMEOUT`] each, and the first answer with the
+/// query's id goes back unchanged; SERVFAIL when none answers. Sockets are
+/// kept between forwards, since binding and connecting one per query costs
+/// more than the forward itself: a socket goes back to the pool only after
+/// its answer came (never after a timeout, when a late answer may still be
+/// on its way), stale datagrams are drained before it is used again, and
+/// it is retired after [`Forwarder::MAX_USES`] queries, so that source
+/// ports keep changing as they did with a socket per query.
 #[derive(Default)]
-struct UpstreamPool {
-    idle: Mutex<HashMap<SocketAddr, Vec<UpstreamSocket>>>,
+struct Forwarder {
+    pending: Vec<Pending>,
+    idle: HashMap<SocketAddr, Vec<UpstreamSocket>>,
+    buf: Vec<u8>,
 }
 
-impl UpstreamPool {
+impl Forwarder {
     const MAX_USES: u32 = 64;
     /// Idle sockets kept per server.
     const MAX_IDLE: usize = 64;
 
-    async fn ask(&self, server: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
-        let pooled = self
-            .idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&server)
-            .and_then(Vec::pop);
-        let mut s = match pooled {
-            Some(s) => s,
-            None => UpstreamSocket {
-                sock: connect_udp(server).await?,
-                buf: vec![0u8; 65535].into_boxed_slice(),
-                uses: 0,
-            },
+    fn next_deadline(&self) -> Option<std::time::Instant> {
+        self.pending.iter().map(|p| p.deadline).min()
+    }
+
+    fn start(
+        &mut self,
+        ctx: &Ctx,
+        query: &[u8],
+        client: SocketAddrV4,
+        listen: &std::net::UdpSocket,
+    ) {
+        let servers = ctx.servers();
+        self.ask(query.to_vec(), client, servers, 0, listen);
+    }
+
+    /// Sends the query to `servers[next]`, or the first after it that
+    /// takes it; SERVFAIL to the client when none is left.
+    fn ask(
+        &mut self,
+        query: Vec<u8>,
+        client: SocketAddrV4,
+        servers: Vec<SocketAddr>,
+        mut next: usize,
+        listen: &std::net::UdpSocket,
+    ) {
+        while let Some(&server) = servers.get(next) {
+            match self.socket(server) {
+                Ok(sock) => match sock.sock.send(&query) {
+                    Ok(_) => {
+                        self.pending.push(Pending {
+                            sock,
+                            query,
+                            client,
+                            servers,
+                            next,
+                            deadline: std::time::Instant::now() + UPSTREAM_TIMEOUT,
+                        });
+                        return;
+                    }
+                    Err(e) => {
+                        debug!(%server, error = %e, "upstream did not answer; trying the next")
+                    }
+                },
+                Err(e) => debug!(%server, error = %e, "upstream did not answer; trying the next"),
+            }
+            next += 1;
+        }
+        let reply = match server_failure(&query) {
+            Outcome::Reply(r) => r,
+            _ => Vec::new(),
         };
-        // A duplicate of an earlier answer must not pass for this one.
-        while s.sock.try_recv(&mut s.buf).is_ok() {}
-        s.sock.send(query).await?;
-        let deadline = tokio::time::Instant::now() + UPSTREAM_TIMEOUT;
-        loop {
-            let n = tokio::time::timeout_at(deadline, s.sock.recv(&mut s.buf))
-                .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))??;
-            // Only the answer to this query (same id) counts.
-            if n >= 2 && query.len() >= 2 && s.buf[..2] == query[..2] {
-                let reply = s.buf[..n].to_vec();
-                s.uses += 1;
-                if s.uses < Self::MAX_USES {
-                    let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                    let list = idle.entry(server).or_default();
-                    if list.len() < Self::MAX_IDLE {
-                        list.push(s);
+        let _ = listen.send_to(&reply, client);
+    }
+
+    /// A connected, non-blocking socket to `server`: an idle one, drained,
+    /// or a new one.
+    fn socket(&mut self, server: SocketAddr) -> std::io::Result<UpstreamSocket> {
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; 65535];
+        }
+        if let Some(s) = self.idle.get_mut(&server).and_then(Vec::pop) {
+            // A duplicate of an earlier answer must not pass for this one.
+            while s.sock.recv(&mut self.buf).is_ok() {}
+            return Ok(s);
+        }
+        let local: SocketAddr = if server.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        }
+        .parse()
+        .expect("valid");
+        let sock = std::net::UdpSocket::bind(local)?;
+        sock.connect(server)?;
+        sock.set_nonblocking(true)?;
+        Ok(UpstreamSocket { sock, uses: 0 })
+    }
+
+    /// Takes the answers that came (`ready[i]` is the poll entry of
+    /// `pending[i]`) and moves on the forwards whose time is up.
+    fn progress(&mut self, ready: &[libc::pollfd], listen: &std::net::UdpSocket) {
+        let now = std::time::Instant::now();
+        // Backwards, so that swap_remove only moves entries already seen.
+        for i in (0..ready.len().min(self.pending.len())).rev() {
+            let p = &self.pending[i];
+            let mut answered = None;
+            let mut failed = false;
+            if ready[i].revents != 0 {
+                loop {
+                    match p.sock.sock.recv(&mut self.buf) {
+                        // Only the answer to this query (same id) counts.
+                        Ok(n) if n >= 2 && p.query.len() >= 2 && self.buf[..2] == p.query[..2] => {
+                            answered = Some(n);
+                            break;
+                        }
+                        Ok(_) => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            debug!(server = %p.servers[p.next], error = %e, "upstream did not answer; trying the next");
+                            failed = true;
+                            break;
+                        }
                     }
                 }
-                return Ok(reply);
+            }
+            if let Some(n) = answered {
+                let mut p = self.pending.swap_remove(i);
+                let _ = listen.send_to(&self.buf[..n], p.client);
+                p.sock.uses += 1;
+                let idle = self.idle.entry(p.servers[p.next]).or_default();
+                if p.sock.uses < Self::MAX_USES && idle.len() < Self::MAX_IDLE {
+                    idle.push(p.sock);
+                }
+            } else if failed || p.deadline <= now {
+                if !failed {
+                    debug!(server = %p.servers[p.next], "upstream did not answer in time; trying the next");
+                }
+                // The socket goes: an answer may still come to it.
+                let p = self.pending.swap_remove(i);
+                self.ask(p.query, p.client, p.servers, p.next + 1, listen);
             }
         }
     }
-}
-
-async fn connect_udp(server: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
-    let local: SocketAddr = if server.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    }
-    .parse()
-    .expect("valid");
-    let sock = tokio::net::UdpSocket::bind(local).await?;
-    sock.connect(server).await?;
-    Ok(sock)
 }
 
 async fn serve_tcp(listener: tokio::net::TcpListener, ctx: Arc<Ctx>) {
