@@ -230,8 +230,9 @@ const QUERY_BUF: usize = 4096;
 fn serve_udp(sock: &std::net::UdpSocket, ctx: &Ctx, stop: &AtomicBool) {
     let fd = sock.as_raw_fd();
     let mut bufs = vec![0u8; BATCH * QUERY_BUF];
-    // SAFETY (both): all-zero is a valid sockaddr_in and mmsghdr.
+    // SAFETY: all-zero is a valid sockaddr_in.
     let mut peers: [libc::sockaddr_in; BATCH] = unsafe { std::mem::zeroed() };
+    // SAFETY: all-zero is a valid mmsghdr (null pointers, zero lengths).
     let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
     let mut iovs: Vec<libc::iovec> = bufs
         .chunks_mut(QUERY_BUF)
