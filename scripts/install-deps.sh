@@ -22,7 +22,8 @@ pkgs+=(prometheus)
 # tests/tests/explain.rs: weft explain --format png renders with Graphviz.
 pkgs+=(graphviz)
 if [ "${1:-}" = "--bench" ]; then
-    pkgs+=(containernetworking-plugins iperf3)
+    # bench/dns: dnsperf drives weft's resolver and podman's aardvark-dns.
+    pkgs+=(containernetworking-plugins iperf3 dnsperf aardvark-dns)
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq

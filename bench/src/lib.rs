@@ -1,7 +1,7 @@
 //! Benchmarks of weft against Docker's default bridge, the CNI reference
-//! plugins, kernel VXLAN and hand-built flannel-style paths: the seven
+//! plugins, kernel VXLAN and hand-built flannel-style paths: the eight
 //! binaries of src/bin (attach, ports, converge, tunnel, overlay, psload,
-//! explain), each described in bench/README.md. Their namespaces come
+//! explain, dns), each described in bench/README.md. Their namespaces come
 //! from weft-testkit.
 
 pub mod cni;

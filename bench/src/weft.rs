@@ -173,6 +173,11 @@ impl WeftHarness {
         self.state_dir.join("weft.sock")
     }
 
+    /// The agent's process id, for reading its CPU time.
+    pub fn agent_pid(&self) -> Option<i32> {
+        self.agent.as_ref().and_then(Daemon::pid)
+    }
+
     /// The agent's namespace: the "host" of its sandboxes.
     pub fn netns(&self) -> &Netns {
         self.ns()

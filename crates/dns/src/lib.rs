@@ -3,6 +3,7 @@
 //! No I/O here: the agent owns the sockets and the upstream servers, and the
 //! fuzz target (fuzz/) drives [`answer`] directly.
 
+mod fast;
 mod names;
 mod resolv;
 
@@ -79,10 +80,54 @@ fn reverse_ip(name: &str) -> Option<Ipv4Addr> {
     }
 }
 
+/// What [`answer_into`] did with a query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// The reply is in the buffer.
+    Reply,
+    /// Not ours: pass the query, unchanged, to the upstream servers.
+    Forward,
+    /// Not worth an answer.
+    Drop,
+}
+
 /// Answers `query`, which arrived on `network`'s resolver from `client`.
 /// Names of the networks the client's sandbox is on are answered here;
 /// other dotted names are forwarded; other single-label names do not exist.
 pub fn answer(query: &[u8], network: &str, client: Ipv4Addr, names: &Names) -> Outcome {
+    let mut out = Vec::new();
+    match answer_into(query, network, client, names, &mut out) {
+        Written::Reply => Outcome::Reply(out),
+        Written::Forward => Outcome::Forward,
+        Written::Drop => Outcome::Drop,
+    }
+}
+
+/// [`answer`], with the reply written into `out` (cleared first): a
+/// server reusing one buffer allocates nothing for the common query.
+pub fn answer_into(
+    query: &[u8],
+    network: &str,
+    client: Ipv4Addr,
+    names: &Names,
+    out: &mut Vec<u8>,
+) -> Written {
+    out.clear();
+    if let Some(w) = fast::answer(query, network, client, names, out) {
+        return w;
+    }
+    match answer_slow(query, network, client, names) {
+        Outcome::Reply(r) => {
+            out.extend_from_slice(&r);
+            Written::Reply
+        }
+        Outcome::Forward => Written::Forward,
+        Outcome::Drop => Written::Drop,
+    }
+}
+
+/// The general path: any query, parsed into a message and answered.
+fn answer_slow(query: &[u8], network: &str, client: Ipv4Addr, names: &Names) -> Outcome {
     let req = match Message::from_vec(query) {
         Ok(m) => m,
         Err(_) => return format_error(query),
@@ -337,5 +382,149 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    /// A query built byte by byte, so that shapes hickory would not encode
+    /// (odd flags, odd labels) can be tried too.
+    fn raw(
+        flags: [u8; 2],
+        labels: &[&[u8]],
+        qtype: u16,
+        qclass: u16,
+        opt: Option<[u8; 11]>,
+    ) -> Vec<u8> {
+        let mut q = vec![
+            0x12,
+            0x34,
+            flags[0],
+            flags[1],
+            0,
+            1,
+            0,
+            0,
+            0,
+            0,
+            0,
+            opt.is_some() as u8,
+        ];
+        for l in labels {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l);
+        }
+        q.push(0);
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&qclass.to_be_bytes());
+        if let Some(o) = opt {
+            q.extend_from_slice(&o);
+        }
+        q
+    }
+
+    /// Whenever the fast path answers, its answer is the general path's,
+    /// byte for byte; returns whether it answered.
+    fn same_as_slow(q: &[u8], network: &str, client: Ipv4Addr, n: &Names) -> bool {
+        let mut out = Vec::new();
+        let Some(w) = fast::answer(q, network, client, n, &mut out) else {
+            return false;
+        };
+        let slow = answer_slow(q, network, client, n);
+        let fast = match w {
+            Written::Reply => Outcome::Reply(out),
+            Written::Forward => Outcome::Forward,
+            Written::Drop => Outcome::Drop,
+        };
+        assert_eq!(fast, slow, "query {q:02x?} on {network} from {client}");
+        true
+    }
+
+    #[test]
+    fn fast_path_is_byte_identical_to_the_general_path() {
+        let mut n = table();
+        // Several sandboxes behind one alias: several addresses, sorted.
+        n.add(&sandbox("4", "web2", &[("front", "10.1.0.9", &["www"])]));
+        n.add(&sandbox("5", "a_b-c", &[("front", "10.1.0.7", &[])]));
+        let edns = [0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0];
+        let edns_do = [0, 0, 41, 0x04, 0xd0, 0, 0, 0x80, 0, 0, 0];
+        let edns_opts = [0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 4];
+        let labels: &[&[&[u8]]] = &[
+            &[b"api"],
+            &[b"API"],
+            &[b"www"],
+            &[b"db"],
+            &[b"a_b-c"],
+            &[b"A_B-C"],
+            &[b"nosuch"],
+            &[b"example", b"org"],
+            &[b"api", b"front"],
+            &[b"-api"],
+            &[b"a.i"],
+            &[b"x y"],
+            &[b"\xc3\xa9"],
+            &[],
+            &[b"xn--nxasmq6b"],
+        ];
+        let mut taken = 0;
+        let mut tried = 0;
+        for flags in [
+            [1, 0],
+            [0, 0],
+            [1, 0x20],
+            [1, 0x10],
+            [1, 0x80],
+            [5, 0],
+            [3, 0],
+            [0x81, 0],
+            [0x09, 0],
+            [1, 0x40],
+            [1, 3],
+        ] {
+            for l in labels {
+                for qtype in [1, 28, 12, 255, 16] {
+                    for qclass in [1, 3, 255] {
+                        for opt in [None, Some(edns), Some(edns_do), Some(edns_opts)] {
+                            let q = raw(flags, l, qtype, qclass, opt);
+                            for (net, client) in [
+                                ("front", WEB),
+                                ("front", API),
+                                ("back", API),
+                                ("front", Ipv4Addr::new(10, 9, 9, 9)),
+                            ] {
+                                tried += 1;
+                                taken += same_as_slow(&q, net, client, &n) as usize;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // 608 of the combinations are common queries (counted once).
+        assert_eq!(taken, 608, "the fast path took {taken} of {tried}");
+        // The common queries all go the fast way.
+        for name in ["api.", "WWW.", "nosuch.", "example.org.", "a_b-c."] {
+            for t in [RecordType::A, RecordType::AAAA] {
+                let q = ask(name, t);
+                assert!(same_as_slow(&q, "front", WEB, &n), "{name} {t}");
+            }
+        }
+        // Every prefix and single-byte change of common queries.
+        for good in [
+            ask("api.", RecordType::A),
+            raw([1, 0], &[b"www"], 1, 1, Some(edns)),
+        ] {
+            for len in 0..good.len() {
+                same_as_slow(&good[..len], "front", WEB, &n);
+            }
+            for i in 0..good.len() {
+                for b in 0..=255u8 {
+                    let mut v = good.clone();
+                    v[i] = b;
+                    same_as_slow(&v, "front", WEB, &n);
+                    same_as_slow(&v, "front", API, &n);
+                }
+            }
+            let mut longer = good.clone();
+            longer.push(0);
+            assert!(!same_as_slow(&longer, "front", WEB, &n), "trailing bytes");
+        }
     }
 }

@@ -11,8 +11,9 @@ pub struct Names {
     forward: HashMap<String, BTreeMap<String, BTreeSet<Ipv4Addr>>>,
     /// network -> address -> sandbox name.
     reverse: HashMap<String, HashMap<Ipv4Addr, String>>,
-    /// (network, address) -> every network of the sandbox at that address.
-    member_of: HashMap<(String, Ipv4Addr), Vec<String>>,
+    /// address -> network -> every network of the sandbox at that address
+    /// on that network (keyed so that a lookup borrows, never allocates).
+    member_of: HashMap<Ipv4Addr, HashMap<String, Vec<String>>>,
     /// sandbox id -> what it added, to take it back.
     added: HashMap<String, Vec<(String, Ipv4Addr, Vec<String>)>>,
 }
@@ -38,7 +39,9 @@ impl Names {
                 .or_default()
                 .insert(ep.ip, sb.name.to_ascii_lowercase());
             self.member_of
-                .insert((ep.network.clone(), ep.ip), networks.clone());
+                .entry(ep.ip)
+                .or_default()
+                .insert(ep.network.clone(), networks.clone());
             entries.push((ep.network.clone(), ep.ip, names));
         }
         self.added.insert(sb.id.clone(), entries);
@@ -59,17 +62,54 @@ impl Names {
             if let Some(rev) = self.reverse.get_mut(&net) {
                 rev.remove(&ip);
             }
-            self.member_of.remove(&(net, ip));
+            if let Some(m) = self.member_of.get_mut(&ip) {
+                m.remove(&net);
+                if m.is_empty() {
+                    self.member_of.remove(&ip);
+                }
+            }
         }
     }
 
     /// The networks whose names a client sees: every network of its sandbox,
     /// or just the one it asked on if it is not a sandbox (the host, say).
     pub fn visible_networks(&self, network: &str, client: Ipv4Addr) -> Vec<String> {
-        self.member_of
-            .get(&(network.to_string(), client))
-            .cloned()
-            .unwrap_or_else(|| vec![network.to_string()])
+        self.visible(network, client).map(str::to_string).collect()
+    }
+
+    /// [`Names::visible_networks`], borrowed.
+    fn visible<'a>(&'a self, network: &'a str, client: Ipv4Addr) -> impl Iterator<Item = &'a str> {
+        let member = self.member_of.get(&client).and_then(|m| m.get(network));
+        member
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .chain(member.is_none().then_some(network))
+    }
+
+    /// The addresses of `name` that `client` sees on `network`, if they all
+    /// come from one network (so they are sorted and distinct, as
+    /// [`Names::lookup`] returns them): what the fast path answers from,
+    /// without allocating. `Err(())` when several networks know the name.
+    pub(crate) fn lookup_one(
+        &self,
+        network: &str,
+        client: Ipv4Addr,
+        name: &str,
+    ) -> Result<Option<&BTreeSet<Ipv4Addr>>, ()> {
+        let mut found = None;
+        for n in self.visible(network, client) {
+            if let Some(set) = self.forward.get(n).and_then(|f| f.get(name)) {
+                if set.is_empty() {
+                    continue;
+                }
+                if found.is_some() {
+                    return Err(());
+                }
+                found = Some(set);
+            }
+        }
+        Ok(found)
     }
 
     /// Addresses of `name` on the given networks.
