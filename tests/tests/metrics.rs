@@ -153,12 +153,23 @@ fn prometheus_scrapes_an_agent_and_sees_counters_rise_after_traffic() {
     let attaches = "sum(weft_attach_duration_seconds_count{result=\"ok\"})";
     let bytes_before = query(&monitor, bytes).expect("backend bytes scraped");
     let attaches_before = query(&monitor, attaches).expect("attaches scraped");
+    let names = "sum(weft_dns_queries_total{answer=\"local\"}) or vector(0)";
+    let names_before = query(&monitor, names).expect("DNS queries scraped");
 
     // Traffic: pings from a on h1 to b on h2 through the VXLAN device, and
     // one more sandbox.
     let out = lab.exec(0, "a", &format!("ping -c 5 -i 0.2 -s 1000 -W 1 {b}"));
     assert!(out.status.success(), "a pings b: {}", weft_e2e::text(&out));
     lab.sandbox(0, "c");
+    // And a name: a asks the network's resolver for c.
+    let a: Vec<weft_model::api::SandboxView> = lab.weft_json(0, &["inspect", "a"]);
+    let gw = a[0].attachment.endpoints()[0].gateway;
+    let out = lab.exec(0, "a", &format!("dig +short +tries=1 +time=2 @{gw} c"));
+    assert!(
+        !weft_e2e::text(&out).trim().is_empty(),
+        "a resolves c: {}",
+        weft_e2e::text(&out)
+    );
 
     lab.wait(
         Duration::from_secs(20),
@@ -166,6 +177,7 @@ fn prometheus_scrapes_an_agent_and_sees_counters_rise_after_traffic() {
         || {
             query(&monitor, bytes).is_some_and(|v| v >= bytes_before + 5.0 * 1000.0)
                 && query(&monitor, attaches).is_some_and(|v| v > attaches_before)
+                && query(&monitor, names).is_some_and(|v| v > names_before)
         },
     );
 }

@@ -8,6 +8,7 @@
 //! query came in on, with its source address, tells which names it may see.
 
 use crate::error::{AgentError, Result};
+use crate::metrics::Metrics;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
@@ -19,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 use weft_dns::{answer, answer_into, server_failure, Names, Outcome, Written};
+use weft_metrics::{Counter, Histogram};
 use weft_model::Sandbox;
 
 /// How long one upstream server gets before the next one is tried.
@@ -68,11 +70,13 @@ pub(crate) struct Resolver {
     /// network -> its listening address and the tasks serving it.
     listeners: Mutex<HashMap<String, Listener>>,
     runtime: tokio::runtime::Handle,
+    metrics: Arc<Metrics>,
 }
 
 impl Resolver {
-    pub fn new(resolv_conf: PathBuf) -> Resolver {
+    pub fn new(resolv_conf: PathBuf, metrics: Arc<Metrics>) -> Resolver {
         Resolver {
+            metrics,
             names: Default::default(),
             upstream: Arc::new(Upstream::new(resolv_conf)),
             own: Default::default(),
@@ -117,6 +121,7 @@ impl Resolver {
             names: Arc::clone(&self.names),
             upstream: Arc::clone(&self.upstream),
             own: Arc::clone(&self.own),
+            counted: Counted::new(&self.metrics, network),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -193,6 +198,56 @@ struct Ctx {
     names: Arc<RwLock<Names>>,
     upstream: Arc<Upstream>,
     own: Arc<RwLock<Vec<Ipv4Addr>>>,
+    counted: Counted,
+}
+
+/// One network's DNS counters, found once when it starts serving (the hot
+/// path bumps atomics only).
+struct Counted {
+    local: Arc<Counter>,
+    nxdomain: Arc<Counter>,
+    refused: Arc<Counter>,
+    error: Arc<Counter>,
+    forwarded: Arc<Counter>,
+    failed: Arc<Counter>,
+    local_latency: Arc<Histogram>,
+    forwarded_latency: Arc<Histogram>,
+}
+
+impl Counted {
+    fn new(m: &Metrics, network: &str) -> Counted {
+        let q = |answer: &str| m.dns_queries.with(&[network, answer]);
+        Counted {
+            local: q("local"),
+            nxdomain: q("nxdomain"),
+            refused: q("refused"),
+            error: q("error"),
+            forwarded: q("forwarded"),
+            failed: q("failed"),
+            local_latency: m.dns_latency.with(&["local"]),
+            forwarded_latency: m.dns_latency.with(&["forwarded"]),
+        }
+    }
+
+    /// An answer made here, by its response code.
+    fn answered(&self, reply: &[u8], began: std::time::Instant) {
+        match reply.get(3).map(|b| b & 0x0f) {
+            Some(0) => self.local.inc(),
+            Some(3) => self.nxdomain.inc(),
+            Some(5) => self.refused.inc(),
+            _ => self.error.inc(),
+        }
+        self.local_latency.observe_duration(began.elapsed());
+    }
+
+    fn forward_done(&self, answered: bool, began: std::time::Instant) {
+        if answered {
+            self.forwarded.inc();
+            self.forwarded_latency.observe_duration(began.elapsed());
+        } else {
+            self.failed.inc();
+        }
+    }
 }
 
 impl Ctx {
@@ -243,7 +298,7 @@ fn serve_udp(sock: &std::net::UdpSocket, ctx: &Ctx, stop: &AtomicBool) {
         .collect();
     let mut replies: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::with_capacity(512)).collect();
     let mut reply_to: Vec<libc::sockaddr_in> = Vec::with_capacity(BATCH);
-    let mut fwd = Forwarder::default();
+    let mut fwd = Forwarder::new(&ctx.counted);
     let mut fds: Vec<libc::pollfd> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         fds.clear();
@@ -320,12 +375,16 @@ fn serve_udp(sock: &std::net::UdpSocket, ctx: &Ctx, stop: &AtomicBool) {
                 let peer = peers[i];
                 let client = Ipv4Addr::from(u32::from_be(peer.sin_addr.s_addr));
                 let out = &mut replies[reply_to.len()];
+                let began = std::time::Instant::now();
                 match answer_into(query, &ctx.network, client, &names, out) {
-                    Written::Reply => reply_to.push(peer),
+                    Written::Reply => {
+                        ctx.counted.answered(out, began);
+                        reply_to.push(peer)
+                    }
                     Written::Drop => {}
                     Written::Forward => {
                         let peer = SocketAddrV4::new(client, u16::from_be(peer.sin_port));
-                        fwd.start(ctx, query, peer, sock);
+                        fwd.start(ctx, query, peer, sock, began);
                     }
                 }
             }
@@ -383,6 +442,8 @@ struct Pending {
     servers: Vec<SocketAddr>,
     next: usize,
     deadline: std::time::Instant,
+    /// When the query came in, for its latency.
+    began: std::time::Instant,
 }
 
 struct UpstreamSocket {
@@ -399,15 +460,24 @@ struct UpstreamSocket {
 /// on its way), stale datagrams are drained before it is used again, and
 /// it is retired after [`Forwarder::MAX_USES`] queries, so that source
 /// ports keep changing as they did with a socket per query.
-#[derive(Default)]
-struct Forwarder {
+struct Forwarder<'a> {
+    counted: &'a Counted,
     pending: Vec<Pending>,
     idle: HashMap<SocketAddr, Vec<UpstreamSocket>>,
     buf: Vec<u8>,
 }
 
-impl Forwarder {
+impl<'a> Forwarder<'a> {
     const MAX_USES: u32 = 64;
+
+    fn new(counted: &'a Counted) -> Self {
+        Forwarder {
+            counted,
+            pending: Vec::new(),
+            idle: HashMap::new(),
+            buf: Vec::new(),
+        }
+    }
     /// Idle sockets kept per server.
     const MAX_IDLE: usize = 64;
 
@@ -421,9 +491,10 @@ impl Forwarder {
         query: &[u8],
         client: SocketAddrV4,
         listen: &std::net::UdpSocket,
+        began: std::time::Instant,
     ) {
         let servers = ctx.servers();
-        self.ask(query.to_vec(), client, servers, 0, listen);
+        self.ask(query.to_vec(), client, servers, 0, listen, began);
     }
 
     /// Sends the query to `servers[next]`, or the first after it that
@@ -435,6 +506,7 @@ impl Forwarder {
         servers: Vec<SocketAddr>,
         mut next: usize,
         listen: &std::net::UdpSocket,
+        began: std::time::Instant,
     ) {
         while let Some(&server) = servers.get(next) {
             match self.socket(server) {
@@ -447,6 +519,7 @@ impl Forwarder {
                             servers,
                             next,
                             deadline: std::time::Instant::now() + UPSTREAM_TIMEOUT,
+                            began,
                         });
                         return;
                     }
@@ -462,6 +535,7 @@ impl Forwarder {
             Outcome::Reply(r) => r,
             _ => Vec::new(),
         };
+        self.counted.forward_done(false, began);
         let _ = listen.send_to(&reply, client);
     }
 
@@ -519,6 +593,7 @@ impl Forwarder {
             if let Some(n) = answered {
                 let mut p = self.pending.swap_remove(i);
                 let _ = listen.send_to(&self.buf[..n], p.client);
+                self.counted.forward_done(true, p.began);
                 p.sock.uses += 1;
                 let idle = self.idle.entry(p.servers[p.next]).or_default();
                 if p.sock.uses < Self::MAX_USES && idle.len() < Self::MAX_IDLE {
@@ -530,7 +605,7 @@ impl Forwarder {
                 }
                 // The socket goes: an answer may still come to it.
                 let p = self.pending.swap_remove(i);
-                self.ask(p.query, p.client, p.servers, p.next + 1, listen);
+                self.ask(p.query, p.client, p.servers, p.next + 1, listen, p.began);
             }
         }
     }
@@ -558,10 +633,18 @@ async fn serve_tcp(listener: tokio::net::TcpListener, ctx: Arc<Ctx>) {
                 })
                 .await;
                 let Ok(Ok(query)) = read else { return };
+                let began = std::time::Instant::now();
                 let reply = match ctx.decide(&query, peer.ip()) {
-                    Outcome::Reply(r) => r,
+                    Outcome::Reply(r) => {
+                        ctx.counted.answered(&r, began);
+                        r
+                    }
                     Outcome::Drop => return,
-                    Outcome::Forward => forward_tcp(&ctx, &query).await,
+                    Outcome::Forward => {
+                        let (r, answered) = forward_tcp(&ctx, &query).await;
+                        ctx.counted.forward_done(answered, began);
+                        r
+                    }
                 };
                 if reply.is_empty() || reply.len() > usize::from(u16::MAX) {
                     return;
@@ -576,7 +659,8 @@ async fn serve_tcp(listener: tokio::net::TcpListener, ctx: Arc<Ctx>) {
     }
 }
 
-async fn forward_tcp(ctx: &Ctx, query: &[u8]) -> Vec<u8> {
+/// The upstream's answer (true) or a SERVFAIL (false).
+async fn forward_tcp(ctx: &Ctx, query: &[u8]) -> (Vec<u8>, bool) {
     for server in ctx.servers() {
         let asked = tokio::time::timeout(UPSTREAM_TIMEOUT, async {
             let mut s = tokio::net::TcpStream::connect(server).await?;
@@ -590,12 +674,12 @@ async fn forward_tcp(ctx: &Ctx, query: &[u8]) -> Vec<u8> {
         })
         .await;
         if let Ok(Ok(r)) = asked {
-            return r;
+            return (r, true);
         }
     }
     match server_failure(query) {
-        Outcome::Reply(r) => r,
-        _ => Vec::new(),
+        Outcome::Reply(r) => (r, false),
+        _ => (Vec::new(), false),
     }
 }
 

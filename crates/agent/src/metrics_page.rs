@@ -39,7 +39,7 @@ pub(crate) fn render(app: &App) -> String {
     );
     t.histograms(
         "weft_dns_duration_seconds",
-        "Time from a DNS query's arrival to its answer, local or forwarded.",
+        "Time to answer a DNS query: a local answer from the name table, or a forward from the query's arrival to the upstream's answer.",
         &m.dns_latency,
     );
     t.counters(

@@ -160,7 +160,11 @@ fn load(cfg: AgentConfig) -> Result<Inner> {
     }
 
     let pool = NetnsPool::new(cfg.netns_dir(), cfg.netns_pool);
-    let dns = std::sync::Arc::new(crate::dns::Resolver::new(cfg.resolv_conf.clone()));
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
+    let dns = std::sync::Arc::new(crate::dns::Resolver::new(
+        cfg.resolv_conf.clone(),
+        std::sync::Arc::clone(&metrics),
+    ));
     // Before the table: apply_firewall fills the redirect's map too.
     let firewall = Firewall::start(&cfg.state_dir);
     let mut inner = Inner {
@@ -175,7 +179,7 @@ fn load(cfg: AgentConfig) -> Result<Inner> {
         sandboxes: BTreeMap::new(),
         names: HashMap::new(),
         left_cluster: false,
-        metrics: Default::default(),
+        metrics,
     };
     let links: HashMap<String, Link> = inner
         .nl
