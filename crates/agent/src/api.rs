@@ -228,7 +228,7 @@ async fn started(
     Path(key): Path<String>,
     Json(req): Json<StartedProcess>,
 ) -> Reply<weft_model::api::SandboxView> {
-    blocking(move || app.host.started(&key, req.pid)).await
+    blocking(move || app.host.started(&key, req.pid, req.start_time)).await
 }
 
 #[derive(Deserialize)]

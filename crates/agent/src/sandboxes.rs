@@ -320,12 +320,18 @@ impl Host {
     }
 
     /// Records the process now running in the sandbox.
-    pub fn started(&self, key: &str, pid: i32) -> Result<SandboxView> {
+    pub fn started(&self, key: &str, pid: i32, start_time: Option<u64>) -> Result<SandboxView> {
         let (id, watch) = {
             let mut g = self.lock();
             let id = g.find(key)?.id.clone();
-            let p = process::identify(pid)
-                .ok_or_else(|| AgentError::BadRequest(format!("process {pid} does not exist")))?;
+            // With the start time its parent read, a command that has
+            // already ended is recorded as exited (its waiter writes the code).
+            let p = match start_time {
+                Some(start_time) => weft_model::ProcessRef { pid, start_time },
+                None => process::identify(pid).ok_or_else(|| {
+                    AgentError::BadRequest(format!("process {pid} does not exist"))
+                })?,
+            };
             let Some(sb) = g.sandboxes.get_mut(&id).map(std::sync::Arc::make_mut) else {
                 return Err(AgentError::NotFound(format!(
                     "sandbox {key} was removed meanwhile"

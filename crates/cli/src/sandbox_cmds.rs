@@ -246,18 +246,21 @@ pub fn run(ctx: &Context, a: RunArgs) -> Result<i32, Failure> {
         uts: None,
         interactive: a.interactive,
     };
-    let record = |pid: u32| -> Result<SandboxView, ClientError> {
+    let record = |pid: u32, start_time: Option<u64>| -> Result<SandboxView, ClientError> {
         ctx.client.post(
             &format!("{}/started", sandbox_path(&view.id)),
-            &StartedProcess { pid: pid as i32 },
+            &StartedProcess {
+                pid: pid as i32,
+                start_time,
+            },
         )
     };
     if a.detach {
         // Under a waiter that records the exit code next to the log.
         let exit_file = ctx.state_dir.join("logs").join(format!("{}.exit", view.id));
-        let pid = spawn_with_waiter(spec, &exit_file)
+        let (pid, start_time) = spawn_with_waiter(spec, &exit_file)
             .map_err(|e| undo(format!("start {}: {e}", a.command[0])))?;
-        let view = match record(pid) {
+        let view = match record(pid, start_time) {
             Ok(v) => v,
             Err(e) => {
                 // SAFETY: kill takes plain integers; pid is the command's.
@@ -270,7 +273,7 @@ pub fn run(ctx: &Context, a: RunArgs) -> Result<i32, Failure> {
     }
     let mut child = spawn(spec).map_err(|e| undo(format!("start {}: {e}", a.command[0])))?;
     // The agent learns the pid; a foreground run waits for the command itself.
-    let _ = record(child.id());
+    let _ = record(child.id(), None);
     let status = child
         .wait()
         .map_err(|e| undo(format!("wait for {}: {e}", a.command[0])))?;

@@ -149,7 +149,7 @@ pub fn ignore_terminal_signals() {
 /// `weft reap-child`, which keeps the child (exec keeps children), waits
 /// for it and writes its exit code to `exit_file`. The waiter is owned by
 /// the command: it ends when the command does. Returns the command's pid.
-pub fn spawn_with_waiter(spec: Spec, exit_file: &Path) -> std::io::Result<u32> {
+pub fn spawn_with_waiter(spec: Spec, exit_file: &Path) -> std::io::Result<(u32, Option<u64>)> {
     use std::io::{Read, Write};
     use std::os::fd::{FromRawFd, OwnedFd};
     let exe = std::env::current_exe()?;
@@ -178,7 +178,11 @@ pub fn spawn_with_waiter(spec: Spec, exit_file: &Path) -> std::io::Result<u32> {
             }
             let code = match spawn(spec) {
                 Ok(child) => {
-                    let _ = write!(w, "ok {}", child.id());
+                    // Read before anything can reap it: the command is ours
+                    // until we wait, even if it has already ended.
+                    let start = weft_kernel::process::identify(child.id() as i32)
+                        .map_or(0, |p| p.start_time);
+                    let _ = write!(w, "ok {} {start}", child.id());
                     drop(w);
                     let err = Command::new(&exe)
                         .arg("reap-child")
@@ -210,9 +214,16 @@ pub fn spawn_with_waiter(spec: Spec, exit_file: &Path) -> std::io::Result<u32> {
             let mut said = String::new();
             File::from(r).read_to_string(&mut said)?;
             match said.split_once(' ') {
-                Some(("ok", pid)) => pid
-                    .parse()
-                    .map_err(|_| std::io::Error::other(format!("the waiter said {said:?}"))),
+                Some(("ok", rest)) => {
+                    let mut it = rest.split(' ');
+                    let pid = it.next().and_then(|p| p.parse().ok());
+                    let start = it
+                        .next()
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .filter(|s| *s > 0);
+                    pid.map(|p| (p, start))
+                        .ok_or_else(|| std::io::Error::other(format!("the waiter said {said:?}")))
+                }
                 Some(("err", e)) => Err(std::io::Error::other(e.to_string())),
                 _ => Err(std::io::Error::other(
                     "the waiter ended before starting the command",

@@ -55,6 +55,11 @@ pub struct Disconnect {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StartedProcess {
     pub pid: i32,
+    /// Its start time (/proc/PID/stat), read by its parent before it could
+    /// be reaped: a command that ends at once (`run -d -- true`) is gone by
+    /// the time the agent would look.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
