@@ -24,6 +24,16 @@ impl Series {
         self.0.is_empty()
     }
 
+    /// The `q` quantile (0..=1) of the samples, in ms.
+    pub fn p(&self, q: f64) -> f64 {
+        percentile(&self.0, q)
+    }
+
+    /// The largest sample, in ms (NaN when empty).
+    pub fn max(&self) -> f64 {
+        self.0.iter().copied().fold(f64::NAN, f64::max)
+    }
+
     pub fn summary(&self) -> Summary {
         let v = &self.0;
         let window = 10.min(v.len());
@@ -91,6 +101,28 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
     let s = sorted(v);
     let rank = (p * s.len() as f64).ceil() as usize;
     s[rank.clamp(1, s.len()) - 1]
+}
+
+/// xorshift64*, enough to spread the pauses between samples; seeded from
+/// the clock.
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn seeded() -> XorShift {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x9e37_79b9_7f4a_7c15);
+        XorShift(t | 1)
+    }
+
+    /// Uniform enough in 0..n (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
 }
 
 #[cfg(test)]

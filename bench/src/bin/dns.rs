@@ -556,13 +556,6 @@ fn clock_ticks() -> u64 {
     }
 }
 
-fn loadavg() -> f64 {
-    fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
 /// A query for the A record of `name`, recursion desired, no EDNS (what
 /// dnsperf sends by default).
 fn query(id: u16, name: &str) -> Vec<u8> {
@@ -672,4 +665,9 @@ fn latency(server: SocketAddr, names: &[String], n: usize) -> Result<(Vec<f64>, 
         }
     }
     Ok((times, timeouts))
+}
+
+/// The 1-minute load average (NaN if unreadable), for the report.
+fn loadavg() -> f64 {
+    weft_bench::iperf::loadavg1().unwrap_or(f64::NAN)
 }

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use weft_bench::hostcheck::run_checked;
 use weft_bench::netns;
 use weft_bench::outside::{Outside, OUTSIDE_ADDR};
-use weft_bench::stats::{median, percentile, Series};
+use weft_bench::stats::{median, Series, XorShift};
 use weft_bench::sys::{self, bail, run_ok, timed, Context, Result, TempTree};
 use weft_bench::weft::{self, WeftHarness, WeftOpts};
 
@@ -557,43 +557,6 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// The 1-minute load average (NaN if unreadable).
-fn loadavg() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
-/// xorshift64*, enough to spread pauses; seeded from the clock.
-struct XorShift(u64);
-
-impl XorShift {
-    fn seeded() -> XorShift {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9e37_79b9_7f4a_7c15);
-        XorShift(t | 1)
-    }
-
-    /// Uniform enough in 0..n (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    }
-}
-
-fn p(s: &Series, q: f64) -> f64 {
-    percentile(&s.0, q)
-}
-
-fn max(s: &Series) -> f64 {
-    s.0.iter().copied().fold(f64::NAN, f64::max)
-}
-
 fn print_report(args: &Args, m: &Measured, total: Duration) {
     println!(
         "explain: {} sandboxes on the default network + 1 on `other` ({}), {} samples per scenario and way (+{} warm-up rounds), in turn socket, CLI, by hand, random pause 0-{} ms",
@@ -618,7 +581,7 @@ fn print_report(args: &Args, m: &Measured, total: Duration) {
         m.attach.len(),
         m.attach_seconds,
         median(&m.attach.0),
-        p(&m.attach, 0.99),
+        m.attach.p(0.99),
         m.attach.summary().first10_median_ms,
         m.attach.summary().last10_median_ms
     );
@@ -652,8 +615,8 @@ fn print_report(args: &Args, m: &Measured, total: Duration) {
                 s.label,
                 way,
                 median(&series.0),
-                p(series, 0.99),
-                max(series),
+                series.p(0.99),
+                series.max(),
                 series.len()
             );
         }
@@ -665,15 +628,15 @@ fn print_report(args: &Args, m: &Measured, total: Duration) {
             "  {:<18} socket p50 {:.2}, p99 {:.2}; CLI p50 {:.2}, p99 {:.2}",
             s.label,
             median(&s.socket.0) / median(&s.by_hand.0),
-            p(&s.socket, 0.99) / p(&s.by_hand, 0.99),
+            s.socket.p(0.99) / s.by_hand.p(0.99),
             median(&s.cli.0) / median(&s.by_hand.0),
-            p(&s.cli, 0.99) / p(&s.by_hand, 0.99)
+            s.cli.p(0.99) / s.by_hand.p(0.99)
         );
     }
     let worst = |f: fn(&Scenario) -> &Series| {
         m.scenarios
             .iter()
-            .map(|s| (p(f(s), 0.99), s.label))
+            .map(|s| (f(s).p(0.99), s.label))
             .fold((f64::NAN, ""), |a, b| if a.0 >= b.0 { a } else { b })
     };
     let (sock99, sock_at) = worst(|s| &s.socket);
@@ -697,4 +660,9 @@ fn short(s: &str) -> &str {
     } else {
         &s[..s.len().min(12)]
     }
+}
+
+/// The 1-minute load average (NaN if unreadable), for the report.
+fn loadavg() -> f64 {
+    weft_bench::iperf::loadavg1().unwrap_or(f64::NAN)
 }

@@ -26,7 +26,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use weft_bench::hostcheck::run_checked;
 use weft_bench::netns;
-use weft_bench::stats::{median, percentile, Series};
+use weft_bench::stats::{median, percentile, Series, XorShift};
 use weft_bench::sys::{self, bail, run_ok, timed, Context, Result, TempTree};
 use weft_bench::weft::{self, WeftHarness, WeftOpts};
 
@@ -313,36 +313,6 @@ fn sample_phase(
     Ok(phase)
 }
 
-/// The 1-minute load average (NaN if unreadable): other work on the machine
-/// shows here, and in the idle figures.
-fn loadavg() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
-/// xorshift64*, enough to spread pauses; seeded from the clock.
-struct XorShift(u64);
-
-impl XorShift {
-    fn seeded() -> XorShift {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9e37_79b9_7f4a_7c15);
-        XorShift(t | 1)
-    }
-
-    /// Uniform enough in 0..n (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    }
-}
-
 /// `GET /v1/sandboxes` on the agent's socket, timed from connect to the
 /// end of the answer; then checked (status 200, a list of `want`).
 fn get_sandboxes(sock: &Path, want: usize) -> Result<Duration> {
@@ -417,14 +387,6 @@ fn cli_ps(h: &WeftHarness, scratch: &Path, want: usize) -> Result<Duration> {
     Ok(took)
 }
 
-fn p(s: &Series, q: f64) -> f64 {
-    percentile(&s.0, q)
-}
-
-fn max(s: &Series) -> f64 {
-    s.0.iter().copied().fold(f64::NAN, f64::max)
-}
-
 fn print_report(args: &Args, results: &[Measured], total: Duration) {
     println!(
         "psload: {} sandboxes, {} samples per phase and kind (+{} warm-up), alternating GET and CLI, random pause 0-{} ms, writes: rounds of {} `network create`/`network rm` pairs",
@@ -462,8 +424,8 @@ fn print_report(args: &Args, results: &[Measured], total: Duration) {
                 "  {:<28} {:>9.3} {:>9.3} {:>9.3} {:>9}",
                 label,
                 median(&s.0),
-                p(s, 0.99),
-                max(s),
+                s.p(0.99),
+                s.max(),
                 s.len()
             );
         }
@@ -476,16 +438,16 @@ fn print_report(args: &Args, results: &[Measured], total: Duration) {
             m.writes.remove.len(),
             m.writes.seconds,
             median(&m.writes.create.0),
-            p(&m.writes.create, 0.99),
+            m.writes.create.p(0.99),
             median(&m.writes.remove.0),
-            p(&m.writes.remove, 0.99)
+            m.writes.remove.p(0.99)
         );
         for (label, idle, writes) in [
             ("GET", &m.idle.get, &m.writes.get),
             ("CLI", &m.idle.cli, &m.writes.cli),
             ("control", &m.idle.control, &m.writes.control),
         ] {
-            let r = p(writes, 0.99) / p(idle, 0.99);
+            let r = writes.p(0.99) / idle.p(0.99);
             println!(
                 "  {label}: p99(writes)/p99(idle) = {r:.2} (goal <= {GOAL}: {}); p50(writes)/p50(idle) = {:.2}",
                 if r <= GOAL { "met" } else { "NOT met" },
@@ -504,10 +466,16 @@ fn print_report(args: &Args, results: &[Measured], total: Duration) {
             println!(
                 "  {}: GET {:.2}, CLI {:.2}",
                 m.bin.display(),
-                p(&m.writes.get, 0.99) / p(&first.writes.get, 0.99),
-                p(&m.writes.cli, 0.99) / p(&first.writes.cli, 0.99)
+                m.writes.get.p(0.99) / first.writes.get.p(0.99),
+                m.writes.cli.p(0.99) / first.writes.cli.p(0.99)
             );
         }
     }
     println!("total {:.1} s", total.as_secs_f64());
+}
+
+/// The 1-minute load average (NaN if unreadable): other work on the machine
+/// shows here, and in the idle figures.
+fn loadavg() -> f64 {
+    weft_bench::iperf::loadavg1().unwrap_or(f64::NAN)
 }
