@@ -390,14 +390,7 @@ impl Walk<'_> {
             .map(|l| l.name.clone())
             .unwrap_or_default();
         let next = gateway.unwrap_or(d);
-        self.hop(
-            &at,
-            match gateway {
-                Some(g) => format!("route to {d}: via {g} dev {ifname}{}", src_text(src_ip)),
-                None => format!("route to {d}: on-link, dev {ifname}{}", src_text(src_ip)),
-            },
-            cmd,
-        );
+        self.hop(&at, route_text(d, gateway, &ifname, src_ip), cmd);
         let neigh = nl.neighbour(oif, next)?;
         self.hop(
             &at,
@@ -619,16 +612,7 @@ impl Walk<'_> {
                 prefsrc,
             } => {
                 let oif_name = self.link_name(oif);
-                self.hop(
-                    host_at,
-                    match gateway {
-                        Some(g) => {
-                            format!("route to {d}: via {g} dev {oif_name}{}", src_text(prefsrc))
-                        }
-                        None => format!("route to {d}: dev {oif_name}{}", src_text(prefsrc)),
-                    },
-                    cmd,
-                );
+                self.hop(host_at, route_text(d, gateway, &oif_name, prefsrc), cmd);
                 let pkt = Packet {
                     iif: iif_name,
                     oif: &oif_name,
@@ -949,16 +933,7 @@ impl Walk<'_> {
                 prefsrc,
             } => {
                 let oif_name = self.link_name(oif);
-                self.hop(
-                    host_at,
-                    match gateway {
-                        Some(g) => {
-                            format!("route to {d}: via {g} dev {oif_name}{}", src_text(prefsrc))
-                        }
-                        None => format!("route to {d}: dev {oif_name}{}", src_text(prefsrc)),
-                    },
-                    cmd,
-                );
+                self.hop(host_at, route_text(d, gateway, &oif_name, prefsrc), cmd);
                 self.hop(
                     host_at,
                     "the host's own packets do not pass weft's forward chain".into(),
@@ -1028,8 +1003,14 @@ fn bridged_frames_filtered() -> bool {
         .is_ok_and(|v| v.trim() == "1")
 }
 
-fn src_text(s: Option<Ipv4Addr>) -> String {
-    s.map(|s| format!(" src {s}")).unwrap_or_default()
+/// A route as `ip route get` prints it: "route to D: via G dev X src S",
+/// or "on-link, dev X" without a gateway.
+fn route_text(d: Ipv4Addr, gateway: Option<Ipv4Addr>, dev: &str, src: Option<Ipv4Addr>) -> String {
+    let src = src.map(|s| format!(" src {s}")).unwrap_or_default();
+    match gateway {
+        Some(g) => format!("route to {d}: via {g} dev {dev}{src}"),
+        None => format!("route to {d}: on-link, dev {dev}{src}"),
+    }
 }
 
 /// This host's network for a picture: records named, checked against the

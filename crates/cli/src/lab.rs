@@ -360,34 +360,15 @@ fn explain_through(
 
 /// Every host's topology (from its agent) and the path, as one picture.
 fn picture(format: Format, lab: &Lab, path: Option<Vec<String>>) -> Result<i32, Failure> {
-    let ask = |i: usize, args: &[&str]| -> Result<Vec<u8>, Failure> {
-        let out = lab.weft(i, args).output()?;
-        if !out.status.success() {
-            return Err(Failure {
-                code: 1,
-                message: format!(
-                    "weft {} on {}: {}",
-                    args.join(" "),
-                    lab.hosts[i].name,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
-            });
-        }
-        Ok(out.stdout)
-    };
-    let mut hosts = Vec::new();
-    for i in 0..lab.hosts.len() {
-        let t: weft_model::topology::Topology =
-            serde_json::from_slice(&ask(i, &["--format", "json", "topology"])?)?;
-        hosts.push(t);
-    }
-    let explained = match &path {
-        Some(p) => {
-            let i = lab.index_of(&p[0])?;
-            let e: weft_model::explain::Explanation =
-                serde_json::from_slice(&ask(i, &["--format", "json", "explain", &p[1], &p[2]])?)?;
-            Some(e)
-        }
+    let hosts: Vec<weft_model::topology::Topology> = (0..lab.hosts.len())
+        .map(|i| ask_json(lab, i, &["topology"]))
+        .collect::<Result<_, _>>()?;
+    let explained: Option<weft_model::explain::Explanation> = match &path {
+        Some(p) => Some(ask_json(
+            lab,
+            lab.index_of(&p[0])?,
+            &["explain", &p[1], &p[2]],
+        )?),
         None => None,
     };
     if format == Format::Json {

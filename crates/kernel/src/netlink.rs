@@ -162,28 +162,18 @@ impl Netlink {
     pub fn link_by_index(&mut self, index: u32) -> Result<Option<Link>> {
         let mut msg = LinkMessage::default();
         msg.header.index = index;
-        match self.request(
-            &format!("get link {index}"),
-            RouteNetlinkMessage::GetLink(msg),
-            0,
-        ) {
-            Ok(r) => Ok(r.iter().find_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => Some(to_link(l)),
-                _ => None,
-            })),
-            Err(e) if e.errno() == Some(libc::ENODEV) => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.get_link(&format!("get link {index}"), msg)
     }
 
     pub fn link_by_name(&mut self, name: &str) -> Result<Option<Link>> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
-        match self.request(
-            &format!("get link {name}"),
-            RouteNetlinkMessage::GetLink(msg),
-            0,
-        ) {
+        self.get_link(&format!("get link {name}"), msg)
+    }
+
+    /// One link asked for by `msg`; None when there is no such link.
+    fn get_link(&mut self, op: &str, msg: LinkMessage) -> Result<Option<Link>> {
+        match self.request(op, RouteNetlinkMessage::GetLink(msg), 0) {
             Ok(r) => Ok(r.iter().find_map(|m| match m {
                 RouteNetlinkMessage::NewLink(l) => Some(to_link(l)),
                 _ => None,

@@ -41,20 +41,18 @@ pub fn apply(batch: &str) -> Result<()> {
 
 /// One table as `nft -j list table` prints it (JSON), None when it is absent.
 pub fn list_table_json(family: &str, name: &str) -> Result<Option<String>> {
-    let out = Command::new("nft")
-        .args(["-j", "list", "table", family, name])
-        .output()
-        .map_err(|e| KernelError::io("run nft", e))?;
-    Ok(out
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+    list(&["-j", "list", "table", family, name])
 }
 
 /// The current ruleset of one table, as `nft list table` prints it.
 pub fn list_table(family: &str, name: &str) -> Result<Option<String>> {
+    list(&["list", "table", family, name])
+}
+
+/// What `nft ARGS` prints, None when it fails (the table is absent).
+fn list(args: &[&str]) -> Result<Option<String>> {
     let out = Command::new("nft")
-        .args(["list", "table", family, name])
+        .args(args)
         .output()
         .map_err(|e| KernelError::io("run nft", e))?;
     Ok(out
