@@ -24,6 +24,7 @@ pub(crate) fn overlay_network(name: &str, backend: BackendKind) -> Network {
             bridge: format!("wbr-{}", &id[..10]),
             overlay: Overlay {
                 range,
+                kind: Default::default(),
                 host_subnet_len: 24,
                 backend,
                 vni: 1,

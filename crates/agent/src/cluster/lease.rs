@@ -278,6 +278,7 @@ mod tests {
                 bridge: "wbr-0123456789".into(),
                 overlay: Overlay {
                     range,
+                    kind: Default::default(),
                     host_subnet_len: len,
                     backend: BackendKind::HostGw,
                     vni: 1,
