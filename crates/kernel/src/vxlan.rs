@@ -103,9 +103,11 @@ impl Netlink {
                 learning,
             )])),
         ]));
+        // Port options are changed through RTM_NEWLINK on an existing link
+        // (as `ip link set … type bridge_slave` does); SETLINK ignores them.
         self.ack(
             &format!("set learning of bridge port {index}"),
-            RouteNetlinkMessage::SetLink(msg),
+            RouteNetlinkMessage::NewLink(msg),
             0,
         )
     }

@@ -303,6 +303,7 @@ mod tests {
             public_ip: "198.51.100.11".parse().unwrap(),
             etcd_lease: 0,
             leases: BTreeMap::new(),
+            blocks: BTreeMap::new(),
         }
     }
 
