@@ -289,10 +289,12 @@ impl Cluster {
             let holder: Option<EndpointRecord> = raw.and_then(|r| serde_json::from_slice(&r).ok());
             match holder {
                 Some(h) if h.host_id == me.host_id => {}
-                Some(h) => return Err(AgentError::Conflict(format!(
+                Some(h) => {
+                    return Err(AgentError::Conflict(format!(
                     "--net {network}: {ip} is taken by {}; pick another address or leave --ip out",
                     h.holder()
-                ))),
+                )))
+                }
                 None => {
                     return Err(AgentError::Conflict(format!(
                         "--net {network}: {ip} was just taken on another host; try again"
