@@ -837,10 +837,13 @@ impl Cluster {
         if let Some(o) = net.overlay() {
             self.etcd.delete(&vni_key(o.vni)).await.map_err(err)?;
         }
-        self.etcd
-            .delete_prefix(&lease_dir(name))
-            .await
-            .map_err(err)?;
+        for dir in [
+            lease_dir(name),
+            format!("blocks/{name}/"),
+            format!("endpoints/{name}/"),
+        ] {
+            self.etcd.delete_prefix(&dir).await.map_err(err)?;
+        }
         info!(network = %name, "global network removed");
         self.wake.notify_one();
         self.wait_local(name, false).await?;
