@@ -60,13 +60,29 @@ impl TestLab {
         TestLab::build(hosts, backend, 60, true)
     }
 
+    /// A lab of `hosts` hosts and no network yet (the test makes its own).
+    pub fn up_without_network(hosts: usize) -> TestLab {
+        TestLab::with_spec(hosts, None, 60, false, None)
+    }
+
     fn build(hosts: usize, backend: Option<&str>, lease_ttl: u64, insecure: bool) -> TestLab {
+        let net = Some((NET.into(), "10.40.0.0/16".parse().unwrap()));
+        TestLab::with_spec(hosts, backend, lease_ttl, insecure, net)
+    }
+
+    fn with_spec(
+        hosts: usize,
+        backend: Option<&str>,
+        lease_ttl: u64,
+        insecure: bool,
+        network: Option<(String, ipnet::Ipv4Net)>,
+    ) -> TestLab {
         let spec = LabSpec {
             name: unique("wftl"),
             root: PathBuf::from(ROOT),
             hosts,
             backend: backend.map(String::from),
-            network: Some((NET.into(), "10.40.0.0/16".parse().unwrap())),
+            network,
             lease_ttl,
             weft_bin: weft_bin(),
             insecure_etcd: insecure,
