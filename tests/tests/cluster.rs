@@ -372,6 +372,8 @@ fn overlay_networks_are_isolated_from_each_other_and_validated() {
             "overlay",
             "--subnet",
             "10.40.128.0/17",
+            "--host-subnet-len",
+            "24",
             "dup",
         ],
         "overlaps 10.40.0.0/16 of network lab",
@@ -384,6 +386,8 @@ fn overlay_networks_are_isolated_from_each_other_and_validated() {
             "overlay",
             "--subnet",
             "10.43.0.0/16",
+            "--host-subnet-len",
+            "24",
             "lab",
         ],
         "already exists",
@@ -406,6 +410,8 @@ fn overlay_networks_are_isolated_from_each_other_and_validated() {
             "overlay",
             "--subnet",
             "10.44.0.0/16",
+            "--host-subnet-len",
+            "24",
             "dflt",
         ],
     );
@@ -473,6 +479,8 @@ fn overlay_networks_need_a_cluster() {
         "overlay",
         "--subnet",
         "10.45.0.0/16",
+        "--host-subnet-len",
+        "24",
         "ov",
     ]);
     assert!(!out.status.success());

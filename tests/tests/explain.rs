@@ -318,6 +318,8 @@ fn explain_matches_real_packets_across_hosts() {
             "overlay",
             "--subnet",
             "10.41.0.0/16",
+            "--host-subnet-len",
+            "24",
             "other",
         ],
     );
