@@ -1,20 +1,24 @@
 //! Docker across hosts: a lab of two hosts, each with a dockerd of the
 //! test's own (weft_e2e::docker) whose network driver is its host's agent
 //! (`--docker-plugin-socket`, `--docker-host`). One global network, made
-//! once with `weft network create -d overlay` on h1, appears in both
-//! dockerds by itself; a container on each reaches the other by address
-//! and by name; the network's removal takes it out of both dockerds. A
-//! Docker network of the same name that weft did not make is left alone
-//! and shown in `weft status`. At the end nothing of Docker's or weft's is
-//! left (the lab and the dockerds clean up on drop, pass or fail).
+//! once with `weft network create -d overlay --subnet` on h1 (one subnet
+//! shared by all hosts), appears in both dockerds by itself; a container
+//! on each reaches the other by address and by name (Docker's resolver
+//! forwards to weft's, `--dns`, which knows the other host's container by
+//! the name the agent read from its dockerd); the network's removal takes
+//! it out of both dockerds. A Docker network of the same name as a global
+//! network (of the per-host kind) that weft did not make is left alone and
+//! shown in `weft status`. At the end nothing of Docker's or weft's is left
+//! (the lab and the dockerds clean up on drop, pass or fail).
 
 use std::time::Duration;
 use weft_e2e::docker::{Dockerd, IMAGE};
 use weft_e2e::eventually;
 use weft_e2e::lab::TestLab;
 
-/// The global network the test makes once.
+/// The global network the test makes once, and its subnet.
 const NET: &str = "dov";
+const SUBNET: &str = "10.44.2.0/24";
 
 /// `docker run -d --name NAME --network NET [--dns DNS] IMAGE sleep 1d`.
 fn container(d: &Dockerd, name: &str, dns: &str) -> String {
@@ -95,19 +99,12 @@ fn a_global_network_is_usable_by_the_dockerd_of_every_host() {
     // will be: weft leaves it alone.
     docks[1].run("network create -d weft --subnet 10.45.0.0/24 dtaken");
 
-    // Made once, on h1 (one /24 per host).
+    // Made once, on h1: one subnet shared by all hosts, the same gateway
+    // on each.
     lab.weft_ok(
         0,
         &[
-            "network",
-            "create",
-            "-d",
-            "overlay",
-            "--subnet",
-            "10.44.0.0/16",
-            "--host-subnet-len",
-            "24",
-            NET,
+            "network", "create", "-d", "overlay", "--subnet", SUBNET, NET,
         ],
     );
     let mut gateways = Vec::new();
@@ -124,8 +121,9 @@ fn a_global_network_is_usable_by_the_dockerd_of_every_host() {
             },
         );
         let n = lab.network(i, NET);
+        assert_eq!(n.subnet.to_string(), SUBNET, "h{}: {n:?}", i + 1);
         gateways.push(n.gateway.to_string());
-        let expected = format!("weft {} {} weft 1", n.subnet, n.gateway);
+        let expected = format!("weft {SUBNET} 10.44.2.1 weft 1");
         eventually(
             &format!("Docker network {NET} in h{}'s dockerd", i + 1),
             Duration::from_secs(20),
@@ -141,7 +139,10 @@ fn a_global_network_is_usable_by_the_dockerd_of_every_host() {
     container(&docks[1], "c2", &gateways[1]);
     let (c1_ip, c1_ep) = docks[0].endpoint("c1", NET);
     let (c2_ip, c2_ep) = docks[1].endpoint("c2", NET);
-    assert!(lab.network(0, NET).subnet.to_string().starts_with("10.44."));
+    assert_ne!(c1_ip, c2_ip);
+    for ip in [&c1_ip, &c2_ip] {
+        assert!(ip.starts_with("10.44.2."), "{ip}");
+    }
     // By address, across hosts, both ways.
     ping(&docks[0], "c1", &c2_ip);
     ping(&docks[1], "c2", &c1_ip);
@@ -167,7 +168,13 @@ fn a_global_network_is_usable_by_the_dockerd_of_every_host() {
         assert!(answer.contains(ip.as_str()), "{answer}");
     }
 
-    // The network weft did not make is left alone, and said so.
+    // By name, across hosts: Docker's resolver does not know the other
+    // dockerd's container and asks weft's (--dns), which does.
+    ping(&docks[0], "c1", "c2");
+    ping(&docks[1], "c2", "c1");
+
+    // The network weft did not make is left alone, and said so (on a
+    // network of the other kind, a /24 leased per host).
     lab.weft_ok(
         0,
         &[
