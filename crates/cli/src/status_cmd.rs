@@ -158,12 +158,31 @@ fn render(v: &StatusView) -> String {
         );
     }
     for n in &c.networks {
+        let holds = if n.kind == weft_model::overlay::OverlayKind::Shared {
+            let mine: Vec<String> = n
+                .blocks
+                .iter()
+                .filter(|b| b.node == c.node)
+                .map(|b| format!("{} ({}/{})", b.block, b.used, b.capacity))
+                .collect();
+            format!(
+                "one subnet shared by all hosts; this host holds block{} {}, {} sandbox{} on other hosts",
+                if mine.len() == 1 { "" } else { "s" },
+                if mine.is_empty() { "none yet".into() } else { mine.join(", ") },
+                n.remote_endpoints,
+                if n.remote_endpoints == 1 { "" } else { "es" }
+            )
+        } else {
+            format!(
+                "this host {}",
+                n.subnet.map_or("has no subnet".into(), |s| s.to_string())
+            )
+        };
         out.push_str(&format!(
-            "\nnetwork {} ({}, backend {}): this host {}{}\n",
+            "\nnetwork {} ({}, backend {}): {holds}{}\n",
             n.name,
             n.range,
             n.backend,
-            n.subnet.map_or("has no subnet".into(), |s| s.to_string()),
             n.problem
                 .as_ref()
                 .map_or(String::new(), |p| format!(" -- {p}"))

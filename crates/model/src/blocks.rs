@@ -167,12 +167,19 @@ pub fn pick_free_block(
 }
 
 /// Addresses of `block` a sandbox may get: not the range's network or
-/// broadcast address, not the gateway (the same on every host).
+/// broadcast address, not the gateway (the same on every host), and none
+/// ending in .0 or .255 (valid inside a larger subnet, but read as a
+/// network or broadcast address by people and by some software).
 pub fn usable(block: Ipv4Net, range: Ipv4Net, gateway: Ipv4Addr) -> impl Iterator<Item = Ipv4Addr> {
     let (lo, hi) = (u32::from(block.network()), u32::from(block.broadcast()));
-    (lo..=hi)
-        .map(Ipv4Addr::from)
-        .filter(move |ip| *ip != range.network() && *ip != range.broadcast() && *ip != gateway)
+    (lo..=hi).map(Ipv4Addr::from).filter(move |ip| {
+        let last = ip.octets()[3];
+        *ip != range.network()
+            && *ip != range.broadcast()
+            && *ip != gateway
+            && last != 0
+            && last != 255
+    })
 }
 
 /// How full one host's block is, for `network inspect`.
@@ -278,6 +285,11 @@ mod tests {
         assert_eq!(usable(net("10.0.2.0/28"), range, gw).count(), 14);
         assert_eq!(usable(net("10.0.2.16/28"), range, gw).count(), 16);
         assert_eq!(usable(net("10.0.2.240/28"), range, gw).count(), 15);
+        // Inside a /16: no .0 nor .255 either.
+        let big = net("10.40.0.0/16");
+        assert_eq!(usable(net("10.40.50.0/26"), big, gw).count(), 63);
+        assert_eq!(usable(net("10.40.50.192/26"), big, gw).count(), 63);
+        assert_eq!(usable(net("10.40.50.64/26"), big, gw).count(), 64);
         let used: BTreeSet<Ipv4Addr> = [ip("10.0.2.2"), ip("10.0.2.17")].into();
         let u = use_of(&[net("10.0.2.0/28")], range, gw, &used);
         assert_eq!((u[0].used, u[0].capacity), (1, 14));
