@@ -230,6 +230,7 @@ impl Host {
                         public_ip: me.public_ip,
                         sandbox: Some(sb.name.clone()),
                         names,
+                        signed: None,
                     },
                 );
             }
@@ -251,6 +252,7 @@ impl Host {
                 public_ip: me.public_ip,
                 sandbox: None,
                 names: Vec::new(),
+                signed: None,
             });
         }
         out.into_values().collect()

@@ -39,9 +39,28 @@ pub struct EndpointRecord {
     /// The sandbox's name and aliases on this network.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub names: Vec<String>,
+    /// The host's signature over the rest, as a lease's (None without a
+    /// client certificate): with TLS, a record its node did not sign is
+    /// never programmed, so no etcd member can pull a sandbox's traffic
+    /// to itself by posting a record in another host's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<crate::overlay::LeaseSignature>,
 }
 
 impl EndpointRecord {
+    /// The record without its signature: what is signed and compared.
+    pub fn body(&self) -> EndpointRecord {
+        EndpointRecord {
+            signed: None,
+            ..self.clone()
+        }
+    }
+
+    /// The bytes a signature covers.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.body()).expect("serializable")
+    }
+
     /// "sandbox web on host h2", for errors that name a holder.
     pub fn holder(&self) -> String {
         match &self.sandbox {

@@ -290,6 +290,7 @@ mod tests {
             public_ip: public.parse().unwrap(),
             sandbox: Some(format!("s-{ip}")),
             names: vec![],
+            signed: None,
         }
     }
 

@@ -91,6 +91,8 @@ pub struct Cluster {
     growing: tokio::sync::Mutex<()>,
     /// Endpoint records written and not yet seen back (`span::publish`).
     written: tokio::sync::Mutex<span::Written>,
+    /// Verdicts on other hosts' endpoint records (`believed_endpoints`).
+    verdicts: Mutex<span::Verdicts>,
 }
 
 impl Cluster {
@@ -202,6 +204,7 @@ impl Cluster {
             peer_keys: Default::default(),
             growing: Default::default(),
             written: Default::default(),
+            verdicts: Default::default(),
         });
         tokio::spawn(c.clone().keep_lease_alive());
         tokio::spawn(c.clone().sync_forever());
@@ -517,7 +520,18 @@ impl Cluster {
             if !problems.is_empty() {
                 view.problem = Some(problems.join("; "));
             }
-            view.remote_endpoints = self.take_remote_names(global, &name, &me.host_id);
+            let (believed, refused_records) = self.believed_endpoints(global, &name, &me.host_id);
+            let believed: Vec<weft_model::blocks::EndpointRecord> =
+                believed.into_iter().cloned().collect();
+            view.remote_endpoints = self.take_remote_names(&name, &believed);
+            if !refused_records.is_empty() {
+                let p = format!("endpoint records refused: {}", refused_records.join("; "));
+                view.problem = Some(
+                    view.problem
+                        .take()
+                        .map_or(p.clone(), |q| format!("{q}; {p}")),
+                );
+            }
             let (peers, refused) = self.believed_peers(global, &name, &me.host_id);
             let changes = self.key_changes(&name, &peers);
             // Shown with the programmed peers below; never programmed.
@@ -616,16 +630,22 @@ impl Cluster {
         let mut problems = Vec::new();
         self.hold_blocks(global, net, me, &mut problems).await?;
         problems.extend(self.publish_endpoints(global, net, me).await?);
+        view.blocks = Self::blocks_view(global, net);
+        let (believed, refused) = self.believed_endpoints(global, &net.name, &me.host_id);
+        let endpoints: Vec<weft_model::blocks::EndpointRecord> =
+            believed.into_iter().cloned().collect();
+        view.remote_endpoints = self.take_remote_names(&net.name, &endpoints);
+        if !refused.is_empty() {
+            let n = refused.len();
+            problems.push(format!(
+                "{n} endpoint record{} refused: {}",
+                if n == 1 { "" } else { "s" },
+                refused.join("; ")
+            ));
+        }
         if !problems.is_empty() {
             view.problem = Some(problems.join("; "));
         }
-        view.blocks = Self::blocks_view(global, net);
-        view.remote_endpoints = self.take_remote_names(global, &net.name, &me.host_id);
-        let endpoints: Vec<weft_model::blocks::EndpointRecord> = global
-            .endpoints_of(&net.name)
-            .filter(|r| r.host_id != me.host_id && r.sandbox.is_some())
-            .cloned()
-            .collect();
         let local = backend::Local {
             host_id: me.host_id.clone(),
             public_ip: me.public_ip,
@@ -653,13 +673,14 @@ impl Cluster {
     }
 
     /// Gives the resolver the names of `network`'s sandboxes on other
-    /// hosts; returns how many there are.
-    fn take_remote_names(&self, global: &Global, network: &str, me: &str) -> usize {
-        let remote: Vec<(std::net::Ipv4Addr, Vec<String>)> = global
-            .endpoints_of(network)
-            .filter(|r| r.host_id != me && r.sandbox.is_some())
-            .map(|r| (r.ip, r.names.clone()))
-            .collect();
+    /// hosts (the records believed); returns how many there are.
+    fn take_remote_names(
+        &self,
+        network: &str,
+        believed: &[weft_model::blocks::EndpointRecord],
+    ) -> usize {
+        let remote: Vec<(std::net::Ipv4Addr, Vec<String>)> =
+            believed.iter().map(|r| (r.ip, r.names.clone())).collect();
         let n = remote.len();
         self.host.set_remote_names(network, remote);
         n

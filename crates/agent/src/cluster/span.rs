@@ -46,6 +46,11 @@ const ECHO_WAIT: Duration = Duration::from_secs(2);
 /// Records written and not yet seen back: key -> (record, when).
 pub(super) type Written = BTreeMap<String, (EndpointRecord, Instant)>;
 
+/// Verdicts on other hosts' records: (network, address) -> (the record
+/// checked, why it is refused or None).
+pub(super) type Verdicts =
+    std::collections::HashMap<(String, Ipv4Addr), (EndpointRecord, Option<String>)>;
+
 fn me_of(me: &Identity) -> Me {
     Me {
         host_id: me.host_id.clone(),
@@ -270,7 +275,9 @@ impl Cluster {
             public_ip: me.public_ip,
             sandbox: sandbox.map(str::to_string),
             names: Vec::new(),
+            signed: None,
         };
+        let record = self.signed(record);
         let key = endpoint_key(network, ip);
         let unavailable = |e| Self::unavailable_for(network, e);
         let created = self
@@ -306,6 +313,60 @@ impl Cluster {
         Ok(())
     }
 
+    /// The record signed with this host's client certificate, if it has one.
+    fn signed(&self, r: EndpointRecord) -> EndpointRecord {
+        match &self.signer {
+            Some(s) => s.sign_record(r),
+            None => r,
+        }
+    }
+
+    /// The other hosts' records of `network` this host believes (with a CA
+    /// to check against: signed by their node), and why each other one is
+    /// refused. A verdict is kept while its record stays the same, so a
+    /// pass checks only what changed.
+    pub(super) fn believed_endpoints<'g>(
+        &self,
+        global: &'g Global,
+        network: &str,
+        me: &str,
+    ) -> (Vec<&'g EndpointRecord>, Vec<String>) {
+        let others = global
+            .endpoints_of(network)
+            .filter(|r| r.host_id != me && r.sandbox.is_some());
+        let Some(v) = &self.verifier else {
+            return (others.collect(), Vec::new());
+        };
+        let mut cache = crate::host::recover(self.verdicts.lock());
+        cache.retain(|(n, ip), _| {
+            n != network
+                || global
+                    .endpoints
+                    .get(network)
+                    .is_some_and(|m| m.contains_key(ip))
+        });
+        let (mut ok, mut refused) = (Vec::new(), Vec::new());
+        for r in others {
+            let slot = (network.to_string(), r.ip);
+            let verdict = match cache.get(&slot) {
+                Some((seen, why)) if seen == r => why.clone(),
+                _ => {
+                    let why = v.refuse_record(r);
+                    if let Some(w) = &why {
+                        warn!(network, ip = %r.ip, node = %r.node, reason = %w, "refusing an endpoint record");
+                    }
+                    cache.insert(slot, (r.clone(), why.clone()));
+                    why
+                }
+            };
+            match verdict {
+                None => ok.push(r),
+                Some(why) => refused.push(why),
+            }
+        }
+        (ok, refused)
+    }
+
     fn unavailable_for(network: &str, e: weft_store::EtcdError) -> AgentError {
         AgentError::Unavailable(format!(
             "--net {network}: this host must claim addresses in the cluster, and cannot reach etcd ({e}); sandboxes can start with the addresses it holds, see `weft status`"
@@ -329,20 +390,27 @@ impl Cluster {
         let want = self.host.endpoint_records(name, &me_of(me));
         let have = global.endpoints.get(name);
         let mut wanted = BTreeSet::new();
+        let cert = self.signer.as_ref().map(|s| s.cert_pem());
+        // Equal but for the signature (a new one differs each time), by
+        // the same certificate: nothing to write.
+        let same = |a: &EndpointRecord, b: &EndpointRecord| {
+            a.body() == b.body() && a.signed.as_ref().map(|s| s.cert.as_str()) == cert
+        };
         for r in want {
             let key = endpoint_key(name, r.ip);
             wanted.insert(r.ip);
             let current = have.and_then(|m| m.get(&r.ip));
-            if current == Some(&r) {
+            if current.is_some_and(|c| same(c, &r)) {
                 written.remove(&key);
                 continue;
             }
             if written
                 .get(&key)
-                .is_some_and(|(w, at)| *w == r && at.elapsed() < ECHO_WAIT)
+                .is_some_and(|(w, at)| w.body() == r && at.elapsed() < ECHO_WAIT)
             {
                 continue;
             }
+            let r = self.signed(r);
             let value = serde_json::to_vec(&r).expect("serializable");
             match current {
                 Some(c) if c.host_id != me.host_id => {
