@@ -93,11 +93,11 @@ impl Signer {
 
     fn signature(&self, msg: &[u8]) -> LeaseSignature {
         let sig = match &self.key {
-            Key::Ecdsa(k) => k.sign(&self.rng, &msg).map(|s| s.as_ref().to_vec()),
-            Key::Ed25519(k) => Ok(k.sign(&msg).as_ref().to_vec()),
+            Key::Ecdsa(k) => k.sign(&self.rng, msg).map(|s| s.as_ref().to_vec()),
+            Key::Ed25519(k) => Ok(k.sign(msg).as_ref().to_vec()),
             Key::Rsa(k) => {
                 let mut out = vec![0; k.public().modulus_len()];
-                k.sign(&signature::RSA_PKCS1_SHA256, &self.rng, &msg, &mut out)
+                k.sign(&signature::RSA_PKCS1_SHA256, &self.rng, msg, &mut out)
                     .map(|_| out)
             }
         }
