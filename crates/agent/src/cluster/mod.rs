@@ -584,6 +584,9 @@ impl Cluster {
                     me.leases.remove(&net.name);
                     me.blocks.remove(&net.name);
                 });
+                // What this host wrote of it after `network rm` cleared
+                // it (a pass that still had the network).
+                self.forget_network(global, &net.name, &me.host_id).await?;
             }
         }
         crate::host::recover(self.status.lock()).networks = views;
@@ -640,6 +643,37 @@ impl Cluster {
             peers: Vec::new(),
             endpoints,
         }))
+    }
+
+    /// Deletes this host's blocks and endpoint records of a network that
+    /// is gone from the cluster.
+    async fn forget_network(
+        &self,
+        global: &Global,
+        network: &str,
+        me: &str,
+    ) -> std::result::Result<(), EtcdError> {
+        let blocks: Vec<String> = global
+            .blocks
+            .get(network)
+            .into_iter()
+            .flat_map(|m| m.iter())
+            .filter(|(_, h)| h.host_id == me)
+            .map(|(b, _)| weft_model::blocks::block_key(network, b))
+            .collect();
+        let records: Vec<String> = global
+            .endpoints_of(network)
+            .filter(|r| r.host_id == me)
+            .map(|r| weft_model::blocks::endpoint_key(network, r.ip))
+            .collect();
+        for key in blocks.iter().chain(&records) {
+            self.etcd.delete(key).await?;
+        }
+        self.written
+            .lock()
+            .await
+            .retain(|k, _| !records.contains(k));
+        Ok(())
     }
 
     async fn publish_endpoints(
@@ -837,10 +871,16 @@ impl Cluster {
         if let Some(o) = net.overlay() {
             self.etcd.delete(&vni_key(o.vni)).await.map_err(err)?;
         }
-        self.etcd
-            .delete_prefix(&lease_dir(name))
-            .await
-            .map_err(err)?;
+        // Its leases, and a shared network's blocks and every host's
+        // endpoint records: a network made again with this name starts
+        // from nothing (the records would be programmed as its sandboxes).
+        for dir in [
+            lease_dir(name),
+            format!("blocks/{name}/"),
+            format!("endpoints/{name}/"),
+        ] {
+            self.etcd.delete_prefix(&dir).await.map_err(err)?;
+        }
         info!(network = %name, "global network removed");
         self.wake.notify_one();
         self.wait_local(name, false).await?;
