@@ -356,10 +356,31 @@ impl Cluster {
                 None => {
                     if !self
                         .etcd
-                        .create(&[(key.clone(), value)], self.etcd_lease())
+                        .create(&[(key.clone(), value.clone())], self.etcd_lease())
                         .await?
                     {
-                        warn!(network = name, ip = %r.ip, "an address of this host was claimed by another host at the same time");
+                        // There already: this host's own claim of the
+                        // address the watch has not brought back yet, or
+                        // another host's.
+                        let raw = self.etcd.get(&key).await?;
+                        let holder: Option<EndpointRecord> =
+                            raw.and_then(|v| serde_json::from_slice(&v).ok());
+                        match holder {
+                            Some(h) if h.host_id == me.host_id => {
+                                self.etcd.put(&key, value, self.etcd_lease()).await?
+                            }
+                            Some(h) => {
+                                warn!(network = name, ip = %r.ip, holder = %h.holder(), "an address of this host was claimed by another host at the same time");
+                                problems.push(format!(
+                                    "{} of sandbox {} is claimed by {} as well; one of them must go",
+                                    r.ip,
+                                    r.sandbox.as_deref().unwrap_or("(being attached)"),
+                                    h.holder()
+                                ));
+                                continue;
+                            }
+                            None => continue,
+                        }
                     }
                 }
             }
