@@ -372,6 +372,19 @@ impl Cluster {
                             for c in changes {
                                 global.apply(&c);
                             }
+                            // And every batch already waiting: one pass for
+                            // a burst (150 sandboxes removed at once came as
+                            // ~100 batches, a pass each, seconds behind).
+                            while let Ok(more) = tokio::time::timeout(Duration::ZERO, watch.next()).await {
+                                match more? {
+                                    None => return Err(EtcdError::Cancelled("watch stream ended".into())),
+                                    Some(changes) => {
+                                        for c in changes {
+                                            global.apply(&c);
+                                        }
+                                    }
+                                }
+                            }
                             false
                         }
                     }
