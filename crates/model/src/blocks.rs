@@ -92,13 +92,19 @@ pub struct HostShare {
     pub foreign: BTreeMap<Ipv4Addr, String>,
     /// The last address handed out (next-fit).
     pub last: Option<Ipv4Addr>,
+    /// Every block of the network is held, so other hosts may borrow
+    /// addresses of this host's blocks: an address is then handed out only
+    /// once claimed in the cluster (in `borrowed`), never straight from a
+    /// held block, or a borrower and the holder could take the same one.
+    pub contended: bool,
 }
 
 impl HostShare {
     /// Whether this host may give `ip` to a sandbox now.
     pub fn may_take(&self, ip: Ipv4Addr) -> bool {
         !self.foreign.contains_key(&ip)
-            && (self.borrowed.contains(&ip) || self.held.iter().any(|b| b.contains(&ip)))
+            && (self.borrowed.contains(&ip)
+                || (!self.contended && self.held.iter().any(|b| b.contains(&ip))))
     }
 
     /// The address a new sandbox gets: a claimed one not in use first, then
@@ -113,6 +119,7 @@ impl HostShare {
         let taken = |ip: &Ipv4Addr| in_use(ip) || self.foreign.contains_key(ip);
         let ip = match self.borrowed.iter().find(|ip| !taken(ip)) {
             Some(ip) => *ip,
+            None if self.contended => return None,
             None => {
                 let held: Vec<Ipv4Net> = self.held.iter().copied().collect();
                 let ip = next_free(&held, range, gateway, taken, self.last)?;
@@ -123,13 +130,17 @@ impl HostShare {
         Some(ip)
     }
 
-    /// How many addresses of the held blocks are free.
+    /// How many addresses of the held blocks are free to hand out without
+    /// asking the cluster (none while contended).
     pub fn free(
         &self,
         range: Ipv4Net,
         gateway: Ipv4Addr,
         in_use: impl Fn(&Ipv4Addr) -> bool,
     ) -> usize {
+        if self.contended {
+            return 0;
+        }
         self.held
             .iter()
             .flat_map(|b| usable(*b, range, gateway))
@@ -373,6 +384,7 @@ mod tests {
             borrowed: [ip("10.0.2.200")].into(),
             foreign: [(ip("10.0.2.2"), "sandbox a on host h2".to_string())].into(),
             last: None,
+            contended: false,
         };
         let none = |_: &Ipv4Addr| false;
         assert!(s.may_take(ip("10.0.2.200")) && s.may_take(ip("10.0.2.3")));
@@ -395,5 +407,27 @@ mod tests {
             "blocks/ov/10.0.2.16-28"
         );
         assert_eq!(endpoint_key("ov", ip("10.0.2.7")), "endpoints/ov/10.0.2.7");
+    }
+
+    #[test]
+    fn a_contended_share_hands_out_claimed_addresses_only() {
+        let (range, gw) = (net("10.0.2.0/24"), ip("10.0.2.1"));
+        let mut s = HostShare {
+            held: [net("10.0.2.0/28")].into(),
+            contended: true,
+            ..Default::default()
+        };
+        let none = |_: &Ipv4Addr| false;
+        // Every block is held: another host may be borrowing .3 right now.
+        assert!(!s.may_take(ip("10.0.2.3")), "a held address needs a claim");
+        assert_eq!(s.free(range, gw, none), 0);
+        assert_eq!(s.pick(range, gw, none), None, "claim first");
+        s.borrowed.insert(ip("10.0.2.2"));
+        assert!(s.may_take(ip("10.0.2.2")));
+        assert_eq!(s.pick(range, gw, none), Some(ip("10.0.2.2")));
+        // A block freed again: the held blocks are this host's alone.
+        s.contended = false;
+        assert!(s.may_take(ip("10.0.2.3")));
+        assert_eq!(s.free(range, gw, none), 14);
     }
 }

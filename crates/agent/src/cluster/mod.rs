@@ -375,6 +375,19 @@ impl Cluster {
                             for c in changes {
                                 global.apply(&c);
                             }
+                            // And every batch already waiting: one pass for
+                            // a burst (150 sandboxes removed at once came as
+                            // ~100 batches, a pass each, seconds behind).
+                            while let Ok(more) = tokio::time::timeout(Duration::ZERO, watch.next()).await {
+                                match more? {
+                                    None => return Err(EtcdError::Cancelled("watch stream ended".into())),
+                                    Some(changes) => {
+                                        for c in changes {
+                                            global.apply(&c);
+                                        }
+                                    }
+                                }
+                            }
                             false
                         }
                     }
@@ -598,6 +611,9 @@ impl Cluster {
                     me.leases.remove(&net.name);
                     me.blocks.remove(&net.name);
                 });
+                // What this host wrote of it after `network rm` cleared
+                // it (a pass that still had the network).
+                self.forget_network(global, &net.name, &me.host_id).await?;
             }
         }
         crate::host::recover(self.status.lock()).networks = views;
@@ -660,6 +676,37 @@ impl Cluster {
             peers: Vec::new(),
             endpoints,
         }))
+    }
+
+    /// Deletes this host's blocks and endpoint records of a network that
+    /// is gone from the cluster.
+    async fn forget_network(
+        &self,
+        global: &Global,
+        network: &str,
+        me: &str,
+    ) -> std::result::Result<(), EtcdError> {
+        let blocks: Vec<String> = global
+            .blocks
+            .get(network)
+            .into_iter()
+            .flat_map(|m| m.iter())
+            .filter(|(_, h)| h.host_id == me)
+            .map(|(b, _)| weft_model::blocks::block_key(network, b))
+            .collect();
+        let records: Vec<String> = global
+            .endpoints_of(network)
+            .filter(|r| r.host_id == me)
+            .map(|r| weft_model::blocks::endpoint_key(network, r.ip))
+            .collect();
+        for key in blocks.iter().chain(&records) {
+            self.etcd.delete(key).await?;
+        }
+        self.written
+            .lock()
+            .await
+            .retain(|k, _| !records.contains(k));
+        Ok(())
     }
 
     async fn publish_endpoints(
@@ -858,6 +905,9 @@ impl Cluster {
         if let Some(o) = net.overlay() {
             self.etcd.delete(&vni_key(o.vni)).await.map_err(err)?;
         }
+        // Its leases, and a shared network's blocks and every host's
+        // endpoint records: a network made again with this name starts
+        // from nothing (the records would be programmed as its sandboxes).
         for dir in [
             lease_dir(name),
             format!("blocks/{name}/"),

@@ -147,7 +147,8 @@ impl Cluster {
             .filter(|r| r.host_id != me.host_id)
             .map(|r| (r.ip, r.holder()))
             .collect();
-        let free = self.host.set_share(name, held.clone(), foreign);
+        let contended = Self::all_blocks_held(global, net);
+        let free = self.host.set_share(name, held.clone(), foreign, contended);
         let left = self.left.load(Ordering::Relaxed);
         if free < LOW_WATER && !left && self.etcd_lease().is_some() {
             if let Some(b) = self.claim_free_block(global, net, me).await? {
@@ -155,6 +156,20 @@ impl Cluster {
             }
         }
         Ok(held)
+    }
+
+    /// Whether every block of the shared network `net` is held: other
+    /// hosts may then borrow addresses of this host's blocks, so this host
+    /// claims each address it hands out too (create-if-absent settles who
+    /// gets one), instead of handing them out unasked.
+    fn all_blocks_held(global: &Global, net: &Network) -> bool {
+        let Some(o) = net.overlay() else {
+            return false;
+        };
+        let held = global.blocks.get(&net.name).map_or(0, |m| {
+            m.keys().filter(|b| o.range.contains(&b.network())).count()
+        });
+        held >= blocks_of(o.range, o.host_subnet_len).count()
     }
 
     /// Claims a block nobody holds, as `global` or (when that was stale)
@@ -194,11 +209,14 @@ impl Cluster {
     }
 
     /// The attach path found no room on `network`: claims a block, or
-    /// else borrows one free address of another host's block. Serialised,
-    /// and a no-op when an earlier call already made room.
+    /// else (every block held) claims one free address, of this host's
+    /// blocks first, then borrowed from another host's. Serialised; a
+    /// block claimed by an earlier call is room for every waiting attach,
+    /// a single address only for one, so while every block is held each
+    /// call claims one.
     pub async fn grow(&self, network: &str) -> Result<()> {
         let _one = self.growing.lock().await;
-        if self.host.has_room(network) {
+        if !self.host.is_contended(network) && self.host.has_room(network) {
             return Ok(());
         }
         if self.left.load(Ordering::Relaxed) {
@@ -228,23 +246,38 @@ impl Cluster {
             info!(network, block = %b, "claimed a block for an attach");
             return Ok(());
         }
-        // Every block is held: borrow an address from the top of one.
+        // Every block is held: from now on each address is claimed.
+        self.host.set_contended(network);
+        // One of this host's blocks from the bottom up, else one of
+        // another host's from the top down (its holder claims from the
+        // bottom: the two rarely try the same address).
         let taken: BTreeSet<Ipv4Addr> = global.endpoints_of(network).map(|r| r.ip).collect();
         let o = net.overlay().expect("a shared network");
-        let mut candidates: Vec<Ipv4Addr> = blocks_of(o.range, o.host_subnet_len)
+        let mine: BTreeSet<Ipv4Net> = global.blocks_of(network, &me.host_id).into_iter().collect();
+        let own = blocks_of(o.range, o.host_subnet_len)
+            .filter(|b| mine.contains(b))
+            .flat_map(|b| usable(b, o.range, net.gateway));
+        let others = blocks_of(o.range, o.host_subnet_len)
+            .filter(|b| !mine.contains(b))
             .flat_map(|b| {
                 usable(b, o.range, net.gateway)
                     .collect::<Vec<_>>()
                     .into_iter()
                     .rev()
-            })
-            .filter(|ip| !taken.contains(ip))
+            });
+        let mut candidates: Vec<Ipv4Addr> = own
+            .chain(others)
+            .filter(|ip| !taken.contains(ip) && !self.host.in_use(network, *ip))
             .collect();
         candidates.truncate(64);
         for ip in candidates {
             match self.claim_address(network, ip, None).await {
                 Ok(()) => {
-                    info!(network, %ip, "borrowed an address of another host's block");
+                    if mine.iter().any(|b| b.contains(&ip)) {
+                        info!(network, %ip, "claimed an address of this host's block (every block is held)");
+                    } else {
+                        info!(network, %ip, "borrowed an address of another host's block");
+                    }
                     return Ok(());
                 }
                 Err(AgentError::Conflict(_)) => continue,
@@ -426,10 +459,31 @@ impl Cluster {
                 None => {
                     if !self
                         .etcd
-                        .create(&[(key.clone(), value)], self.etcd_lease())
+                        .create(&[(key.clone(), value.clone())], self.etcd_lease())
                         .await?
                     {
-                        warn!(network = name, ip = %r.ip, "an address of this host was claimed by another host at the same time");
+                        // There already: this host's own claim of the
+                        // address the watch has not brought back yet, or
+                        // another host's.
+                        let raw = self.etcd.get(&key).await?;
+                        let holder: Option<EndpointRecord> =
+                            raw.and_then(|v| serde_json::from_slice(&v).ok());
+                        match holder {
+                            Some(h) if h.host_id == me.host_id => {
+                                self.etcd.put(&key, value, self.etcd_lease()).await?
+                            }
+                            Some(h) => {
+                                warn!(network = name, ip = %r.ip, holder = %h.holder(), "an address of this host was claimed by another host at the same time");
+                                problems.push(format!(
+                                    "{} of sandbox {} is claimed by {} as well; one of them must go",
+                                    r.ip,
+                                    r.sandbox.as_deref().unwrap_or("(being attached)"),
+                                    h.holder()
+                                ));
+                                continue;
+                            }
+                            None => continue,
+                        }
                     }
                 }
             }
