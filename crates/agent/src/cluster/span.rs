@@ -4,7 +4,7 @@
 //! IPAM without a round trip: each host holds blocks of the subnet
 //! (`blocks/NET/A-LEN`, created if absent, bound to its etcd lease) and
 //! hands out their addresses itself. It claims its first block when it
-//! joins and another while it still has room (fewer than [`LOW_WATER`]
+//! joins and another while it still has room (fewer than [`low_water`]
 //! free), so an attach waits for etcd only when a burst outruns that.
 //! When no block is free a host borrows single addresses of other hosts'
 //! blocks, from the top of the block down (their holders hand out from
@@ -37,8 +37,12 @@ use weft_model::overlay::seed_of;
 use weft_model::Network;
 use weft_store::EtcdResult;
 
-/// A host claims another block while fewer addresses than this are free.
-pub(super) const LOW_WATER: usize = 8;
+/// A host claims another block while fewer addresses than this are free:
+/// a quarter of a block, from 2 to 8, so that in a small subnet (blocks of
+/// 8) the first hosts do not take every block ahead of the others.
+fn low_water(block_len: u8) -> usize {
+    ((1usize << (32 - block_len)) / 4).clamp(2, 8)
+}
 /// A record written this recently and not yet seen in the watch is not
 /// written again (a burst of attaches would rewrite each one per pass).
 const ECHO_WAIT: Duration = Duration::from_secs(2);
@@ -150,7 +154,8 @@ impl Cluster {
         let contended = Self::all_blocks_held(global, net);
         let free = self.host.set_share(name, held.clone(), foreign, contended);
         let left = self.left.load(Ordering::Relaxed);
-        if free < LOW_WATER && !left && self.etcd_lease().is_some() {
+        let low = net.overlay().map_or(8, |o| low_water(o.host_subnet_len));
+        if free < low && !left && self.etcd_lease().is_some() {
             if let Some(b) = self.claim_free_block(global, net, me).await? {
                 held.insert(b);
             }
