@@ -23,9 +23,8 @@ use super::{BackendError, Kernel, Local, PeerState};
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
 use tracing::{info, warn};
-use weft_kernel::VxlanSpec;
 use weft_model::blocks::EndpointRecord;
-use weft_model::overlay::{parse_mac, vtep_mac, vxlan_device};
+use weft_model::overlay::{parse_mac, vxlan_device};
 use weft_model::Network;
 
 /// Where one remote sandbox's frames go: its MAC and its host.
@@ -55,49 +54,18 @@ impl SharedLan {
         me: &Local,
         verify: bool,
     ) -> Result<u32, BackendError> {
-        let Some(o) = net.overlay() else {
-            return Err(BackendError::NotOverlay {
-                network: net.name.clone(),
-            });
-        };
-        let name = vxlan_device(&net.id);
+        let bridge_name = net.bridge().unwrap_or_default().to_string();
         let no_device = |source| BackendError::VxlanDevice {
-            device: name.clone(),
+            device: vxlan_device(&net.id),
             source,
         };
-        let bridge_name = net.bridge().unwrap_or_default().to_string();
         let bridge = nl
             .link_by_name(&bridge_name)
             .map_err(no_device)?
             .ok_or_else(|| BackendError::NoBridge {
                 bridge: bridge_name.clone(),
             })?;
-        let mtu = me.underlay_mtu.saturating_sub(o.backend.overhead());
-        let link = match nl.link_by_name(&name).map_err(no_device)? {
-            Some(l) => l,
-            None => {
-                if self.dev.is_some() {
-                    warn!(device = %name, "the VXLAN device vanished; recreating it");
-                }
-                nl.add_vxlan(&VxlanSpec {
-                    name: name.clone(),
-                    vni: o.vni,
-                    local: me.public_ip,
-                    dev: me.underlay,
-                    port: o.port,
-                    mac: vtep_mac(&me.host_id, o.vni),
-                    mtu,
-                    proxy: true,
-                })
-                .map_err(no_device)?;
-                info!(device = %name, vni = o.vni, port = o.port, mtu, bridge = %bridge_name, "VXLAN device of a shared network created");
-                nl.link_by_name(&name).map_err(no_device)?.ok_or_else(|| {
-                    BackendError::DeviceVanished {
-                        device: name.clone(),
-                    }
-                })?
-            }
-        };
+        let (link, _, mtu) = super::vxlan_link(nl, net, me, true, self.dev.is_some())?;
         if self.dev != Some(link.index) {
             // New, or deleted and made again: it holds none of our entries.
             self.entries.clear();

@@ -174,6 +174,56 @@ pub(crate) trait Backend: Send {
     }
 }
 
+/// A network's VXLAN device `wvx-<id>`: found, or made with the network's
+/// VNI and port, this host's public address and VTEP MAC and MTU underlay
+/// − 50 (`proxy`: answering ARP from its neighbour table, for a shared
+/// subnet). `had_one`: the caller had one before (made again: logged).
+/// Returns the link, whether it was made now, and its MTU.
+pub(crate) fn vxlan_link(
+    nl: &mut dyn Kernel,
+    net: &Network,
+    me: &Local,
+    proxy: bool,
+    had_one: bool,
+) -> Result<(weft_kernel::Link, bool, u32), BackendError> {
+    let Some(o) = net.overlay() else {
+        return Err(BackendError::NotOverlay {
+            network: net.name.clone(),
+        });
+    };
+    let name = weft_model::overlay::vxlan_device(&net.id);
+    let no_device = |source| BackendError::VxlanDevice {
+        device: name.clone(),
+        source,
+    };
+    let mtu = me.underlay_mtu.saturating_sub(o.backend.overhead());
+    if let Some(l) = nl.link_by_name(&name).map_err(no_device)? {
+        return Ok((l, false, mtu));
+    }
+    if had_one {
+        tracing::warn!(device = %name, "the VXLAN device vanished; recreating it");
+    }
+    nl.add_vxlan(&weft_kernel::VxlanSpec {
+        name: name.clone(),
+        vni: o.vni,
+        local: me.public_ip,
+        dev: me.underlay,
+        port: o.port,
+        mac: weft_model::overlay::vtep_mac(&me.host_id, o.vni),
+        mtu,
+        proxy,
+    })
+    .map_err(no_device)?;
+    tracing::info!(device = %name, vni = o.vni, port = o.port, mtu, proxy, "VXLAN device created");
+    let l =
+        nl.link_by_name(&name)
+            .map_err(no_device)?
+            .ok_or_else(|| BackendError::DeviceVanished {
+                device: name.clone(),
+            })?;
+    Ok((l, true, mtu))
+}
+
 /// The device a network's backend carries its packets on, when it has one
 /// of its own (host-gw routes through the underlay interface).
 pub(crate) fn device_of(net: &Network) -> Option<String> {

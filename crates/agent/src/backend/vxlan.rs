@@ -15,8 +15,8 @@ use ipnet::Ipv4Net;
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
 use tracing::{info, warn};
-use weft_kernel::{Route, VxlanSpec, OVERLAY_ROUTE_PROTOCOL};
-use weft_model::overlay::{format_mac, parse_mac, vtep_mac, vxlan_device};
+use weft_kernel::{Route, OVERLAY_ROUTE_PROTOCOL};
+use weft_model::overlay::{format_mac, parse_mac};
 use weft_model::{Lease, Network};
 
 /// What is programmed for one peer.
@@ -83,51 +83,18 @@ impl Vxlan {
         me: &Local,
         verify: bool,
     ) -> Result<u32, BackendError> {
-        let Some(o) = net.overlay() else {
-            return Err(BackendError::NotOverlay {
-                network: net.name.clone(),
-            });
-        };
-        let name = vxlan_device(&net.id);
+        let (link, created, _) = super::vxlan_link(nl, net, me, false, self.dev.is_some())?;
         let no_device = |source| BackendError::VxlanDevice {
-            device: name.clone(),
+            device: link.name.clone(),
             source,
         };
-        let mtu = me.underlay_mtu.saturating_sub(o.backend.overhead());
-        let existing = nl.link_by_name(&name).map_err(no_device)?;
-        let index = match existing {
-            Some(l) => {
-                if !l.up {
-                    nl.set_up(l.index).map_err(no_device)?;
-                }
-                l.index
-            }
-            None => {
-                if self.dev.is_some() {
-                    warn!(device = %name, "the VXLAN device vanished; recreating it");
-                }
-                self.peers.clear();
-                self.addr = None;
-                nl.add_vxlan(&VxlanSpec {
-                    name: name.clone(),
-                    vni: o.vni,
-                    local: me.public_ip,
-                    dev: me.underlay,
-                    port: o.port,
-                    mac: vtep_mac(&me.host_id, o.vni),
-                    mtu,
-                    proxy: false,
-                })
-                .map_err(no_device)?;
-                let l = nl.link_by_name(&name).map_err(no_device)?.ok_or_else(|| {
-                    BackendError::DeviceVanished {
-                        device: name.clone(),
-                    }
-                })?;
-                info!(device = %name, vni = o.vni, port = o.port, mtu, "VXLAN device created");
-                l.index
-            }
-        };
+        if created {
+            self.peers.clear();
+            self.addr = None;
+        } else if !link.up {
+            nl.set_up(link.index).map_err(no_device)?;
+        }
+        let index = link.index;
         if self.dev != Some(index) {
             if self.dev.is_some() {
                 // Deleted and made again since: it holds none of our entries.
@@ -343,6 +310,7 @@ mod tests {
     use super::*;
     use crate::backend::fake::{local, overlay_network, peer, FakeKernel};
     use weft_model::network::DriverSettings;
+    use weft_model::overlay::{vtep_mac, vxlan_device};
     use weft_model::BackendKind;
 
     fn setup() -> (FakeKernel, Vxlan, Network, Local) {
