@@ -21,6 +21,29 @@ fn explain_in_lab(lab: &TestLab, i: usize, args: &[&str]) -> Explanation {
     lab.weft_json(i, &all)
 }
 
+/// Asserts that some hop satisfies `f`.
+fn has_hop(e: &Explanation, f: impl Fn(&weft_model::explain::Hop) -> bool) {
+    assert!(e.hops.iter().any(f), "{}", e.render_text());
+}
+
+/// `weft lab explain HOST SRC DST` as JSON: the whole way through the lab.
+fn lab_explain(lab: &TestLab, host: &str, src: &str, dst: &str) -> Explanation {
+    let out = std::process::Command::new(weft_e2e::weft_bin())
+        .args([
+            "--format",
+            "json",
+            "lab",
+            "explain",
+            "--root",
+            weft_e2e::lab::ROOT,
+        ])
+        .args(["--name", &lab.name, host, src, dst])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn delivered(e: &Explanation, to: &str) {
     match &e.verdict {
         Verdict::Delivered { to: t } => assert!(
@@ -359,24 +382,7 @@ fn explain_matches_real_packets_across_hosts() {
 
     // The whole way through the lab, b named though it is on h2: h2's
     // agent continues where h1's hands the packet over, down to b's veth.
-    let through = std::process::Command::new(weft_e2e::weft_bin())
-        .args([
-            "--format",
-            "json",
-            "lab",
-            "explain",
-            "--root",
-            weft_e2e::lab::ROOT,
-            "--name",
-            &lab.name,
-            "h1",
-            "a",
-            "b",
-        ])
-        .output()
-        .unwrap();
-    assert!(through.status.success(), "{}", text(&through));
-    let e: Explanation = serde_json::from_slice(&through.stdout).unwrap();
+    let e = lab_explain(&lab, "h1", "a", "b");
     delivered(&e, "sandbox b");
     assert!(
         e.hops.iter().any(|x| x.at == "host h1") && e.hops.iter().any(|x| x.at == "host h2"),
@@ -545,44 +551,19 @@ fn explain_follows_a_shared_subnet_across_hosts() {
     let e = explain_in_lab(&lab, 0, &["a", &b_s]);
     delivered(&e, "on host h2");
     let h2 = lab.hosts[1].ip.to_string();
-    assert!(
-        e.hops
-            .iter()
-            .any(|x| x.what.contains("answers ARP") && x.command.contains("ip neigh show dev wvx-")),
-        "{}",
-        e.render_text()
-    );
-    assert!(
-        e.hops
-            .iter()
-            .any(|x| x.what.contains("FDB of wvx-") && x.what.contains(&h2)),
-        "{}",
-        e.render_text()
-    );
+    has_hop(&e, |x| {
+        x.what.contains("answers ARP") && x.command.contains("ip neigh show dev wvx-")
+    });
+    has_hop(&e, |x| {
+        x.what.contains("FDB of wvx-") && x.what.contains(&h2)
+    });
     assert!(lab.ping(0, "a", b));
     // The whole way: on h2 the frame comes out of the VXLAN device onto the bridge.
-    let through = std::process::Command::new(weft_e2e::weft_bin())
-        .args([
-            "--format",
-            "json",
-            "lab",
-            "explain",
-            "--root",
-            weft_e2e::lab::ROOT,
-        ])
-        .args(["--name", &lab.name, "h1", "a", "b"])
-        .output()
-        .unwrap();
-    assert!(through.status.success(), "{}", text(&through));
-    let e: Explanation = serde_json::from_slice(&through.stdout).unwrap();
+    let e = lab_explain(&lab, "h1", "a", "b");
     delivered(&e, "sandbox b");
-    assert!(
-        e.hops
-            .iter()
-            .any(|x| x.at == "host h2" && x.what.contains("arrives on wvx-")),
-        "{}",
-        e.render_text()
-    );
+    has_hop(&e, |x| {
+        x.at == "host h2" && x.what.contains("arrives on wvx-")
+    });
     // Nobody has 10.40.250.9: dropped where the ARP goes unanswered.
     let e = explain_in_lab(&lab, 0, &["a", "10.40.250.9"]);
     dropped_at(&e, "no neighbour entry for 10.40.250.9", "on any host");
