@@ -152,7 +152,9 @@ fn lab_spec(root: &Path, name: &str, hosts: usize, weft: &Path) -> LabSpec {
         root: root.into(),
         hosts,
         backend: Some("host-gw".into()),
-        network: Some(("lab".into(), "10.40.0.0/16".parse().unwrap())),
+        // Made by the benchmark with --host-subnet-len (the per-host kind):
+        // a plain `-d overlay --subnet` is the shared kind.
+        network: None,
         lease_ttl: 60,
         weft_bin: weft.into(),
         // The benchmark's own etcd client speaks plain http, as flannel's
@@ -209,6 +211,36 @@ fn convergence(root: &Path, weft: &Path, hosts: usize, samples: usize) -> Result
         )
         .map_err(|e| format!("lab up: {e}"))?,
     );
+    weft_ok(
+        &lab.0,
+        0,
+        &[
+            "network",
+            "create",
+            "-d",
+            "overlay",
+            "--backend",
+            "host-gw",
+            "--subnet",
+            "10.40.0.0/16",
+            "--host-subnet-len",
+            "24",
+            "lab",
+        ],
+    )?;
+    for i in 0..hosts {
+        let t = Instant::now();
+        while lab.0.programmed_peers(i, "lab") != Some(hosts - 1) {
+            if t.elapsed() > Duration::from_secs(20) {
+                return Err(format!(
+                    "h{} has not programmed its {} peers after 20 s",
+                    i + 1,
+                    hosts - 1
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     let etcd = EtcdWorker::start(&lab.0.host_netns(0), lab.0.etcd_url())?;
     let mut nls = sockets(&lab.0)?;
     let mut out = Convergence {
@@ -259,8 +291,7 @@ struct ControlPlane {
 
 fn control_plane(root: &Path, weft: &Path, peers: usize) -> Result<ControlPlane> {
     eprintln!("converge: {peers} simulated peers on one agent...");
-    let mut spec = lab_spec(root, "cp", 1, weft);
-    spec.network = None;
+    let spec = lab_spec(root, "cp", 1, weft);
     let lab =
         LabGuard(Lab::up(&spec, &mut |s| eprintln!("  {s}")).map_err(|e| format!("lab up: {e}"))?);
     let l = &lab.0;
@@ -286,6 +317,8 @@ fn control_plane(root: &Path, weft: &Path, peers: usize) -> Result<ControlPlane>
                 "host-gw",
                 "--subnet",
                 "10.64.0.0/12",
+                "--host-subnet-len",
+                "24",
                 "big",
             ],
         )
@@ -478,7 +511,6 @@ fn shared_subnet(
     eprintln!("converge: shared subnet, lab of {hosts} hosts...");
     let mut spec = lab_spec(root, &format!("s{hosts}"), hosts, weft);
     spec.backend = None;
-    spec.network = None;
     let lab =
         LabGuard(Lab::up(&spec, &mut |s| eprintln!("  {s}")).map_err(|e| format!("lab up: {e}"))?);
     let l = &lab.0;
