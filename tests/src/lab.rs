@@ -50,23 +50,37 @@ impl Drop for TestLab {
 
 impl TestLab {
     /// A lab of `hosts` hosts with the overlay network `lab` on 10.40.0.0/16
-    /// (etcd over TLS with client certificates, the lab's default).
+    /// with a /24 per host (flannel's kind; etcd over TLS with client
+    /// certificates, the lab's default).
     pub fn up(hosts: usize, backend: Option<&str>, lease_ttl: u64) -> TestLab {
-        TestLab::build(hosts, backend, lease_ttl, false)
+        TestLab::build(hosts, backend, lease_ttl, false, Some(24))
     }
 
     /// The same with etcd on plain http (`lab up --insecure-etcd`).
     pub fn up_insecure(hosts: usize, backend: Option<&str>) -> TestLab {
-        TestLab::build(hosts, backend, 60, true)
+        TestLab::build(hosts, backend, 60, true, Some(24))
     }
 
-    fn build(hosts: usize, backend: Option<&str>, lease_ttl: u64, insecure: bool) -> TestLab {
+    /// A lab whose network `lab` is one subnet shared by all hosts
+    /// (`-d overlay --subnet 10.40.0.0/16`, the lab's default kind).
+    pub fn up_shared(hosts: usize, lease_ttl: u64) -> TestLab {
+        TestLab::build(hosts, None, lease_ttl, false, None)
+    }
+
+    fn build(
+        hosts: usize,
+        backend: Option<&str>,
+        lease_ttl: u64,
+        insecure: bool,
+        host_subnet_len: Option<u8>,
+    ) -> TestLab {
         let spec = LabSpec {
             name: unique("wftl"),
             root: PathBuf::from(ROOT),
             hosts,
             backend: backend.map(String::from),
             network: Some((NET.into(), "10.40.0.0/16".parse().unwrap())),
+            host_subnet_len,
             lease_ttl,
             weft_bin: weft_bin(),
             insecure_etcd: insecure,

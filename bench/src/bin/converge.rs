@@ -160,6 +160,7 @@ fn lab_spec(root: &Path, name: &str, hosts: usize, weft: &Path) -> LabSpec {
         // The benchmark's own etcd client speaks plain http, as flannel's
         // comparison setup does.
         insecure_etcd: true,
+        host_subnet_len: Some(24),
     }
 }
 

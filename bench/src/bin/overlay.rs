@@ -558,6 +558,7 @@ fn run(base: &Path, args: &Args, pid: u32) -> Result<bool> {
                 lease_ttl: 60,
                 weft_bin: weft,
                 insecure_etcd: false,
+                host_subnet_len: Some(24),
             },
             &mut |s| eprintln!("  {s}"),
         )

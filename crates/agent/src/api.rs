@@ -85,7 +85,15 @@ async fn get_network(
     State(app): State<App>,
     Path(name): Path<String>,
 ) -> Reply<weft_model::api::NetworkView> {
-    blocking(move || app.host.network(&name)).await
+    let blocks = app
+        .cluster
+        .as_ref()
+        .and_then(|c| c.status().networks.into_iter().find(|n| n.name == name))
+        .map(|n| n.blocks)
+        .unwrap_or_default();
+    let mut v = blocking(move || app.host.network(&name)).await?;
+    v.0.blocks = blocks;
+    Ok(v)
 }
 
 fn no_cluster() -> AgentError {
@@ -178,7 +186,44 @@ async fn connect(
     Path(name): Path<String>,
     Json(req): Json<Connect>,
 ) -> Reply<SandboxView> {
-    blocking(move || app.host.connect(&name, req)).await
+    let sandbox = req.sandbox.clone();
+    with_room(&app, Some(sandbox), move |app| {
+        let (name, req) = (name.clone(), req.clone());
+        move || app.host.connect(&name, req)
+    })
+    .await
+    .map(Json)
+}
+
+/// Runs an attach; on a shared network where this host holds no room (or
+/// no claim on the `--ip` asked for) it claims more from the cluster and
+/// tries again. Validation refuses before anything is made, so a retry
+/// starts clean. Without a cluster the first error stands.
+async fn with_room<T, F, G>(
+    app: &App,
+    sandbox: Option<String>,
+    attempt: G,
+) -> crate::error::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> crate::error::Result<T> + Send + 'static,
+    G: Fn(App) -> F,
+{
+    let mut tries = 0;
+    loop {
+        let r = tokio::task::spawn_blocking(attempt(app.clone())).await?;
+        let Some(c) = app.cluster.as_ref() else {
+            return r;
+        };
+        tries += 1;
+        match r {
+            Err(AgentError::NoRoom { network }) if tries < 4 => c.grow(&network).await?,
+            Err(AgentError::NeedsClaim { network, ip }) if tries < 4 => {
+                c.claim_address(&network, ip, sandbox.as_deref()).await?
+            }
+            r => return r,
+        }
+    }
 }
 
 async fn disconnect(
@@ -190,7 +235,12 @@ async fn disconnect(
 }
 
 async fn cni_add(State(app): State<App>, Json(req): Json<CniAdd>) -> Reply<CniAttachment> {
-    blocking(move || app.host.cni_add(req)).await
+    with_room(&app, None, move |app| {
+        let req = req.clone();
+        move || app.host.cni_add(req)
+    })
+    .await
+    .map(Json)
 }
 
 async fn cni_del(State(app): State<App>, Json(req): Json<CniRef>) -> Reply<()> {
@@ -213,7 +263,12 @@ async fn create_sandbox(
     State(app): State<App>,
     Json(req): Json<CreateSandbox>,
 ) -> Reply<weft_model::api::SandboxView> {
-    blocking(move || app.host.create_sandbox(req)).await
+    with_room(&app, req.name.clone(), move |app| {
+        let req = req.clone();
+        move || app.host.create_sandbox(req)
+    })
+    .await
+    .map(Json)
 }
 
 async fn get_sandbox(

@@ -126,7 +126,7 @@ impl Drop for Rollback<'_> {
             let r: Result<()> = match step {
                 Undo::Release { network, ip } => {
                     if let Some(n) = inner.networks.get_mut(&network) {
-                        n.pool.release(ip);
+                        n.release(ip);
                     }
                     Ok(())
                 }
@@ -201,6 +201,19 @@ pub(crate) fn validate(inner: &Inner, a: &Attach) -> Result<()> {
                     None => AgentError::BadRequest(format!("--net {}: {e}", r.network)),
                 }
             })?;
+        }
+        if !r.reserved {
+            // A shared network: before anything is made, whether this host
+            // may hand the address out (the API claims more and retries).
+            match r.ip {
+                Some(ip) => n.check_share(ip)?,
+                None if !n.has_room() => {
+                    return Err(AgentError::NoRoom {
+                        network: r.network.clone(),
+                    })
+                }
+                None => {}
+            }
         }
         if let Some(mac) = &r.mac {
             driver::parse_mac(mac)?;
@@ -406,10 +419,7 @@ fn attach_untimed(inner: &mut Inner, a: Attach) -> Result<Arc<Sandbox>> {
                 AgentError::Internal("a reserved address without an address".into())
             })?
         } else {
-            let ip = state
-                .pool
-                .allocate(r.ip)
-                .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+            let ip = state.allocate(r.ip)?;
             rb.undo.push(Undo::Release {
                 network: r.network.clone(),
                 ip,
@@ -615,7 +625,7 @@ pub(crate) fn teardown(
                 errors.push(e);
             }
         }
-        n.pool.release(ep.ip);
+        n.release(ep.ip);
     }
     if let Some(path) = netns {
         if let Err(e) = Netns::remove(Path::new(path)) {

@@ -96,6 +96,14 @@ impl Resolver {
             .add(sb);
     }
 
+    /// The names of `network`'s sandboxes on other hosts (see [`Names::set_remote`]).
+    pub fn set_remote(&self, network: &str, entries: Vec<(Ipv4Addr, Vec<String>)>) {
+        self.names
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_remote(network, entries);
+    }
+
     pub fn remove(&self, id: &str) {
         self.names
             .write()

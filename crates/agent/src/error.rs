@@ -53,6 +53,17 @@ pub enum AgentError {
     Task(#[from] tokio::task::JoinError),
     #[error("{0}")]
     Internal(String),
+    /// A shared network: every address this host may hand out is in use;
+    /// the API claims more from the cluster and tries again.
+    #[error("network {network}: every address of this host's blocks is in use, and no more could be claimed from the cluster; see `weft status`")]
+    NoRoom { network: String },
+    /// A shared network: `--ip` names an address this host holds no claim
+    /// on; the API claims it in the cluster and tries again.
+    #[error("--net {network}: {ip} is in a block of another host or of none, and could not be claimed in the cluster now (is etcd reachable? see `weft status`)")]
+    NeedsClaim {
+        network: String,
+        ip: std::net::Ipv4Addr,
+    },
     /// A dependency (etcd) cannot be reached now; retrying later may work.
     #[error("{0}")]
     Unavailable(String),
@@ -64,7 +75,8 @@ impl AgentError {
             AgentError::BadRequest(_) => 400,
             AgentError::NotFound(_) => 404,
             AgentError::Conflict(_) => 409,
-            AgentError::Unavailable(_) => 503,
+            AgentError::Unavailable(_) | AgentError::NoRoom { .. } => 503,
+            AgentError::NeedsClaim { .. } => 503,
             AgentError::Context { source, .. } => source.status(),
             AgentError::Several(all) => all.first().map_or(500, |e| e.status()),
             _ => 500,

@@ -14,6 +14,7 @@ use crate::driver::NetworkDriver;
 use crate::error::{AgentError, Result};
 use crate::firewall::Firewall;
 use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use weft_kernel::Netlink;
@@ -26,6 +27,93 @@ pub(crate) struct NetworkState {
     pub pool: AddressPool,
     /// Chosen once, when the network is loaded or created.
     pub driver: Box<dyn NetworkDriver>,
+    /// A shared network: what of its subnet this host may hand out (kept
+    /// current by the cluster); None for every other network.
+    pub share: Option<weft_model::blocks::HostShare>,
+}
+
+impl NetworkState {
+    pub(crate) fn new(net: Network, pool: AddressPool, driver: Box<dyn NetworkDriver>) -> Self {
+        let share = net
+            .overlay()
+            .is_some_and(|o| o.is_shared())
+            .then(Default::default);
+        NetworkState {
+            net,
+            pool,
+            driver,
+            share,
+        }
+    }
+
+    /// Takes `requested`, or the next free address, for a new endpoint. On
+    /// a shared network only what this host may hand out: `NoRoom` or
+    /// `NeedsClaim` tell the caller to claim more in the cluster.
+    pub(crate) fn allocate(&mut self, requested: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
+        let ip = match (&mut self.share, requested) {
+            (Some(_), Some(ip)) => {
+                self.check_share(ip)?;
+                Some(ip)
+            }
+            (Some(share), None) => {
+                let pool = &self.pool;
+                let ip = share
+                    .pick(self.net.subnet, self.net.gateway, |ip| {
+                        pool.check_free(*ip).is_err()
+                    })
+                    .ok_or_else(|| AgentError::NoRoom {
+                        network: self.net.name.clone(),
+                    })?;
+                Some(ip)
+            }
+            (None, r) => r,
+        };
+        self.pool
+            .allocate(ip)
+            .map_err(|e| AgentError::BadRequest(e.to_string()))
+    }
+
+    /// A shared network: whether this host may give `ip` to a sandbox, and
+    /// who holds it when another host does.
+    pub(crate) fn check_share(&self, ip: Ipv4Addr) -> Result<()> {
+        let Some(share) = &self.share else {
+            return Ok(());
+        };
+        if let Some(holder) = share.foreign.get(&ip) {
+            return Err(AgentError::Conflict(format!(
+                "--net {}: {ip} is taken by {holder}; pick another address or leave --ip out",
+                self.net.name
+            )));
+        }
+        if !share.may_take(ip) && self.net.subnet.contains(&ip) {
+            return Err(AgentError::NeedsClaim {
+                network: self.net.name.clone(),
+                ip,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether a new endpoint without `--ip` gets an address without
+    /// asking the cluster.
+    pub(crate) fn has_room(&self) -> bool {
+        self.share.as_ref().is_none_or(|s| {
+            s.free(self.net.subnet, self.net.gateway, |ip| {
+                self.pool.check_free(*ip).is_err()
+            }) > 0
+                || s.borrowed
+                    .iter()
+                    .any(|ip| self.pool.check_free(*ip).is_ok())
+        })
+    }
+
+    /// Gives an address back (a claimed one stops being this host's).
+    pub(crate) fn release(&mut self, ip: Ipv4Addr) {
+        self.pool.release(ip);
+        if let Some(s) = &mut self.share {
+            s.borrowed.remove(&ip);
+        }
+    }
 }
 
 pub(crate) struct Inner {
@@ -137,6 +225,13 @@ impl Host {
             guard: recover(self.inner.lock()),
             host: self,
         }
+    }
+
+    /// Takes the lock for a change no snapshot shows (what a network's
+    /// share of a shared subnet is): publishes nothing, wakes no one, so
+    /// the cluster can call it from the pass that a publish woke.
+    pub(crate) fn lock_quiet(&self) -> MutexGuard<'_, Inner> {
+        recover(self.inner.lock())
     }
 
     /// The records as of the last change, without waiting for the lock.

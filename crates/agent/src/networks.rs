@@ -59,6 +59,7 @@ impl Snapshot {
             endpoints,
             overlay: net.overlay().cloned(),
             programmed: Vec::new(),
+            blocks: Vec::new(),
         }
     }
 
@@ -261,7 +262,7 @@ impl Host {
                 .ok_or_else(|| not_found(network))?;
             state.driver.detach(&mut inner.nl, &ep, ns_nl.as_mut())?;
             if let Some(n) = inner.networks.get_mut(network) {
-                n.pool.release(ep.ip);
+                n.release(ep.ip);
             }
             if let Some(nl) = ns_nl.as_mut() {
                 if let Err(e) = attach::fix_default_route(inner, &updated, nl) {
@@ -289,14 +290,8 @@ impl crate::host::Inner {
         let created = driver.setup(&mut self.nl, &mut net)?;
         let name = net.name.clone();
         let resolver = net.has_resolver().then_some(net.gateway);
-        self.networks.insert(
-            name.clone(),
-            NetworkState {
-                net: net.clone(),
-                pool,
-                driver,
-            },
-        );
+        self.networks
+            .insert(name.clone(), NetworkState::new(net.clone(), pool, driver));
         let done = resolver
             .map_or(Ok(()), |gw| self.dns.serve(&name, gw))
             .and_then(|_| self.apply_firewall())

@@ -6,11 +6,30 @@
 
 use crate::error::{AgentError, Result};
 use crate::host::Host;
+use ipnet::Ipv4Net;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 use tracing::{info, warn};
 use weft_model::api::Disconnect;
+use weft_model::blocks::EndpointRecord;
+use weft_model::overlay::format_mac;
 use weft_model::overlay::subnet_file;
+use weft_model::sandbox::mac_for;
 use weft_model::{keys, subnet, Lease, Network};
 use weft_store::StoreJson;
+
+/// This host as its endpoint records name it.
+pub(crate) struct Me {
+    pub host_id: String,
+    pub node: String,
+    pub public_ip: Ipv4Addr,
+}
+
+/// What the cluster just claimed for this host on a shared network.
+pub(crate) enum Claimed {
+    Block(Ipv4Net),
+    Address(Ipv4Addr),
+}
 
 /// The local form of a global network: its subnet and gateway are the host's.
 pub(crate) fn localize(global: &Network, lease: &Lease) -> Network {
@@ -29,10 +48,11 @@ impl Host {
     pub(crate) fn ensure_overlay(
         &self,
         global: &Network,
-        lease: &Lease,
+        lease: Option<&Lease>,
         mtu: Option<u32>,
     ) -> Result<()> {
-        let mut local = localize(global, lease);
+        // A shared network is the same on every host: the whole subnet.
+        let mut local = lease.map_or_else(|| global.clone(), |l| localize(global, l));
         local.mtu = local.mtu.or(mtu);
         let Some(overlay) = local.overlay().cloned() else {
             return Err(AgentError::WrongDriver {
@@ -125,6 +145,115 @@ impl Host {
             .filter(|n| !n.is_global())
             .cloned()
             .collect()
+    }
+
+    /// A shared network: sets what this host holds of it (its blocks) and
+    /// what other hosts hold (their addresses, with who). An address this
+    /// host uses outside its blocks (claimed before a restart) stays
+    /// claimed. Returns how many addresses are free to hand out. Changes
+    /// nothing a snapshot shows, so it wakes no one.
+    pub(crate) fn set_share(
+        &self,
+        network: &str,
+        held: BTreeSet<Ipv4Net>,
+        foreign: BTreeMap<Ipv4Addr, String>,
+    ) -> usize {
+        let mut g = self.lock_quiet();
+        let Some(n) = g.networks.get_mut(network) else {
+            return 0;
+        };
+        let (range, gw) = (n.net.subnet, n.net.gateway);
+        let in_use: Vec<Ipv4Addr> = n.pool.in_use_addresses();
+        let Some(share) = n.share.as_mut() else {
+            return 0;
+        };
+        share.held = held;
+        share.foreign = foreign;
+        for ip in in_use {
+            if !share.held.iter().any(|b| b.contains(&ip)) {
+                share.borrowed.insert(ip);
+            }
+        }
+        let pool = &n.pool;
+        share.free(range, gw, |ip| pool.check_free(*ip).is_err())
+    }
+
+    /// A shared network: a block or an address this host just claimed.
+    pub(crate) fn add_claim(&self, network: &str, claim: Claimed) {
+        let mut g = self.lock_quiet();
+        if let Some(share) = g.networks.get_mut(network).and_then(|n| n.share.as_mut()) {
+            match claim {
+                Claimed::Block(b) => {
+                    share.held.insert(b);
+                }
+                Claimed::Address(ip) => {
+                    share.borrowed.insert(ip);
+                }
+            }
+        }
+    }
+
+    /// The names of `network`'s sandboxes on other hosts, for the resolver.
+    pub(crate) fn set_remote_names(&self, network: &str, entries: Vec<(Ipv4Addr, Vec<String>)>) {
+        let dns = std::sync::Arc::clone(&self.lock_quiet().dns);
+        dns.set_remote(network, entries);
+    }
+
+    /// Whether `network` has room for a sandbox without asking the cluster.
+    pub(crate) fn has_room(&self, network: &str) -> bool {
+        let g = self.lock_quiet();
+        g.networks.get(network).is_some_and(|n| n.has_room())
+    }
+
+    /// The records of this host's endpoints on a network that spans hosts,
+    /// as the cluster publishes them: one per sandbox address, and one per
+    /// address claimed for an attach that is not plugged in yet.
+    pub(crate) fn endpoint_records(&self, network: &str, me: &Me) -> Vec<EndpointRecord> {
+        let snap = self.snapshot();
+        let mut out: BTreeMap<Ipv4Addr, EndpointRecord> = BTreeMap::new();
+        for sb in snap.sandboxes.values() {
+            for ep in sb.attachment.endpoints() {
+                if ep.network != network {
+                    continue;
+                }
+                let mac = crate::driver::endpoint_mac(ep).unwrap_or_else(|_| mac_for(ep.ip));
+                let names = std::iter::once(sb.name.clone())
+                    .chain(ep.aliases.iter().cloned())
+                    .collect();
+                out.insert(
+                    ep.ip,
+                    EndpointRecord {
+                        ip: ep.ip,
+                        mac: format_mac(&mac),
+                        host_id: me.host_id.clone(),
+                        node: me.node.clone(),
+                        public_ip: me.public_ip,
+                        sandbox: Some(sb.name.clone()),
+                        names,
+                    },
+                );
+            }
+        }
+        let borrowed: Vec<Ipv4Addr> = {
+            let g = self.lock_quiet();
+            g.networks
+                .get(network)
+                .and_then(|n| n.share.as_ref())
+                .map(|s| s.borrowed.iter().copied().collect())
+                .unwrap_or_default()
+        };
+        for ip in borrowed {
+            out.entry(ip).or_insert_with(|| EndpointRecord {
+                ip,
+                mac: format_mac(&mac_for(ip)),
+                host_id: me.host_id.clone(),
+                node: me.node.clone(),
+                public_ip: me.public_ip,
+                sandbox: None,
+                names: Vec::new(),
+            });
+        }
+        out.into_values().collect()
     }
 
     /// Names of sandboxes on `network`.

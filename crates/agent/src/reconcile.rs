@@ -156,7 +156,7 @@ fn load(cfg: AgentConfig) -> Result<Inner> {
             warn!(network = %net.name, error = %e, "macvlan network unusable until its parent is back");
         }
         let pool = crate::networks::pool_for(&net)?;
-        networks.insert(net.name.clone(), NetworkState { net, pool, driver });
+        networks.insert(net.name.clone(), NetworkState::new(net, pool, driver));
     }
 
     let pool = NetnsPool::new(cfg.netns_dir(), cfg.netns_pool);

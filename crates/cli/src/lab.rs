@@ -26,9 +26,16 @@ pub enum LabCommand {
         /// Name of the lab
         #[arg(long, default_value = "lab")]
         name: String,
-        /// Range of the lab's overlay network
+        /// The lab's overlay network: one subnet shared by all hosts
+        /// (Docker overlay, weave), or with --host-subnet-len the range cut
+        /// into a subnet per host
         #[arg(long, default_value = "10.40.0.0/16")]
         subnet: ipnet::Ipv4Net,
+        /// Give each host a subnet of this length, routed between hosts
+        /// (flannel's kind; the default with a backend other than vxlan,
+        /// which carries only that kind: /24)
+        #[arg(long)]
+        host_subnet_len: Option<u8>,
         /// Lease TTL of the agents, in seconds
         #[arg(long, default_value_t = 60)]
         lease_ttl: u64,
@@ -125,6 +132,7 @@ pub fn dispatch(format: Format, cmd: LabCommand) -> Result<i32, Failure> {
             backend,
             name,
             subnet,
+            host_subnet_len,
             lease_ttl,
             insecure_etcd,
             root,
@@ -135,6 +143,7 @@ pub fn dispatch(format: Format, cmd: LabCommand) -> Result<i32, Failure> {
                 hosts,
                 backend,
                 network: Some(("lab".into(), subnet)),
+                host_subnet_len,
                 lease_ttl,
                 weft_bin: std::env::current_exe()?,
                 insecure_etcd,

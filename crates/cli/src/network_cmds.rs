@@ -87,17 +87,21 @@ pub struct LsArgs {
 #[command(
     after_help = "Examples:\n  weft network create red\n  weft network create --subnet 10.1.0.0/24 --internal back\n  \
 weft network create -d macvlan -o parent=eth0 --subnet 198.51.100.0/24 --gateway 198.51.100.1 lan\n  \
-weft network create -d overlay --subnet 10.40.0.0/16 --backend vxlan ov   # on an agent with --etcd-endpoints"
+weft network create -d overlay --subnet 10.0.2.0/24 ov   # one subnet shared by all hosts (Docker overlay, weave); needs --etcd-endpoints\n  \
+weft network create -d overlay --subnet 10.40.0.0/16 --host-subnet-len 24 fl   # a /24 per host, routed (flannel)"
 )]
 pub struct CreateArgs {
     /// Driver: bridge, macvlan or overlay
     #[arg(short = 'd', long, default_value = "bridge")]
     driver: String,
     /// Subnet in CIDR form (default: a free one from 172.17.0.0/16-172.31.0.0/16, then 192.168.0.0/16 in /20s).
-    /// For -d overlay: the whole range across hosts, e.g. 10.40.0.0/16
+    /// For -d overlay: the one subnet every host's sandboxes share (a host
+    /// address is masked, as Docker does), or with --host-subnet-len the
+    /// range cut into a subnet per host
     #[arg(long)]
     subnet: Option<Ipv4Net>,
-    /// -d overlay: prefix length of each host's subnet (default 24)
+    /// -d overlay: give each host a subnet of this prefix length, routed
+    /// between hosts (flannel's kind) instead of one shared subnet
     #[arg(long)]
     host_subnet_len: Option<u8>,
     /// -d overlay: how packets cross hosts: vxlan (the default: kernel VXLAN,
@@ -278,6 +282,7 @@ pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
                             n.name.clone(),
                             n.id[..12].to_string(),
                             n.driver.clone(),
+                            kind_of(n).to_string(),
                             n.subnet.to_string(),
                             n.gateway.to_string(),
                             n.parent
@@ -294,6 +299,7 @@ pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
                         "NAME",
                         "ID",
                         "DRIVER",
+                        "SCOPE",
                         "SUBNET",
                         "GATEWAY",
                         "BRIDGE",
@@ -336,11 +342,36 @@ pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
                             m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
                         };
                         let overlay = n.overlay.as_ref().map_or(String::new(), |o| {
+                            let cut = if o.is_shared() {
+                                format!("IPAM blocks /{}", o.host_subnet_len)
+                            } else {
+                                format!("host subnets /{}", o.host_subnet_len)
+                            };
                             format!(
-                                "overlay:   {} (host subnets /{}), backend {}, vni {}, port {}\n",
-                                o.range, o.host_subnet_len, o.backend, o.vni, o.port
+                                "overlay:   {} ({}; {cut}), backend {}, vni {}, port {}\n",
+                                o.range,
+                                o.kind.describe(),
+                                o.backend,
+                                o.vni,
+                                o.port
                             )
                         });
+                        let blocks = if n.blocks.is_empty() {
+                            String::new()
+                        } else {
+                            let rows: Vec<Vec<String>> = n
+                                .blocks
+                                .iter()
+                                .map(|b| {
+                                    vec![
+                                        b.node.clone(),
+                                        b.block.to_string(),
+                                        format!("{}/{}", b.used, b.capacity),
+                                    ]
+                                })
+                                .collect();
+                            format!("\nblocks:\n{}", indent(&table(&["HOST", "BLOCK", "USED"], &rows)))
+                        };
                         format!(
                             "name:      {}\nid:        {}\ndriver:    {}\n{overlay}subnet:    {}\ngateway:   {}\nip range:  {}\nbridge:    {}\nmtu:       {}\ninternal:  {}\noptions:   {}\nlabels:    {}\nendpoints:\n{}",
                             n.name,
@@ -355,13 +386,22 @@ pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
                             kv(&n.options),
                             kv(&n.labels),
                             indent(&table(&["SANDBOX", "ID", "IFACE", "ADDRESS", "HOST VETH", "ALIASES"], &rows))
-                        )
+                        ) + &blocks
                     })
                     .collect::<Vec<_>>()
                     .join("\n\n")
             });
             Ok(0)
         }
+    }
+}
+
+/// Where a network lives: on this host, or across hosts (and which kind).
+fn kind_of(n: &NetworkView) -> &'static str {
+    match &n.overlay {
+        None => "local",
+        Some(o) if o.is_shared() => "global (shared subnet)",
+        Some(_) => "global (subnet per host)",
     }
 }
 

@@ -47,6 +47,54 @@ impl Names {
         self.added.insert(sb.id.clone(), entries);
     }
 
+    /// Replaces the names of `network`'s sandboxes on other hosts, given
+    /// as (address, names; the first is the sandbox's own). Only what
+    /// changed is touched, so a pass with nothing new costs one compare
+    /// per entry.
+    pub fn set_remote(&mut self, network: &str, entries: Vec<(Ipv4Addr, Vec<String>)>) {
+        let prefix = format!("remote/{network}/");
+        let want: HashMap<String, (Ipv4Addr, Vec<String>)> = entries
+            .into_iter()
+            .filter(|(_, names)| !names.is_empty())
+            .map(|(ip, names)| {
+                let names = names.iter().map(|n| n.to_ascii_lowercase()).collect();
+                (format!("{prefix}{ip}"), (ip, names))
+            })
+            .collect();
+        let stale: Vec<String> = self
+            .added
+            .iter()
+            .filter(|(k, v)| {
+                k.starts_with(&prefix)
+                    && want.get(*k).is_none_or(|(ip, names)| {
+                        v.first().is_none_or(|(_, a, n)| a != ip || n != names)
+                    })
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            self.remove(&k);
+        }
+        for (k, (ip, names)) in want {
+            if self.added.contains_key(&k) {
+                continue;
+            }
+            let fwd = self.forward.entry(network.to_string()).or_default();
+            for n in &names {
+                fwd.entry(n.clone()).or_default().insert(ip);
+            }
+            self.reverse
+                .entry(network.to_string())
+                .or_default()
+                .insert(ip, names[0].clone());
+            self.member_of
+                .entry(ip)
+                .or_default()
+                .insert(network.to_string(), vec![network.to_string()]);
+            self.added.insert(k, vec![(network.to_string(), ip, names)]);
+        }
+    }
+
     pub fn remove(&mut self, id: &str) {
         for (net, ip, names) in self.added.remove(id).unwrap_or_default() {
             if let Some(fwd) = self.forward.get_mut(&net) {

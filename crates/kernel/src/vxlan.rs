@@ -27,6 +27,9 @@ pub struct VxlanSpec {
     pub port: u16,
     pub mac: [u8; 6],
     pub mtu: u32,
+    /// Answer ARP requests sent into the device from its neighbour table
+    /// (a shared-subnet network: the request never crosses the underlay).
+    pub proxy: bool,
 }
 
 fn neigh(family: AddressFamily, ifindex: u32) -> NeighbourMessage {
@@ -77,12 +80,35 @@ impl Netlink {
                 InfoVxlan::Link(s.dev),
                 InfoVxlan::Port(s.port),
                 InfoVxlan::Learning(false),
+                InfoVxlan::Proxy(s.proxy),
             ])),
         ]));
         self.ack(
             &format!("create vxlan {}", s.name),
             RouteNetlinkMessage::NewLink(msg),
             NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+
+    /// Turns a bridge port's MAC learning on or off (`bridge link set dev
+    /// X learning off`): a shared network's VXLAN port never learns, so a
+    /// MAC that moved to another host is never sent to the old one.
+    pub fn set_port_learning(&mut self, index: u32, learning: bool) -> Result<()> {
+        use netlink_packet_route::link::{InfoBridgePort, InfoPortData, InfoPortKind};
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::PortKind(InfoPortKind::Bridge),
+            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::Learning(
+                learning,
+            )])),
+        ]));
+        // Port options are changed through RTM_NEWLINK on an existing link
+        // (as `ip link set … type bridge_slave` does); SETLINK ignores them.
+        self.ack(
+            &format!("set learning of bridge port {index}"),
+            RouteNetlinkMessage::NewLink(msg),
+            0,
         )
     }
 

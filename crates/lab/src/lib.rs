@@ -69,12 +69,25 @@ pub struct LabSpec {
     pub backend: Option<String>,
     /// The overlay network made at start (None: no network).
     pub network: Option<(String, Ipv4Net)>,
+    /// Some: the network has a subnet of this length per host (flannel's
+    /// kind). None: one subnet shared by all hosts (Docker overlay's and
+    /// weave's), or /24 per host with a backend other than vxlan, which
+    /// only carries the per-host kind.
+    pub host_subnet_len: Option<u8>,
     pub lease_ttl: u64,
     /// The weft binary the agents run.
     pub weft_bin: PathBuf,
     /// etcd on plain http without client certificates (default: TLS, and
     /// every host with a client certificate of the lab's CA).
     pub insecure_etcd: bool,
+}
+
+impl LabSpec {
+    /// The host subnet length the lab's network is made with (see the field).
+    pub fn lab_host_subnet_len(&self) -> Option<u8> {
+        let vxlan = self.backend.as_deref().is_none_or(|b| b == "vxlan");
+        self.host_subnet_len.or((!vxlan).then_some(24))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -279,14 +292,14 @@ impl Lab {
         if let Some((net, range)) = &spec.network {
             let req = weft_model::overlay::OverlayRequest {
                 range: Some(*range),
-                host_subnet_len: None,
+                host_subnet_len: spec.lab_host_subnet_len(),
                 backend: spec.backend.clone(),
                 flannel_config: None,
             };
             let planned = weft_model::overlay::plan(&req, &[])
                 .map_err(|e| LabError::Bad(format!("the lab's network {net} ({range}): {e}")))?;
             let room = planned.capacity();
-            if room < spec.hosts as u64 {
+            if !planned.is_shared() && room < spec.hosts as u64 {
                 return Err(LabError::Bad(format!(
                     "--subnet {range} has room for {room} host subnets of /{}, not {} hosts: give a larger range",
                     planned.host_subnet_len, spec.hosts
@@ -359,6 +372,9 @@ impl Lab {
             if let Some(b) = &spec.backend {
                 args.extend(["--backend".into(), b.clone()]);
             }
+            if let Some(len) = spec.lab_host_subnet_len() {
+                args.extend(["--host-subnet-len".into(), len.to_string()]);
+            }
             args.push(net.clone());
             let out = self
                 .weft(0, &args)
@@ -370,16 +386,25 @@ impl Lab {
                     String::from_utf8_lossy(&out.stderr).trim()
                 )));
             }
-            progress("every host joins the network and routes to every other");
-            let others = self.hosts.len() - 1;
-            for i in 0..self.hosts.len() {
-                let what = format!(
-                    "{} to join {net} and program {others} peers",
-                    self.hosts[i].name
-                );
-                self.wait_for(Duration::from_secs(10), &what, |lab| {
-                    lab.programmed_peers(i, net) == Some(others)
-                })?;
+            if spec.lab_host_subnet_len().is_none() {
+                // A shared subnet has no peers until sandboxes start.
+                progress("every host joins the network and holds a block of it");
+                for i in 0..self.hosts.len() {
+                    let what = format!("{} to join {net}", self.hosts[i].name);
+                    self.wait_for(Duration::from_secs(10), &what, |lab| lab.joined(i, net))?;
+                }
+            } else {
+                progress("every host joins the network and routes to every other");
+                let others = self.hosts.len() - 1;
+                for i in 0..self.hosts.len() {
+                    let what = format!(
+                        "{} to join {net} and program {others} peers",
+                        self.hosts[i].name
+                    );
+                    self.wait_for(Duration::from_secs(10), &what, |lab| {
+                        lab.programmed_peers(i, net) == Some(others)
+                    })?;
+                }
             }
         }
         Ok(())
@@ -674,6 +699,29 @@ impl Lab {
     }
 
     /// How many peers host `i` has programmed on `network` (None: not joined).
+    /// Whether host `i` has joined `network` with no problem (for a
+    /// shared network: it holds a block of it).
+    pub fn joined(&self, i: usize, network: &str) -> bool {
+        let Ok(out) = self.weft(i, &["--format", "json", "status"]).output() else {
+            return false;
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+            return false;
+        };
+        let node = &self.hosts[i].name;
+        v["cluster"]["networks"].as_array().is_some_and(|nets| {
+            nets.iter().any(|n| {
+                n["name"] == network
+                    && n["subnet"].is_string()
+                    && n["problem"].is_null()
+                    && (n["kind"] != "shared"
+                        || n["blocks"]
+                            .as_array()
+                            .is_some_and(|b| b.iter().any(|b| b["node"] == node.as_str())))
+            })
+        })
+    }
+
     pub fn programmed_peers(&self, i: usize, network: &str) -> Option<usize> {
         let out = self
             .weft(i, &["--format", "json", "status"])

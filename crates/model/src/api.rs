@@ -151,6 +151,10 @@ pub struct NetworkView {
     /// the kernel (`network inspect` and `status` fill it; `ls` does not).
     #[serde(default)]
     pub programmed: Vec<ProgrammedView>,
+    /// A shared network: every host's blocks and how full they are
+    /// (`network inspect` fills it from the cluster).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<BlockView>,
 }
 
 /// One kernel object a driver made for a network, as the kernel has it now.
@@ -246,6 +250,25 @@ pub struct OverlayStatus {
     /// Datapath counters of userspace backends (packets, drops by cause).
     #[serde(default)]
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// Which kind: a subnet per host, or one subnet shared by all hosts.
+    #[serde(default)]
+    pub kind: crate::overlay::OverlayKind,
+    /// A shared network: every host's blocks and how full they are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<BlockView>,
+    /// How many sandboxes the network has on other hosts.
+    #[serde(default)]
+    pub remote_endpoints: usize,
+}
+
+/// One IPAM block of a shared network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockView {
+    pub block: Ipv4Net,
+    /// The host that holds it.
+    pub node: String,
+    pub used: usize,
+    pub capacity: usize,
 }
 
 /// One other host of an overlay network and what is programmed for it.

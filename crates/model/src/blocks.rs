@@ -4,11 +4,120 @@
 //! so an attach needs no round trip to the cluster store in the common
 //! case. Pure logic only; the cluster stores who owns which block.
 //!
-//! Groundwork of issue 16: not yet used by the agent.
+//! Keys in the cluster store: `blocks/NET/A-LEN` names a block's holder
+//! ([`BlockHolder`]) and `endpoints/NET/IP` every address in use on a
+//! network that spans hosts ([`EndpointRecord`]); both are bound to the
+//! holder's etcd lease, so a host that leaves or dies gives them back.
 
 use ipnet::Ipv4Net;
-use std::collections::BTreeSet;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+
+/// Who holds a block of a shared network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockHolder {
+    pub host_id: String,
+    pub node: String,
+}
+
+/// One address in use on a network that spans hosts, as every host sees
+/// it: where its sandbox is (the host, its public address and the MAC), and
+/// the names it answers to there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub host_id: String,
+    pub node: String,
+    pub public_ip: Ipv4Addr,
+    /// The sandbox's name; None for an address a host claimed for an
+    /// attach (borrowed from another host's block, or a static `--ip`)
+    /// that is not plugged in yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
+    /// The sandbox's name and aliases on this network.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+}
+
+impl EndpointRecord {
+    /// "sandbox web on host h2", for errors that name a holder.
+    pub fn holder(&self) -> String {
+        match &self.sandbox {
+            Some(s) => format!("sandbox {s} on host {}", self.node),
+            None => format!("host {} (being attached)", self.node),
+        }
+    }
+}
+
+/// The key part that names an address: `10.0.2.7`.
+pub fn endpoint_key(network: &str, ip: Ipv4Addr) -> String {
+    format!("endpoints/{network}/{ip}")
+}
+
+/// The key of a block: `blocks/NET/10.0.2.16-28`, as leases are spelled.
+pub fn block_key(network: &str, block: &Ipv4Net) -> String {
+    format!("blocks/{network}/{}", crate::overlay::subnet_key(block))
+}
+
+/// What this host may hand out on a shared network without asking anyone:
+/// the addresses of the blocks it holds, and addresses it claimed one by
+/// one (borrowed from a full cluster's other blocks, or a static `--ip`);
+/// never an address another host holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostShare {
+    pub held: BTreeSet<Ipv4Net>,
+    pub borrowed: BTreeSet<Ipv4Addr>,
+    /// Addresses other hosts hold, with who holds them.
+    pub foreign: BTreeMap<Ipv4Addr, String>,
+    /// The last address handed out (next-fit).
+    pub last: Option<Ipv4Addr>,
+}
+
+impl HostShare {
+    /// Whether this host may give `ip` to a sandbox now.
+    pub fn may_take(&self, ip: Ipv4Addr) -> bool {
+        !self.foreign.contains_key(&ip)
+            && (self.borrowed.contains(&ip) || self.held.iter().any(|b| b.contains(&ip)))
+    }
+
+    /// The address a new sandbox gets: a claimed one not in use first, then
+    /// the next free one of the held blocks; None when all are in use and
+    /// the host must claim more. `in_use` says what this host uses.
+    pub fn pick(
+        &mut self,
+        range: Ipv4Net,
+        gateway: Ipv4Addr,
+        in_use: impl Fn(&Ipv4Addr) -> bool,
+    ) -> Option<Ipv4Addr> {
+        let taken = |ip: &Ipv4Addr| in_use(ip) || self.foreign.contains_key(ip);
+        let ip = match self.borrowed.iter().find(|ip| !taken(ip)) {
+            Some(ip) => *ip,
+            None => {
+                let held: Vec<Ipv4Net> = self.held.iter().copied().collect();
+                let ip = next_free(&held, range, gateway, taken, self.last)?;
+                self.last = Some(ip);
+                ip
+            }
+        };
+        Some(ip)
+    }
+
+    /// How many addresses of the held blocks are free.
+    pub fn free(
+        &self,
+        range: Ipv4Net,
+        gateway: Ipv4Addr,
+        in_use: impl Fn(&Ipv4Addr) -> bool,
+    ) -> usize {
+        self.held
+            .iter()
+            .flat_map(|b| usable(*b, range, gateway))
+            .filter(|ip| !in_use(ip) && !self.foreign.contains_key(ip))
+            .count()
+    }
+}
 
 /// The smallest range that holds two blocks.
 pub const MIN_RANGE_PREFIX: u8 = 28;
@@ -101,7 +210,7 @@ pub fn next_free(
     owned: &[Ipv4Net],
     range: Ipv4Net,
     gateway: Ipv4Addr,
-    used: &BTreeSet<Ipv4Addr>,
+    used: impl Fn(&Ipv4Addr) -> bool,
     after: Option<Ipv4Addr>,
 ) -> Option<Ipv4Addr> {
     let mut blocks = owned.to_vec();
@@ -116,7 +225,7 @@ pub fn next_free(
     all[start..]
         .iter()
         .chain(all[..start].iter())
-        .find(|ip| !used.contains(ip))
+        .find(|ip| !used(ip))
         .copied()
 }
 
@@ -180,27 +289,80 @@ mod tests {
         let owned = [net("10.0.2.32/28"), net("10.0.2.0/28")];
         let mut used = BTreeSet::new();
         assert_eq!(
-            next_free(&owned, range, gw, &used, None),
+            next_free(&owned, range, gw, |i| used.contains(i), None),
             Some(ip("10.0.2.2"))
         );
         used.insert(ip("10.0.2.2"));
         // Next-fit: after .2, even once .2 is free again.
         used.remove(&ip("10.0.2.2"));
         assert_eq!(
-            next_free(&owned, range, gw, &used, Some(ip("10.0.2.2"))),
+            next_free(
+                &owned,
+                range,
+                gw,
+                |i| used.contains(i),
+                Some(ip("10.0.2.2"))
+            ),
             Some(ip("10.0.2.3"))
         );
         // From the end of the first block into the second.
         assert_eq!(
-            next_free(&owned, range, gw, &used, Some(ip("10.0.2.15"))),
+            next_free(
+                &owned,
+                range,
+                gw,
+                |i| used.contains(i),
+                Some(ip("10.0.2.15"))
+            ),
             Some(ip("10.0.2.32"))
         );
         // Wraps around; full blocks mean claim another.
         assert_eq!(
-            next_free(&owned, range, gw, &used, Some(ip("10.0.2.47"))),
+            next_free(
+                &owned,
+                range,
+                gw,
+                |i| used.contains(i),
+                Some(ip("10.0.2.47"))
+            ),
             Some(ip("10.0.2.2"))
         );
         let all: BTreeSet<Ipv4Addr> = owned.iter().flat_map(|b| usable(*b, range, gw)).collect();
-        assert_eq!(next_free(&owned, range, gw, &all, None), None);
+        assert_eq!(
+            next_free(&owned, range, gw, |i| all.contains(i), None),
+            None
+        );
+    }
+
+    #[test]
+    fn a_host_share_hands_out_claimed_then_held_addresses_never_foreign_ones() {
+        let (range, gw) = (net("10.0.2.0/24"), ip("10.0.2.1"));
+        let mut s = HostShare {
+            held: [net("10.0.2.0/28")].into(),
+            borrowed: [ip("10.0.2.200")].into(),
+            foreign: [(ip("10.0.2.2"), "sandbox a on host h2".to_string())].into(),
+            last: None,
+        };
+        let none = |_: &Ipv4Addr| false;
+        assert!(s.may_take(ip("10.0.2.200")) && s.may_take(ip("10.0.2.3")));
+        assert!(!s.may_take(ip("10.0.2.2")), "held by another host");
+        assert!(!s.may_take(ip("10.0.2.77")), "nobody's block is ours");
+        assert_eq!(s.pick(range, gw, none), Some(ip("10.0.2.200")));
+        let used: BTreeSet<Ipv4Addr> = [ip("10.0.2.200")].into();
+        assert_eq!(
+            s.pick(range, gw, |i| used.contains(i)),
+            Some(ip("10.0.2.3"))
+        );
+        assert_eq!(s.free(range, gw, none), 13);
+        let all: BTreeSet<Ipv4Addr> = (2..16)
+            .map(|i| Ipv4Addr::new(10, 0, 2, i))
+            .chain([ip("10.0.2.200")])
+            .collect();
+        assert_eq!(s.pick(range, gw, |i| all.contains(i)), None);
+        assert_eq!(
+            block_key("ov", &net("10.0.2.16/28")),
+            "blocks/ov/10.0.2.16-28"
+        );
+        assert_eq!(endpoint_key("ov", ip("10.0.2.7")), "endpoints/ov/10.0.2.7");
     }
 }

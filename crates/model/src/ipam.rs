@@ -98,6 +98,12 @@ impl AddressPool {
         self.used.len()
     }
 
+    /// The addresses taken.
+    pub fn in_use_addresses(&self) -> Vec<Ipv4Addr> {
+        let base = u32::from(self.subnet.network());
+        self.used.iter().map(|o| Ipv4Addr::from(base + o)).collect()
+    }
+
     /// Number of addresses a sandbox could ever get (hosts minus the gateway).
     pub fn capacity(&self) -> u32 {
         self.size() - 2 - 1

@@ -253,7 +253,7 @@ pub enum NetworkError {
     NotForMacvlan(&'static str),
     #[error(transparent)]
     Overlay(#[from] OverlayError),
-    #[error("--{0} is not supported with -d overlay (each host's gateway is the first address of its subnet)")]
+    #[error("--{0} is not supported with a subnet per host (each host's gateway is the first address of its subnet)")]
     NotForOverlay(&'static str),
     #[error("--{0} applies to -d overlay only")]
     OnlyForOverlay(&'static str),
@@ -291,9 +291,6 @@ pub fn plan(
         Some(other) => return Err(NetworkError::UnknownDriver(other.to_string())),
     };
     let overlay = if driver == Driver::Overlay {
-        if spec.gateway.is_some() {
-            return Err(NetworkError::NotForOverlay("gateway"));
-        }
         if spec.ip_range.is_some() {
             return Err(NetworkError::NotForOverlay("ip-range"));
         }
@@ -305,7 +302,12 @@ pub fn plan(
             range: spec.subnet.or(spec.overlay.range),
             ..spec.overlay.clone()
         };
-        Some(crate::overlay::plan(&req, &others)?)
+        let o = crate::overlay::plan(&req, &others)?;
+        // One gateway address on every host's bridge only in the shared kind.
+        if spec.gateway.is_some() && !o.is_shared() {
+            return Err(NetworkError::NotForOverlay("gateway"));
+        }
+        Some(o)
     } else {
         let o = &spec.overlay;
         if o.host_subnet_len.is_some() {
@@ -598,6 +600,7 @@ mod tests {
         let mut s = spec("ov");
         s.driver = Some("overlay".into());
         s.subnet = Some("10.40.0.0/16".parse().unwrap());
+        s.overlay.host_subnet_len = Some(24);
         let n = plan(&s, ID, &existing, &[]).unwrap();
         assert_eq!(n.range().to_string(), "10.40.0.0/16");
         assert!(n.is_global() && n.uses_bridge() && n.masquerade());
@@ -616,7 +619,23 @@ mod tests {
         assert!(plan(&s, ID, &[], &[])
             .unwrap_err()
             .to_string()
-            .contains("not supported with -d overlay"));
+            .contains("not supported with a subnet per host"));
+        // The shared kind: a host address is masked, --gateway is the
+        // gateway on every host, and the network is the whole subnet.
+        let mut sh = spec("sh");
+        sh.driver = Some("overlay".into());
+        sh.subnet = Some("10.0.2.1/24".parse().unwrap());
+        let n = plan(&sh, ID, &[], &[]).unwrap();
+        assert!(n.overlay().unwrap().is_shared());
+        assert_eq!(
+            (n.subnet.to_string(), n.gateway.to_string()),
+            ("10.0.2.0/24".into(), "10.0.2.1".into())
+        );
+        sh.gateway = Some("10.0.2.254".parse().unwrap());
+        assert_eq!(
+            plan(&sh, ID, &[], &[]).unwrap().gateway.to_string(),
+            "10.0.2.254"
+        );
         let mut b = spec("b");
         b.overlay.backend = Some("host-gw".into());
         assert!(plan(&b, ID, &[], &[])

@@ -86,12 +86,39 @@ fn implemented_list() -> String {
         .join(", ")
 }
 
+/// Which of the two kinds of network that spans hosts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OverlayKind {
+    /// flannel's: each host leases a subnet of the range and routes to the
+    /// others' subnets. Records written before the shared kind existed
+    /// have no `kind`, and are this one.
+    #[default]
+    PerHost,
+    /// Docker overlay's and weave's: one subnet shared by every host, one
+    /// LAN; each host hands out addresses of the IPAM blocks it holds.
+    Shared,
+}
+
+impl OverlayKind {
+    /// As `network ls` and `inspect` say it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            OverlayKind::PerHost => "subnet per host (routed)",
+            OverlayKind::Shared => "one subnet shared by all hosts",
+        }
+    }
+}
+
 /// The cluster-wide part of an overlay network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Overlay {
     /// The whole overlay range, e.g. 10.40.0.0/16.
     pub range: Ipv4Net,
-    /// Prefix length of each host's subnet, e.g. 24.
+    #[serde(default)]
+    pub kind: OverlayKind,
+    /// Per-host kind: prefix length of each host's subnet, e.g. 24.
+    /// Shared kind: prefix length of each IPAM block a host holds.
     pub host_subnet_len: u8,
     pub backend: BackendKind,
     /// VXLAN network identifier, unique per overlay network.
@@ -104,7 +131,11 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    /// How many host subnets the range holds.
+    pub fn is_shared(&self) -> bool {
+        self.kind == OverlayKind::Shared
+    }
+
+    /// How many host subnets (shared kind: blocks) the range holds.
     pub fn capacity(&self) -> u64 {
         1u64 << (self.host_subnet_len - self.range.prefix_len())
     }
@@ -142,6 +173,13 @@ pub enum OverlayError {
         "--subnet {given} disagrees with the flannel config's Network {flannel}; give one of them"
     )]
     Conflict { given: Ipv4Net, flannel: Ipv4Net },
+    #[error(
+        "backend {0} cannot carry a network whose one subnet is shared by all hosts: only vxlan can. \
+         Leave --backend out, or add --host-subnet-len 24 for a network with a subnet per host, which {0} carries"
+    )]
+    SharedBackend(&'static str),
+    #[error(transparent)]
+    Blocks(#[from] crate::blocks::BlockError),
     #[error("no free VNI left")]
     NoVni,
     #[error(
@@ -227,28 +265,48 @@ pub fn plan(req: &OverlayRequest, others: &[(&str, &Overlay)]) -> Result<Overlay
             direct_routing = b.direct_routing;
         }
     }
-    let range = range.ok_or(OverlayError::NoRange)?;
+    // Docker's and weave's meaning wins for the plain command: a range and
+    // nothing that speaks of per-host subnets is one shared subnet.
+    let kind = if len.is_some() || req.flannel_config.is_some() {
+        OverlayKind::PerHost
+    } else {
+        OverlayKind::Shared
+    };
+    let mut range = range.ok_or(OverlayError::NoRange)?;
     if range.addr() != range.network() {
-        return Err(OverlayError::HostBits {
-            given: range,
-            net: range.trunc(),
-        });
+        if kind == OverlayKind::Shared {
+            // As Docker does with `--subnet=10.0.2.1/24`: the network it names.
+            range = range.trunc();
+        } else {
+            return Err(OverlayError::HostBits {
+                given: range,
+                net: range.trunc(),
+            });
+        }
     }
     let backend = match backend_name {
         Some(b) => BackendKind::parse(&b)?,
         None => DEFAULT_BACKEND,
     };
-    if range.prefix_len() >= 30 {
-        return Err(OverlayError::RangeTooSmall(range));
-    }
-    let len = len.unwrap_or(DEFAULT_HOST_SUBNET_LEN.max(range.prefix_len() + 1));
-    if len <= range.prefix_len() || len > 30 {
-        return Err(OverlayError::HostSubnetLen {
-            len,
-            range,
-            min: range.prefix_len() + 1,
-        });
-    }
+    let len = if kind == OverlayKind::Shared {
+        if backend != BackendKind::Vxlan {
+            return Err(OverlayError::SharedBackend(backend.name()));
+        }
+        crate::blocks::block_len(range)?
+    } else {
+        if range.prefix_len() >= 30 {
+            return Err(OverlayError::RangeTooSmall(range));
+        }
+        let len = len.unwrap_or(DEFAULT_HOST_SUBNET_LEN.max(range.prefix_len() + 1));
+        if len <= range.prefix_len() || len > 30 {
+            return Err(OverlayError::HostSubnetLen {
+                len,
+                range,
+                min: range.prefix_len() + 1,
+            });
+        }
+        len
+    };
     let vni = match vni {
         Some(v) if !(1..=MAX_VNI).contains(&v) => return Err(OverlayError::VniRange(v)),
         Some(v) => match others.iter().find(|(_, o)| o.vni == v) {
@@ -279,6 +337,7 @@ pub fn plan(req: &OverlayRequest, others: &[(&str, &Overlay)]) -> Result<Overlay
     };
     Ok(Overlay {
         range,
+        kind,
         host_subnet_len: len,
         backend,
         vni,
@@ -491,9 +550,56 @@ mod tests {
         }
     }
 
+    /// The per-host kind with the default host subnet length.
+    fn per_host(range: &str) -> OverlayRequest {
+        OverlayRequest {
+            host_subnet_len: Some(24),
+            ..req(range)
+        }
+    }
+
+    #[test]
+    fn a_plain_range_is_one_shared_subnet_as_docker_and_weave_mean_it() {
+        let o = plan(&req("10.0.2.0/24"), &[]).unwrap();
+        assert_eq!(o.kind, OverlayKind::Shared);
+        assert_eq!((o.host_subnet_len, o.backend), (28, BackendKind::Vxlan));
+        // seed 000 gives a host address: masked, as Docker does.
+        let o = plan(&req("10.0.2.1/24"), &[]).unwrap();
+        assert_eq!(o.range.to_string(), "10.0.2.0/24");
+        // weave's default range: Calico-sized blocks.
+        assert_eq!(plan(&req("10.32.0.0/12"), &[]).unwrap().host_subnet_len, 26);
+        let e = plan(&req("10.0.2.0/29"), &[]).unwrap_err().to_string();
+        assert!(e.contains("use /28 or larger"), "{e}");
+        for b in ["udp", "secure", "host-gw"] {
+            let e = plan(
+                &OverlayRequest {
+                    backend: Some(b.into()),
+                    ..req("10.0.2.0/24")
+                },
+                &[],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("only vxlan can") && e.contains("--host-subnet-len 24"),
+                "{e}"
+            );
+        }
+        // Asking for per-host subnets, or flannel's config, is the other kind.
+        assert_eq!(
+            plan(&per_host("10.40.0.0/16"), &[]).unwrap().kind,
+            OverlayKind::PerHost
+        );
+        // A record written before the kinds existed reads as per-host.
+        let mut v = serde_json::to_value(plan(&per_host("10.40.0.0/16"), &[]).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("kind");
+        let old: Overlay = serde_json::from_value(v).unwrap();
+        assert_eq!(old.kind, OverlayKind::PerHost);
+    }
+
     #[test]
     fn defaults_and_vni() {
-        let o = plan(&req("10.40.0.0/16"), &[]).unwrap();
+        let o = plan(&per_host("10.40.0.0/16"), &[]).unwrap();
         assert_eq!(o.host_subnet_len, 24);
         assert_eq!(o.backend, DEFAULT_BACKEND);
         assert_eq!(o.port, VXLAN_PORT);
@@ -505,9 +611,6 @@ mod tests {
         };
         let o = plan(&req("10.40.0.0/16"), &[("a", &o1), ("b", &o2)]).unwrap();
         assert_eq!(o.vni, 3);
-        // A /24 range gets /25 host subnets rather than an error.
-        let o = plan(&req("10.41.0.0/24"), &[]).unwrap();
-        assert_eq!(o.host_subnet_len, 25);
     }
 
     #[test]
@@ -528,7 +631,7 @@ mod tests {
     fn bad_requests_are_refused_with_reasons() {
         let err = |r: OverlayRequest| plan(&r, &[]).unwrap_err().to_string();
         assert!(err(OverlayRequest::default()).contains("needs --subnet"));
-        assert!(err(req("10.40.0.1/16")).contains("did you mean 10.40.0.0/16"));
+        assert!(err(per_host("10.40.0.1/16")).contains("did you mean 10.40.0.0/16"));
         assert!(err(OverlayRequest {
             backend: Some("carrier-pigeon".into()),
             ..req("10.40.0.0/16")
@@ -539,8 +642,19 @@ mod tests {
             ..req("10.40.0.0/16")
         })
         .contains("from 17 to 30"));
-        assert!(err(req("10.40.0.0/30")).contains("use /29 or larger"));
-        assert!(plan(&req("10.40.0.0/29"), &[]).is_ok());
+        assert!(err(OverlayRequest {
+            host_subnet_len: Some(30),
+            ..req("10.40.0.0/30")
+        })
+        .contains("use /29 or larger"));
+        assert!(plan(
+            &OverlayRequest {
+                host_subnet_len: Some(30),
+                ..req("10.40.0.0/29")
+            },
+            &[]
+        )
+        .is_ok());
         assert!(err(OverlayRequest {
             flannel_config: Some("{".into()),
             ..Default::default()
@@ -684,7 +798,7 @@ mod tests {
 
     #[test]
     fn picks_preferred_then_free_subnets() {
-        let o = plan(&req("10.40.0.0/16"), &[]).unwrap();
+        let o = plan(&per_host("10.40.0.0/16"), &[]).unwrap();
         let mut taken = BTreeSet::new();
         let want: Ipv4Net = "10.40.7.0/24".parse().unwrap();
         assert_eq!(pick_host_subnet(&o, &taken, Some(want), 0), Some(want));
@@ -747,7 +861,7 @@ mod tests {
 
     #[test]
     fn subnet_file_is_flannels() {
-        let o = plan(&req("10.40.0.0/16"), &[]).unwrap();
+        let o = plan(&per_host("10.40.0.0/16"), &[]).unwrap();
         let s: Ipv4Net = "10.40.3.0/24".parse().unwrap();
         let text = subnet_file(&o, &s, "10.40.3.1".parse().unwrap(), 1500, true);
         assert_eq!(

@@ -24,6 +24,7 @@ pub(crate) fn overlay_network(name: &str, backend: BackendKind) -> Network {
             bridge: format!("wbr-{}", &id[..10]),
             overlay: Overlay {
                 range,
+                kind: Default::default(),
                 host_subnet_len: 24,
                 backend,
                 vni: 1,
@@ -87,6 +88,8 @@ pub(crate) struct FakeKernel {
     pub connected: Vec<Route>,
     pub neighbours: BTreeMap<(u32, Ipv4Addr), [u8; 6]>,
     pub fdb: BTreeMap<(u32, [u8; 6]), Ipv4Addr>,
+    /// Bridge ports whose learning is off.
+    pub learning_off: BTreeSet<u32>,
     /// Calls that changed (or tried to change) the kernel.
     pub writes: usize,
     /// Operations that fail (with EPERM) while named here.
@@ -95,6 +98,21 @@ pub(crate) struct FakeKernel {
 }
 
 impl FakeKernel {
+    /// Adds a link (a bridge the driver made), returning its index.
+    pub fn add_link(&mut self, name: &str) -> u32 {
+        self.next_index += 1;
+        self.links.insert(
+            name.into(),
+            Link {
+                index: self.next_index,
+                name: name.into(),
+                master: None,
+                up: true,
+            },
+        );
+        self.next_index
+    }
+
     /// A kernel with one connected subnet on `underlay` (index 2).
     pub fn with_underlay(subnet: &str) -> FakeKernel {
         let mut k = FakeKernel {
@@ -198,6 +216,25 @@ impl Kernel for FakeKernel {
             },
         );
         self.vxlans.insert(spec.name.clone(), spec.clone());
+        Ok(())
+    }
+
+    fn enslave(&mut self, index: u32, master: u32, _mtu: Option<u32>) -> KResult<()> {
+        self.check("enslave", true)?;
+        for l in self.links.values_mut().filter(|l| l.index == index) {
+            l.master = Some(master);
+            l.up = true;
+        }
+        Ok(())
+    }
+
+    fn set_port_learning(&mut self, index: u32, learning: bool) -> KResult<()> {
+        self.check("set_port_learning", true)?;
+        if learning {
+            self.learning_off.remove(&index);
+        } else {
+            self.learning_off.insert(index);
+        }
         Ok(())
     }
 

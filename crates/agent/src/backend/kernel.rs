@@ -20,6 +20,10 @@ pub(crate) trait Kernel: Send {
     fn delete_link(&mut self, name: &str) -> KResult<bool>;
     fn add_address(&mut self, index: u32, net: Ipv4Net) -> KResult<()>;
     fn add_vxlan(&mut self, spec: &VxlanSpec) -> KResult<()>;
+    /// Puts a link on the bridge `master`, up, with `mtu` if given.
+    fn enslave(&mut self, index: u32, master: u32, mtu: Option<u32>) -> KResult<()>;
+    /// A bridge port's MAC learning on or off.
+    fn set_port_learning(&mut self, index: u32, learning: bool) -> KResult<()>;
 
     /// Main-table routes marked with `protocol`.
     fn routes_of(&mut self, protocol: u8) -> KResult<Vec<Route>>;
@@ -57,6 +61,12 @@ impl Kernel for Netlink {
     }
     fn add_vxlan(&mut self, spec: &VxlanSpec) -> KResult<()> {
         Netlink::add_vxlan(self, spec)
+    }
+    fn enslave(&mut self, index: u32, master: u32, mtu: Option<u32>) -> KResult<()> {
+        Netlink::enslave_up(self, index, None, master, mtu)
+    }
+    fn set_port_learning(&mut self, index: u32, learning: bool) -> KResult<()> {
+        Netlink::set_port_learning(self, index, learning)
     }
     fn routes_of(&mut self, protocol: u8) -> KResult<Vec<Route>> {
         Netlink::routes_of(self, protocol)

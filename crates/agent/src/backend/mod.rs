@@ -7,11 +7,13 @@
 pub(crate) mod fake;
 mod hostgw;
 mod kernel;
+mod lan;
 mod userspace;
 mod vxlan;
 
 pub(crate) use hostgw::HostGw;
 pub(crate) use kernel::Kernel;
+pub(crate) use lan::SharedLan;
 pub(crate) use userspace::{key_file, tun_device, Userspace};
 pub(crate) use vxlan::Vxlan;
 
@@ -35,6 +37,11 @@ pub enum BackendError {
         #[source]
         source: KernelError,
     },
+    /// lan: the network's bridge, which the VXLAN device joins, is not there.
+    #[error(
+        "no bridge {bridge} to put the VXLAN device on (the network is not set up on this host)"
+    )]
+    NoBridge { bridge: String },
     /// A device made a moment ago is not there.
     #[error("{device} vanished right after it was made")]
     DeviceVanished { device: String },

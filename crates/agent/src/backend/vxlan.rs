@@ -116,6 +116,7 @@ impl Vxlan {
                     port: o.port,
                     mac: vtep_mac(&me.host_id, o.vni),
                     mtu,
+                    proxy: false,
                 })
                 .map_err(no_device)?;
                 let l = nl.link_by_name(&name).map_err(no_device)?.ok_or_else(|| {

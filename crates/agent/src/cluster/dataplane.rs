@@ -5,19 +5,22 @@
 //! locks it on a blocking thread (`spawn_blocking`) and releases it before
 //! the task resumes. No lock is ever held across an `.await`.
 
-use crate::backend::{self, Backend, BackendError, Kernel, Local, PeerState};
+use crate::backend::{self, Backend, BackendError, Kernel, Local, PeerState, SharedLan};
 use ipnet::Ipv4Net;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use tracing::{info, warn};
 use weft_kernel::OVERLAY_ROUTE_PROTOCOL;
+use weft_model::blocks::EndpointRecord;
 use weft_model::{Lease, Network};
 
-/// One network to program: this host, and every other host's lease.
+/// One network to program: this host, and every other host's lease (a
+/// subnet-per-host network) or every other host's sandboxes (a shared one).
 pub(crate) struct Job {
     pub net: Network,
     pub local: Local,
     pub peers: Vec<Lease>,
+    pub endpoints: Vec<EndpointRecord>,
 }
 
 /// What a backend reports for one job.
@@ -30,6 +33,8 @@ pub(crate) struct Programmed {
 pub(crate) struct Dataplane {
     nl: Box<dyn Kernel>,
     backends: HashMap<String, Box<dyn Backend>>,
+    /// Shared-subnet networks, programmed from endpoint records.
+    lans: HashMap<String, SharedLan>,
 }
 
 impl Dataplane {
@@ -37,6 +42,7 @@ impl Dataplane {
         Dataplane {
             nl,
             backends: HashMap::new(),
+            lans: HashMap::new(),
         }
     }
 
@@ -47,6 +53,21 @@ impl Dataplane {
     pub fn sync(&mut self, jobs: &[Job], keep: &BTreeSet<String>, verify: bool) -> Vec<Programmed> {
         let mut out = Vec::with_capacity(jobs.len());
         for job in jobs {
+            if job.net.overlay().is_some_and(|o| o.is_shared()) {
+                let lan = self.lans.entry(job.net.name.clone()).or_default();
+                let peers = lan.program(
+                    self.nl.as_mut(),
+                    &job.net,
+                    &job.local,
+                    &job.endpoints,
+                    verify,
+                );
+                out.push(Programmed {
+                    peers,
+                    counters: Default::default(),
+                });
+                continue;
+            }
             let Some(kind) = job.net.overlay().map(|o| o.backend) else {
                 let e = BackendError::NotOverlay {
                     network: job.net.name.clone(),
@@ -84,6 +105,18 @@ impl Dataplane {
             if let Some(mut b) = self.backends.remove(&name) {
                 info!(network = %name, "the network left the cluster; removing what was programmed for it");
                 b.teardown(self.nl.as_mut());
+            }
+        }
+        let gone: Vec<String> = self
+            .lans
+            .keys()
+            .filter(|n| !keep.contains(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(mut lan) = self.lans.remove(&name) {
+                info!(network = %name, "the shared network left the cluster; removing its VXLAN device");
+                lan.teardown(self.nl.as_mut());
             }
         }
         out
@@ -149,6 +182,7 @@ mod tests {
             net: overlay_network(name, weft_model::BackendKind::HostGw),
             local: local("10.40.1.0/24"),
             peers: vec![peer("b", peer_subnet, "198.51.100.12")],
+            endpoints: vec![],
         }
     }
 

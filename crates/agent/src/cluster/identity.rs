@@ -22,6 +22,10 @@ pub(crate) struct Identity {
     pub etcd_lease: i64,
     #[serde(default)]
     pub leases: BTreeMap<String, Ipv4Net>,
+    /// Shared networks: the blocks this host held, so it claims them back
+    /// (and attaches from them while etcd is unreachable) after a restart.
+    #[serde(default)]
+    pub blocks: BTreeMap<String, std::collections::BTreeSet<Ipv4Net>>,
 }
 
 fn unspecified() -> Ipv4Addr {
@@ -43,6 +47,7 @@ impl Identity {
                 public_ip: Ipv4Addr::UNSPECIFIED,
                 etcd_lease: 0,
                 leases: BTreeMap::new(),
+                blocks: BTreeMap::new(),
             },
         };
         me.node = cfg.node_name.clone();

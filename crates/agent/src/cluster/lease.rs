@@ -278,6 +278,7 @@ mod tests {
                 bridge: "wbr-0123456789".into(),
                 overlay: Overlay {
                     range,
+                    kind: Default::default(),
                     host_subnet_len: len,
                     backend: BackendKind::HostGw,
                     vni: 1,
@@ -302,6 +303,7 @@ mod tests {
             public_ip: "198.51.100.11".parse().unwrap(),
             etcd_lease: 0,
             leases: BTreeMap::new(),
+            blocks: BTreeMap::new(),
         }
     }
 

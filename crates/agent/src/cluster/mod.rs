@@ -18,6 +18,7 @@ mod identity;
 pub(crate) use identity::check_public_address;
 mod lease;
 mod signing;
+mod span;
 mod state;
 
 use crate::backend;
@@ -86,6 +87,10 @@ pub struct Cluster {
     /// secure: (network, peer host id) -> the peer's public key as last
     /// seen, and its last change, so `weft status` shows a key change.
     peer_keys: Mutex<HashMap<(String, String), PeerKey>>,
+    /// Serialises claims of more room on shared networks (`grow`).
+    growing: tokio::sync::Mutex<()>,
+    /// Endpoint records written and not yet seen back (`span::publish`).
+    written: tokio::sync::Mutex<span::Written>,
 }
 
 impl Cluster {
@@ -164,6 +169,13 @@ impl Cluster {
             }
         }
         info!(node = %me.node, public_ip = %me.public_ip, host_id = %me.host_id, "joining the cluster");
+        // Shared networks: attach from the blocks held before, even while
+        // etcd is still unreachable (the first sync checks them).
+        for (network, blocks) in &me.blocks {
+            for b in blocks {
+                host.add_claim(network, crate::overlay::Claimed::Block(*b));
+            }
+        }
         let status = ClusterView {
             etcd_endpoints: cfg.etcd_endpoints.clone(),
             etcd_plaintext: etcd.is_plaintext(),
@@ -188,6 +200,8 @@ impl Cluster {
             signer,
             verifier,
             peer_keys: Default::default(),
+            growing: Default::default(),
+            written: Default::default(),
         });
         tokio::spawn(c.clone().keep_lease_alive());
         tokio::spawn(c.clone().sync_forever());
@@ -339,8 +353,17 @@ impl Cluster {
         let mut watch = self.etcd.watch("", rev + 1).await?;
         let mut verify = tokio::time::interval(VERIFY_EVERY);
         verify.tick().await;
+        let mut host_changes = self.host.subscribe();
+        host_changes.borrow_and_update();
         loop {
             let verify_now = tokio::select! {
+                changed = host_changes.changed() => {
+                    if changed.is_ok() {
+                        host_changes.borrow_and_update();
+                        self.publish_all(&global).await?;
+                    }
+                    continue;
+                }
                 batch = watch.next() => {
                     match batch? {
                         None => return Err(EtcdError::Cancelled("watch stream ended".into())),
@@ -405,6 +428,9 @@ impl Cluster {
                 problem: None,
                 peers: Vec::new(),
                 counters: Default::default(),
+                kind: overlay.kind,
+                blocks: Vec::new(),
+                remote_endpoints: 0,
             };
             if self.left.load(Ordering::Relaxed) {
                 view.problem = Some("this host left the cluster (`weft leave`)".into());
@@ -417,6 +443,14 @@ impl Cluster {
                     "backend {} is not available in this build of weft; the network is not joined",
                     overlay.backend
                 ));
+                views.push(view);
+                continue;
+            }
+            if overlay.is_shared() {
+                if let Some(job) = self.join_shared(global, &net, &me, &mut view).await? {
+                    jobs.push((views.len(), job));
+                    key_notes.push((views.len(), HashMap::new()));
+                }
                 views.push(view);
                 continue;
             }
@@ -469,14 +503,21 @@ impl Cluster {
             let (n2, l2) = (net.clone(), own.clone());
             let overhead = overlay.backend.overhead();
             let mtu = (overhead > 0).then(|| self.underlay.1.saturating_sub(overhead));
-            let ensured = tokio::task::spawn_blocking(move || host.ensure_overlay(&n2, &l2, mtu))
-                .await
-                .unwrap_or_else(|e| Err(AgentError::Internal(e.to_string())));
+            let ensured =
+                tokio::task::spawn_blocking(move || host.ensure_overlay(&n2, Some(&l2), mtu))
+                    .await
+                    .unwrap_or_else(|e| Err(AgentError::Internal(e.to_string())));
             if let Err(e) = ensured {
                 view.problem = Some(format!("cannot set the network up on this host: {e}"));
                 views.push(view);
                 continue;
             }
+            // Names across hosts: this host's records out, the others' in.
+            let problems = self.publish_endpoints(global, &net, &me).await?;
+            if !problems.is_empty() {
+                view.problem = Some(problems.join("; "));
+            }
+            view.remote_endpoints = self.take_remote_names(global, &name, &me.host_id);
             let (peers, refused) = self.believed_peers(global, &name, &me.host_id);
             let changes = self.key_changes(&name, &peers);
             // Shown with the programmed peers below; never programmed.
@@ -489,7 +530,15 @@ impl Cluster {
                 subnet: own.subnet,
                 data_dir: self.data_dir.clone(),
             };
-            jobs.push((views.len(), Job { net, local, peers }));
+            jobs.push((
+                views.len(),
+                Job {
+                    net,
+                    local,
+                    peers,
+                    endpoints: Vec::new(),
+                },
+            ));
             key_notes.push((views.len(), changes));
             views.push(view);
         }
@@ -533,10 +582,100 @@ impl Cluster {
                 }
                 self.save_identity(|me| {
                     me.leases.remove(&net.name);
+                    me.blocks.remove(&net.name);
                 });
             }
         }
         crate::host::recover(self.status.lock()).networks = views;
+        Ok(())
+    }
+
+    /// A shared network on this host: the local network (the whole
+    /// subnet), blocks held, this host's endpoints published, and the job
+    /// that programs every other host's sandboxes; None when it cannot be
+    /// set up (the reason is in `view`).
+    async fn join_shared(
+        &self,
+        global: &Global,
+        net: &Network,
+        me: &identity::Identity,
+        view: &mut OverlayStatus,
+    ) -> std::result::Result<Option<Job>, EtcdError> {
+        view.subnet = Some(net.subnet);
+        let host = self.host.clone();
+        let n2 = net.clone();
+        let overhead = net.overlay().map_or(0, |o| o.backend.overhead());
+        let mtu = Some(self.underlay.1.saturating_sub(overhead));
+        let ensured = tokio::task::spawn_blocking(move || host.ensure_overlay(&n2, None, mtu))
+            .await
+            .unwrap_or_else(|e| Err(AgentError::Internal(e.to_string())));
+        if let Err(e) = ensured {
+            view.problem = Some(format!("cannot set the network up on this host: {e}"));
+            return Ok(None);
+        }
+        let mut problems = Vec::new();
+        self.hold_blocks(global, net, me, &mut problems).await?;
+        problems.extend(self.publish_endpoints(global, net, me).await?);
+        if !problems.is_empty() {
+            view.problem = Some(problems.join("; "));
+        }
+        view.blocks = Self::blocks_view(global, net);
+        view.remote_endpoints = self.take_remote_names(global, &net.name, &me.host_id);
+        let endpoints: Vec<weft_model::blocks::EndpointRecord> = global
+            .endpoints_of(&net.name)
+            .filter(|r| r.host_id != me.host_id && r.sandbox.is_some())
+            .cloned()
+            .collect();
+        let local = backend::Local {
+            host_id: me.host_id.clone(),
+            public_ip: me.public_ip,
+            underlay: self.underlay.0,
+            underlay_mtu: self.underlay.1,
+            subnet: net.subnet,
+            data_dir: self.data_dir.clone(),
+        };
+        Ok(Some(Job {
+            net: net.clone(),
+            local,
+            peers: Vec::new(),
+            endpoints,
+        }))
+    }
+
+    async fn publish_endpoints(
+        &self,
+        global: &Global,
+        net: &Network,
+        me: &identity::Identity,
+    ) -> std::result::Result<Vec<String>, EtcdError> {
+        let mut written = self.written.lock().await;
+        self.publish(global, net, me, &mut written).await
+    }
+
+    /// Gives the resolver the names of `network`'s sandboxes on other
+    /// hosts; returns how many there are.
+    fn take_remote_names(&self, global: &Global, network: &str, me: &str) -> usize {
+        let remote: Vec<(std::net::Ipv4Addr, Vec<String>)> = global
+            .endpoints_of(network)
+            .filter(|r| r.host_id != me && r.sandbox.is_some())
+            .map(|r| (r.ip, r.names.clone()))
+            .collect();
+        let n = remote.len();
+        self.host.set_remote_names(network, remote);
+        n
+    }
+
+    /// This host's sandboxes changed: its records of every network that
+    /// spans hosts are put right at once (the rest of a pass waits for the
+    /// watch to bring them back).
+    async fn publish_all(&self, global: &Global) -> std::result::Result<(), EtcdError> {
+        let me = crate::host::recover(self.me.lock()).clone();
+        let joined = self.host.local_overlays();
+        for net in global.networks.values() {
+            if joined.iter().any(|n| n.name == net.name) {
+                self.publish_endpoints(global, net, &me).await?;
+            }
+        }
         Ok(())
     }
 

@@ -1,9 +1,13 @@
-//! The cluster's global state as read from etcd: networks and leases, kept
+//! The cluster's global state as read from etcd: networks, leases, the
+//! blocks of shared networks and the endpoints of every network, kept
 //! current by applying watch changes. Values that fail to parse are logged
 //! and skipped, never fatal: one bad key must not stop the cluster.
 
+use ipnet::Ipv4Net;
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use tracing::warn;
+use weft_model::blocks::{BlockHolder, EndpointRecord};
 use weft_model::{Lease, Network};
 use weft_store::Change;
 
@@ -12,12 +16,24 @@ pub(crate) struct Global {
     pub networks: BTreeMap<String, Network>,
     /// network -> lease key -> (lease, raw value as stored).
     leases: BTreeMap<String, BTreeMap<String, (Lease, Vec<u8>)>>,
+    /// network -> block -> who holds it (shared networks).
+    pub blocks: BTreeMap<String, BTreeMap<Ipv4Net, BlockHolder>>,
+    /// network -> address -> the endpoint there (every network that spans hosts).
+    pub endpoints: BTreeMap<String, BTreeMap<Ipv4Addr, EndpointRecord>>,
 }
 
 enum Key<'a> {
     Network(&'a str),
     Lease(&'a str),
+    Block(&'a str, Ipv4Net),
+    Endpoint(&'a str, Ipv4Addr),
     Other,
+}
+
+/// `10.0.2.16-28` back into a subnet.
+fn parse_subnet_key(s: &str) -> Option<Ipv4Net> {
+    let (a, len) = s.split_once('-')?;
+    Ipv4Net::new(a.parse().ok()?, len.parse().ok()?).ok()
 }
 
 fn parse_key(key: &str) -> Key<'_> {
@@ -27,6 +43,19 @@ fn parse_key(key: &str) -> Key<'_> {
     if let Some(rest) = key.strip_prefix("leases/") {
         if let Some((net, _)) = rest.split_once('/') {
             return Key::Lease(net);
+        }
+    }
+    if let Some((net, b)) = key.strip_prefix("blocks/").and_then(|r| r.split_once('/')) {
+        if let Some(b) = parse_subnet_key(b) {
+            return Key::Block(net, b);
+        }
+    }
+    if let Some((net, ip)) = key
+        .strip_prefix("endpoints/")
+        .and_then(|r| r.split_once('/'))
+    {
+        if let Ok(ip) = ip.parse() {
+            return Key::Endpoint(net, ip);
         }
     }
     Key::Other
@@ -58,6 +87,24 @@ impl Global {
                 }
                 Err(e) => warn!(key, error = %e, "skipping a lease that does not parse"),
             },
+            Key::Block(net, b) => match serde_json::from_slice::<BlockHolder>(&value) {
+                Ok(h) => {
+                    self.blocks.entry(net.to_string()).or_default().insert(b, h);
+                }
+                Err(e) => warn!(key, error = %e, "skipping a block that does not parse"),
+            },
+            Key::Endpoint(net, ip) => match serde_json::from_slice::<EndpointRecord>(&value) {
+                Ok(r) if r.ip == ip => {
+                    self.endpoints
+                        .entry(net.to_string())
+                        .or_default()
+                        .insert(ip, r);
+                }
+                Ok(r) => {
+                    warn!(key, ip = %r.ip, "skipping an endpoint whose address is not its key's")
+                }
+                Err(e) => warn!(key, error = %e, "skipping an endpoint that does not parse"),
+            },
             Key::Other => {}
         }
     }
@@ -70,6 +117,16 @@ impl Global {
             Key::Lease(net) => {
                 if let Some(m) = self.leases.get_mut(net) {
                     m.remove(key);
+                }
+            }
+            Key::Block(net, b) => {
+                if let Some(m) = self.blocks.get_mut(net) {
+                    m.remove(&b);
+                }
+            }
+            Key::Endpoint(net, ip) => {
+                if let Some(m) = self.endpoints.get_mut(net) {
+                    m.remove(&ip);
                 }
             }
             Key::Other => {}
@@ -108,6 +165,25 @@ impl Global {
             .iter()
             .find(|(_, (l, _))| l.host_id == host_id)
             .map(|(k, (l, raw))| (k.clone(), raw.clone(), l.clone()))
+    }
+
+    /// The blocks of `network` that `host_id` holds.
+    pub fn blocks_of(&self, network: &str, host_id: &str) -> Vec<Ipv4Net> {
+        self.blocks
+            .get(network)
+            .into_iter()
+            .flat_map(|m| m.iter())
+            .filter(|(_, h)| h.host_id == host_id)
+            .map(|(b, _)| *b)
+            .collect()
+    }
+
+    /// The endpoints of `network` (empty when it has none).
+    pub fn endpoints_of(&self, network: &str) -> impl Iterator<Item = &EndpointRecord> {
+        self.endpoints
+            .get(network)
+            .into_iter()
+            .flat_map(|m| m.values())
     }
 
     #[cfg(test)]
@@ -165,5 +241,53 @@ mod tests {
             revision: 10,
         });
         assert_eq!(g.subnets_of("ov").len(), 2);
+    }
+
+    #[test]
+    fn blocks_and_endpoints_are_kept_by_key() {
+        let holder = |h: &str| {
+            serde_json::to_vec(&BlockHolder {
+                host_id: h.into(),
+                node: h.into(),
+            })
+            .unwrap()
+        };
+        let ep = |ip: &str, h: &str| {
+            serde_json::to_vec(&EndpointRecord {
+                ip: ip.parse().unwrap(),
+                mac: "02:42:0a:00:02:07".into(),
+                host_id: h.into(),
+                node: h.into(),
+                public_ip: "198.51.100.1".parse().unwrap(),
+                sandbox: Some("web".into()),
+                names: vec!["web".into()],
+            })
+            .unwrap()
+        };
+        let mut g = Global::from_list(vec![
+            ("blocks/sh/10.0.2.0-28".into(), holder("a")),
+            ("blocks/sh/10.0.2.16-28".into(), holder("b")),
+            ("blocks/sh/junk".into(), holder("b")),
+            ("endpoints/sh/10.0.2.7".into(), ep("10.0.2.7", "a")),
+            // Its key and its address disagree: skipped.
+            ("endpoints/sh/10.0.2.8".into(), ep("10.0.2.9", "a")),
+        ]);
+        assert_eq!(
+            g.blocks_of("sh", "b"),
+            vec!["10.0.2.16/28".parse::<Ipv4Net>().unwrap()]
+        );
+        assert_eq!(g.endpoints_of("sh").count(), 1);
+        g.apply(&Change {
+            key: "endpoints/sh/10.0.2.7".into(),
+            value: None,
+            revision: 3,
+        });
+        g.apply(&Change {
+            key: "blocks/sh/10.0.2.0-28".into(),
+            value: None,
+            revision: 4,
+        });
+        assert_eq!(g.endpoints_of("sh").count(), 0);
+        assert!(g.blocks_of("sh", "a").is_empty());
     }
 }

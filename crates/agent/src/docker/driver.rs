@@ -484,7 +484,7 @@ impl Plugin {
                 )?;
                 st.reserved.insert((ep.network.clone(), ep.ip));
             } else if let Some(n) = inner.networks.get_mut(&ep.network) {
-                n.pool.release(ep.ip);
+                n.release(ep.ip);
             }
         }
         inner.runtime.delete(&keys::sandbox(&sb.id))?;

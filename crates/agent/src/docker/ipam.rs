@@ -214,17 +214,17 @@ impl Plugin {
             return Ok(reply(n.net.gateway));
         }
         let network = n.net.name.clone();
-        let ip = n
-            .pool
-            .allocate(asked)
-            .map_err(|e| bad(format!("{e} (weft network {network})")))?;
+        let ip = n.allocate(asked).map_err(|e| match e {
+            AgentError::BadRequest(m) => bad(format!("{m} (weft network {network})")),
+            e => e,
+        })?;
         let r = Reservation {
             network: network.clone(),
             ip,
         };
         if let Err(e) = inner.runtime.put_json(&address_key(&network, ip), &r) {
             if let Some(n) = inner.networks.get_mut(&network) {
-                n.pool.release(ip);
+                n.release(ip);
             }
             return Err(e.into());
         }
@@ -244,7 +244,7 @@ impl Plugin {
         };
         let key = (n.net.name.clone(), ip);
         if ip != n.net.gateway && st.reserved.remove(&key) {
-            n.pool.release(ip);
+            n.release(ip);
             inner.runtime.delete(&address_key(&key.0, ip))?;
         }
         Ok(Empty {})

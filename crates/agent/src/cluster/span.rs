@@ -1,0 +1,402 @@
+//! Networks whose one subnet is shared by all hosts, and the endpoint
+//! records of every network that spans hosts.
+//!
+//! IPAM without a round trip: each host holds blocks of the subnet
+//! (`blocks/NET/A-LEN`, created if absent, bound to its etcd lease) and
+//! hands out their addresses itself. It claims its first block when it
+//! joins and another while it still has room (fewer than [`LOW_WATER`]
+//! free), so an attach waits for etcd only when a burst outruns that.
+//! When no block is free a host borrows single addresses of other hosts'
+//! blocks, from the top of the block down (their holders hand out from
+//! the bottom up); a `--ip` outside its blocks is claimed the same way.
+//! Every address in use has a record at `endpoints/NET/IP` (created if
+//! absent, bound to the lease): that is where every host learns where a
+//! sandbox is (the datapath, names) and where a second claim on one
+//! address is refused, naming the holder.
+//!
+//! What this host publishes is computed from its sandboxes each pass and
+//! compared with what etcd holds: records are put, replaced and deleted
+//! to match, never replayed from events.
+
+use super::identity::Identity;
+use super::state::Global;
+use super::Cluster;
+use crate::error::{AgentError, Result};
+use crate::overlay::{Claimed, Me};
+use ipnet::Ipv4Net;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+use weft_model::api::BlockView;
+use weft_model::blocks::{
+    block_key, blocks_of, endpoint_key, pick_free_block, usable, BlockHolder, EndpointRecord,
+};
+use weft_model::overlay::seed_of;
+use weft_model::Network;
+use weft_store::EtcdResult;
+
+/// A host claims another block while fewer addresses than this are free.
+pub(super) const LOW_WATER: usize = 8;
+/// A record written this recently and not yet seen in the watch is not
+/// written again (a burst of attaches would rewrite each one per pass).
+const ECHO_WAIT: Duration = Duration::from_secs(2);
+
+/// Records written and not yet seen back: key -> (record, when).
+pub(super) type Written = BTreeMap<String, (EndpointRecord, Instant)>;
+
+fn me_of(me: &Identity) -> Me {
+    Me {
+        host_id: me.host_id.clone(),
+        node: me.node.clone(),
+        public_ip: me.public_ip,
+    }
+}
+
+impl Cluster {
+    fn etcd_lease(&self) -> Option<i64> {
+        let l = self.lease.load(Ordering::Relaxed);
+        (l != 0).then_some(l)
+    }
+
+    /// Creates `blocks/NET/BLOCK` for this host if nobody holds it.
+    async fn claim_block(&self, network: &str, block: Ipv4Net, me: &Identity) -> EtcdResult<bool> {
+        let holder = BlockHolder {
+            host_id: me.host_id.clone(),
+            node: me.node.clone(),
+        };
+        let created = self
+            .etcd
+            .create(
+                &[(
+                    block_key(network, &block),
+                    serde_json::to_vec(&holder).expect("serializable"),
+                )],
+                self.etcd_lease(),
+            )
+            .await?;
+        let mine = created || {
+            // Already there: ours when the watch has not brought it back yet.
+            let raw = self.etcd.get(&block_key(network, &block)).await?;
+            raw.and_then(|r| serde_json::from_slice::<BlockHolder>(&r).ok())
+                .is_some_and(|h| h.host_id == me.host_id)
+        };
+        if created {
+            info!(network, %block, "block claimed");
+        }
+        if mine {
+            self.host.add_claim(network, Claimed::Block(block));
+            self.save_identity(|me| {
+                me.blocks
+                    .entry(network.to_string())
+                    .or_default()
+                    .insert(block);
+            });
+        }
+        Ok(mine)
+    }
+
+    /// Makes this host hold blocks of the shared network `net`: the ones it
+    /// holds in `global`, the ones it held before (a restart after its
+    /// lease expired: its sandboxes' addresses are in them) when they are
+    /// still free, and a new one while room is low. Sets the host's share
+    /// and returns its blocks, and problems for `weft status`.
+    pub(super) async fn hold_blocks(
+        &self,
+        global: &Global,
+        net: &Network,
+        me: &Identity,
+        problems: &mut Vec<String>,
+    ) -> EtcdResult<BTreeSet<Ipv4Net>> {
+        let name = net.name.as_str();
+        let mut held: BTreeSet<Ipv4Net> = global.blocks_of(name, &me.host_id).into_iter().collect();
+        let holders = global.blocks.get(name);
+        if self.etcd_lease().is_some() {
+            // The identity is current (a claim writes it at once), the
+            // global state only once the watch brings the claim back.
+            let remembered = crate::host::recover(self.me.lock())
+                .blocks
+                .get(name)
+                .cloned()
+                .unwrap_or_default();
+            for b in &remembered {
+                if held.contains(b) {
+                    continue;
+                }
+                match holders.and_then(|h| h.get(b)) {
+                    Some(h) => problems.push(format!(
+                        "block {b}, which this host held before, is now held by host {}; sandboxes of this host in it keep their addresses as claimed ones",
+                        h.node
+                    )),
+                    None => {
+                        if self.claim_block(name, *b, me).await? {
+                            held.insert(*b);
+                        }
+                    }
+                }
+            }
+        }
+        let foreign: BTreeMap<Ipv4Addr, String> = global
+            .endpoints_of(name)
+            .filter(|r| r.host_id != me.host_id)
+            .map(|r| (r.ip, r.holder()))
+            .collect();
+        let free = self.host.set_share(name, held.clone(), foreign);
+        let left = self.left.load(Ordering::Relaxed);
+        if free < LOW_WATER && !left && self.etcd_lease().is_some() {
+            if let Some(b) = self.claim_free_block(global, net, me).await? {
+                held.insert(b);
+            }
+        }
+        Ok(held)
+    }
+
+    /// Claims a block nobody holds, as `global` or (when that was stale)
+    /// etcd itself says; None when every block is held.
+    async fn claim_free_block(
+        &self,
+        global: &Global,
+        net: &Network,
+        me: &Identity,
+    ) -> EtcdResult<Option<Ipv4Net>> {
+        let Some(o) = net.overlay() else {
+            return Ok(None);
+        };
+        let mut taken: BTreeSet<Ipv4Net> = global
+            .blocks
+            .get(&net.name)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default();
+        let seed = seed_of(&me.host_id);
+        for attempt in 0..16u64 {
+            let Some(b) = pick_free_block(o.range, o.host_subnet_len, &taken, seed + attempt)
+            else {
+                return Ok(None);
+            };
+            if self.claim_block(&net.name, b, me).await? {
+                return Ok(Some(b));
+            }
+            // Another host was faster: read who holds what, and pick again.
+            taken.insert(b);
+            let (kvs, _) = self.etcd.list(&format!("blocks/{}/", net.name)).await?;
+            let fresh = Global::from_list(kvs);
+            if let Some(m) = fresh.blocks.get(&net.name) {
+                taken.extend(m.keys().copied());
+            }
+        }
+        Ok(None)
+    }
+
+    /// The attach path found no room on `network`: claims a block, or
+    /// else borrows one free address of another host's block. Serialised,
+    /// and a no-op when an earlier call already made room.
+    pub async fn grow(&self, network: &str) -> Result<()> {
+        let _one = self.growing.lock().await;
+        if self.host.has_room(network) {
+            return Ok(());
+        }
+        if self.left.load(Ordering::Relaxed) {
+            return Err(AgentError::Conflict(format!(
+                "--net {network}: this host left the cluster (`weft leave`); restart `weft agent` to rejoin"
+            )));
+        }
+        let me = crate::host::recover(self.me.lock()).clone();
+        let unavailable = |e| Self::unavailable_for(network, e);
+        let (kvs, _) = self.etcd.list("").await.map_err(unavailable)?;
+        let global = Global::from_list(kvs);
+        let Some(net) = global.networks.get(network).cloned() else {
+            return Err(AgentError::NotFound(format!(
+                "no network {network} in the cluster"
+            )));
+        };
+        if self.etcd_lease().is_none() {
+            return Err(AgentError::Unavailable(format!(
+                "--net {network}: every address this host holds is in use, and it has no etcd lease yet to claim more; see `weft status`"
+            )));
+        }
+        if let Some(b) = self
+            .claim_free_block(&global, &net, &me)
+            .await
+            .map_err(unavailable)?
+        {
+            info!(network, block = %b, "claimed a block for an attach");
+            return Ok(());
+        }
+        // Every block is held: borrow an address from the top of one.
+        let taken: BTreeSet<Ipv4Addr> = global.endpoints_of(network).map(|r| r.ip).collect();
+        let o = net.overlay().expect("a shared network");
+        let mut candidates: Vec<Ipv4Addr> = blocks_of(o.range, o.host_subnet_len)
+            .flat_map(|b| {
+                usable(b, o.range, net.gateway)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+            })
+            .filter(|ip| !taken.contains(ip))
+            .collect();
+        candidates.truncate(64);
+        for ip in candidates {
+            match self.claim_address(network, ip, None).await {
+                Ok(()) => {
+                    info!(network, %ip, "borrowed an address of another host's block");
+                    return Ok(());
+                }
+                Err(AgentError::Conflict(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let used = global.endpoints_of(network).count();
+        Err(AgentError::Conflict(format!(
+            "--net {network}: the subnet {} has no free address on any host ({used} in use); remove sandboxes, or use a larger subnet",
+            net.subnet
+        )))
+    }
+
+    /// Claims `ip` on `network` for this host (a `--ip` outside its blocks,
+    /// or a borrowed address); a Conflict names who holds it.
+    pub async fn claim_address(
+        &self,
+        network: &str,
+        ip: Ipv4Addr,
+        sandbox: Option<&str>,
+    ) -> Result<()> {
+        let me = me_of(&crate::host::recover(self.me.lock()).clone());
+        let record = EndpointRecord {
+            ip,
+            mac: weft_model::overlay::format_mac(&weft_model::sandbox::mac_for(ip)),
+            host_id: me.host_id.clone(),
+            node: me.node.clone(),
+            public_ip: me.public_ip,
+            sandbox: sandbox.map(str::to_string),
+            names: Vec::new(),
+        };
+        let key = endpoint_key(network, ip);
+        let unavailable = |e| Self::unavailable_for(network, e);
+        let created = self
+            .etcd
+            .create(
+                &[(
+                    key.clone(),
+                    serde_json::to_vec(&record).expect("serializable"),
+                )],
+                self.etcd_lease(),
+            )
+            .await
+            .map_err(unavailable)?;
+        if !created {
+            let raw = self.etcd.get(&key).await.map_err(unavailable)?;
+            let holder: Option<EndpointRecord> = raw.and_then(|r| serde_json::from_slice(&r).ok());
+            match holder {
+                Some(h) if h.host_id == me.host_id => {}
+                Some(h) => return Err(AgentError::Conflict(format!(
+                    "--net {network}: {ip} is taken by {}; pick another address or leave --ip out",
+                    h.holder()
+                ))),
+                None => {
+                    return Err(AgentError::Conflict(format!(
+                        "--net {network}: {ip} was just taken on another host; try again"
+                    )))
+                }
+            }
+        }
+        self.host.add_claim(network, Claimed::Address(ip));
+        Ok(())
+    }
+
+    fn unavailable_for(network: &str, e: weft_store::EtcdError) -> AgentError {
+        AgentError::Unavailable(format!(
+            "--net {network}: this host must claim addresses in the cluster, and cannot reach etcd ({e}); sandboxes can start with the addresses it holds, see `weft status`"
+        ))
+    }
+
+    /// Makes etcd hold exactly this host's endpoint records of `net`.
+    /// Returns problems for `weft status` (an address another host claims too).
+    pub(super) async fn publish(
+        &self,
+        global: &Global,
+        net: &Network,
+        me: &Identity,
+        written: &mut Written,
+    ) -> EtcdResult<Vec<String>> {
+        let name = net.name.as_str();
+        let mut problems = Vec::new();
+        if self.etcd_lease().is_none() {
+            return Ok(problems);
+        }
+        let want = self.host.endpoint_records(name, &me_of(me));
+        let have = global.endpoints.get(name);
+        let mut wanted = BTreeSet::new();
+        for r in want {
+            let key = endpoint_key(name, r.ip);
+            wanted.insert(r.ip);
+            let current = have.and_then(|m| m.get(&r.ip));
+            if current == Some(&r) {
+                written.remove(&key);
+                continue;
+            }
+            if written
+                .get(&key)
+                .is_some_and(|(w, at)| *w == r && at.elapsed() < ECHO_WAIT)
+            {
+                continue;
+            }
+            let value = serde_json::to_vec(&r).expect("serializable");
+            match current {
+                Some(c) if c.host_id != me.host_id => {
+                    problems.push(format!(
+                        "{} of sandbox {} is claimed by {} as well; one of them must go",
+                        r.ip,
+                        r.sandbox.as_deref().unwrap_or("(being attached)"),
+                        c.holder()
+                    ));
+                    continue;
+                }
+                Some(_) => self.etcd.put(&key, value, self.etcd_lease()).await?,
+                None => {
+                    if !self
+                        .etcd
+                        .create(&[(key.clone(), value)], self.etcd_lease())
+                        .await?
+                    {
+                        warn!(network = name, ip = %r.ip, "an address of this host was claimed by another host at the same time");
+                    }
+                }
+            }
+            written.insert(key, (r, Instant::now()));
+        }
+        let stale: Vec<Ipv4Addr> = have
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter(|r| r.host_id == me.host_id && !wanted.contains(&r.ip))
+            .map(|r| r.ip)
+            .collect();
+        for ip in stale {
+            let key = endpoint_key(name, ip);
+            self.etcd.delete(&key).await?;
+            written.remove(&key);
+        }
+        Ok(problems)
+    }
+
+    /// Every block of a shared network with its holder and how full it is
+    /// (as the endpoint records say), for `network inspect`.
+    pub(super) fn blocks_view(global: &Global, net: &Network) -> Vec<BlockView> {
+        let used: BTreeSet<Ipv4Addr> = global.endpoints_of(&net.name).map(|r| r.ip).collect();
+        global
+            .blocks
+            .get(&net.name)
+            .into_iter()
+            .flat_map(|m| m.iter())
+            .map(|(b, h)| {
+                let all: Vec<Ipv4Addr> = usable(*b, net.subnet, net.gateway).collect();
+                BlockView {
+                    block: *b,
+                    node: h.node.clone(),
+                    used: all.iter().filter(|ip| used.contains(ip)).count(),
+                    capacity: all.len(),
+                }
+            })
+            .collect()
+    }
+}
