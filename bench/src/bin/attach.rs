@@ -263,6 +263,7 @@ fn run_lab(args: &Args, base: &Path, kind: &str) -> Result<()> {
                     lease_ttl: 60,
                     weft_bin: bin.clone(),
                     insecure_etcd: false,
+                    host_subnet_len: None,
                 },
                 &mut |s| eprintln!("  {s}"),
             )
@@ -298,9 +299,9 @@ fn run_lab(args: &Args, base: &Path, kind: &str) -> Result<()> {
             if !sys::wait_until(
                 std::time::Duration::from_secs(20),
                 std::time::Duration::from_millis(50),
-                || weft_ok(i, &["network", "inspect", "sh"]).is_ok(),
+                || l.joined(i, "sh"),
             ) {
-                return bail(format!("h{} has no network sh after 20 s", i + 1));
+                return bail(format!("h{} has not joined network sh after 20 s", i + 1));
             }
         }
         let start_s = t.elapsed().as_secs_f64();

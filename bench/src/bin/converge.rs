@@ -512,6 +512,7 @@ fn shared_subnet(
     eprintln!("converge: shared subnet, lab of {hosts} hosts...");
     let mut spec = lab_spec(root, &format!("s{hosts}"), hosts, weft);
     spec.backend = None;
+    spec.host_subnet_len = None;
     let lab =
         LabGuard(Lab::up(&spec, &mut |s| eprintln!("  {s}")).map_err(|e| format!("lab up: {e}"))?);
     let l = &lab.0;
@@ -530,9 +531,12 @@ fn shared_subnet(
     )?;
     for i in 0..hosts {
         let t = Instant::now();
-        while weft_ok(l, i, &["network", "inspect", SHARED_NET]).is_err() {
+        while !l.joined(i, SHARED_NET) {
             if t.elapsed() > Duration::from_secs(20) {
-                return Err(format!("h{} has no network {SHARED_NET} after 20 s", i + 1));
+                return Err(format!(
+                    "h{} has not joined network {SHARED_NET} after 20 s",
+                    i + 1
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
