@@ -35,8 +35,8 @@ trap cleanup EXIT
 in_host() { nsenter --net="/run/netns/$host" "$@"; }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "a lab: three hosts on one switch, etcd, an agent per host, overlay network 'lab' (host-gw)"
-"$weft" lab up --name wftdemo --hosts 3 --backend host-gw
+step "a lab: three hosts on one switch, etcd, an agent per host, overlay network 'lab' (one subnet shared by all hosts, VXLAN)"
+"$weft" lab up --name wftdemo --hosts 3
 lab() { "$weft" lab exec --name wftdemo "$@"; }
 lab h1 -- weft run -d --name a --net lab -- sleep infinity >/dev/null
 lab h3 -- weft run -d --name c --net lab -- socat TCP-LISTEN:80,fork,reuseaddr SYSTEM:'echo hello from h3 - you are $SOCAT_PEERADDR' >/dev/null
@@ -44,9 +44,23 @@ c=$(lab h3 -- weft --format json ps | python3 -c 'import json,sys; print(json.lo
 "$weft" lab status --name wftdemo
 lab h1 -- weft status || echo "(weft status exits 1 when the host reports a problem: see above)"
 
-step "a on h1 -> c on h3, across hosts, by their own addresses"
+step "a on h1 -> c on h3, across hosts, by their own addresses and by name (one LAN: no router hop, ttl 64)"
 lab h1 -- weft exec a -- ping -c 2 "$c"
+lab h1 -- weft exec a -- ping -c 1 c
 lab h1 -- weft exec a -- socat -T 2 - "TCP:$c:80"
+lab h1 -- weft exec a -- ip neigh show "$c"
+lab h1 -- weft network inspect lab
+
+step "flannel's kind on the same lab: a /24 per host, routed (--host-subnet-len 24)"
+lab h1 -- weft network create -d overlay --subnet 10.41.0.0/16 --host-subnet-len 24 fl
+lab h2 -- weft run -d --name f2 --net fl -- sleep infinity >/dev/null
+for _ in $(seq 50); do lab h1 -- weft network inspect fl >/dev/null 2>&1 && break; sleep 0.1; done
+lab h1 -- weft run -d --name f1 --net fl -- sleep infinity >/dev/null
+f2=$(lab h2 -- weft --format json inspect f2 | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["attachment"]["endpoints"][0]["ip"])')
+lab h1 -- weft network ls
+# h1 routes to h2's /24 once it has seen h2's lease (a moment).
+for _ in $(seq 30); do lab h1 -- weft exec f1 -- ping -c 1 -W 1 "$f2" >/dev/null 2>&1 && break; done
+lab h1 -- weft exec f1 -- ping -c 2 "$f2"
 
 step "the path of that packet, hop by hop, from the live kernel of h1 and h3 (weft lab explain)"
 "$weft" lab explain --name wftdemo h1 a c

@@ -67,6 +67,11 @@ impl TestLab {
         TestLab::build(hosts, None, lease_ttl, false, None)
     }
 
+    /// A lab of `hosts` hosts and no network yet (the test makes its own).
+    pub fn up_without_network(hosts: usize) -> TestLab {
+        TestLab::with_spec(hosts, None, 60, false, None, None)
+    }
+
     fn build(
         hosts: usize,
         backend: Option<&str>,
@@ -74,12 +79,24 @@ impl TestLab {
         insecure: bool,
         host_subnet_len: Option<u8>,
     ) -> TestLab {
+        let net = Some((NET.into(), "10.40.0.0/16".parse().unwrap()));
+        TestLab::with_spec(hosts, backend, lease_ttl, insecure, net, host_subnet_len)
+    }
+
+    fn with_spec(
+        hosts: usize,
+        backend: Option<&str>,
+        lease_ttl: u64,
+        insecure: bool,
+        network: Option<(String, ipnet::Ipv4Net)>,
+        host_subnet_len: Option<u8>,
+    ) -> TestLab {
         let spec = LabSpec {
             name: unique("wftl"),
             root: PathBuf::from(ROOT),
             hosts,
             backend: backend.map(String::from),
-            network: Some((NET.into(), "10.40.0.0/16".parse().unwrap())),
+            network,
             host_subnet_len,
             lease_ttl,
             weft_bin: weft_bin(),

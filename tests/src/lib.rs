@@ -2,6 +2,7 @@
 //! with their own weft agent and directories. Everything a test makes is named `wft…`, lives in
 //! namespaces the test created, and is removed on drop, pass or fail.
 
+pub mod docker;
 pub mod lab;
 
 pub use weft_testkit::{

@@ -68,6 +68,30 @@ fn three_hosts(backend: Option<&str>) {
             }
         }
     }
+    // Names across hosts (flannel's kind too): every host's resolver knows
+    // the other hosts' sandboxes, and forgets one when it is removed.
+    lab.wait(Duration::from_secs(3), "s2's name on h1", || {
+        lab.exec(0, "s0", "ping -c 1 -W 1 s2").status.success()
+    });
+    let answer = lab.exec(1, "s1", "getent hosts s0");
+    assert!(
+        String::from_utf8_lossy(&answer.stdout).contains(&ips[0].to_string()),
+        "s0 resolves on h2: {}",
+        text(&answer)
+    );
+    lab.weft_ok(
+        2,
+        &[
+            "run", "-d", "--name", "gone", "--net", "lab", "--", "sleep", "1d",
+        ],
+    );
+    lab.wait(Duration::from_secs(3), "gone's name on h1", || {
+        lab.exec(0, "s0", "getent hosts gone").status.success()
+    });
+    lab.weft_ok(2, &["rm", "-f", "gone"]);
+    lab.wait(Duration::from_secs(3), "gone's name to leave h1", || {
+        !lab.exec(0, "s0", "getent hosts gone").status.success()
+    });
     // TCP across hosts, and the peer sees the sandbox's own address (no masquerade inside the overlay).
     let server = lab
         .lab
@@ -372,6 +396,8 @@ fn overlay_networks_are_isolated_from_each_other_and_validated() {
             "overlay",
             "--subnet",
             "10.40.128.0/17",
+            "--host-subnet-len",
+            "24",
             "dup",
         ],
         "overlaps 10.40.0.0/16 of network lab",
@@ -384,6 +410,8 @@ fn overlay_networks_are_isolated_from_each_other_and_validated() {
             "overlay",
             "--subnet",
             "10.43.0.0/16",
+            "--host-subnet-len",
+            "24",
             "lab",
         ],
         "already exists",
@@ -406,6 +434,8 @@ fn overlay_networks_are_isolated_from_each_other_and_validated() {
             "overlay",
             "--subnet",
             "10.44.0.0/16",
+            "--host-subnet-len",
+            "24",
             "dflt",
         ],
     );
@@ -473,6 +503,8 @@ fn overlay_networks_need_a_cluster() {
         "overlay",
         "--subnet",
         "10.45.0.0/16",
+        "--host-subnet-len",
+        "24",
         "ov",
     ]);
     assert!(!out.status.success());
@@ -544,9 +576,31 @@ fn lab_up_refuses_bad_options_before_building_anything() {
     for (args, says) in [
         (&["--lease-ttl", "0"][..], "--lease-ttl 0: use 2 to 86400"),
         (&["--backend", "foo"][..], "unknown backend \"foo\""),
-        (&["--subnet", "10.40.0.0/30"][..], "use /29 or larger"),
+        (&["--subnet", "10.40.0.0/29"][..], "use /28 or larger"),
         (
-            &["--hosts", "3", "--subnet", "10.40.0.0/23"][..],
+            &["--subnet", "10.40.0.0/30", "--host-subnet-len", "30"][..],
+            "use /29 or larger",
+        ),
+        (
+            &[
+                "--hosts",
+                "3",
+                "--subnet",
+                "10.40.0.0/23",
+                "--host-subnet-len",
+                "24",
+            ][..],
+            "room for 2 host subnets of /24, not 3 hosts",
+        ),
+        (
+            &[
+                "--backend",
+                "udp",
+                "--subnet",
+                "10.40.0.0/23",
+                "--hosts",
+                "3",
+            ][..],
             "room for 2 host subnets of /24, not 3 hosts",
         ),
     ] {

@@ -323,3 +323,68 @@ fn a_peers_new_secure_key_shows_in_status() {
     assert!(human.contains("KEY CHANGED"), "{human}");
     assert!(human.contains(&before[..12]), "{human}");
 }
+
+/// A shared-subnet network: h1, with its own etcd credentials, rewrites
+/// h2's sandbox's record to send its traffic to h1 (keeping h2's
+/// signature), and posts an unsigned record in h3's name; h3 programs
+/// neither (no FDB entry for them, no name) and says why in its status.
+#[test]
+fn an_endpoint_record_forged_with_a_hosts_own_credentials_is_refused() {
+    let lab = TestLab::up_shared(3, 60);
+    let b = lab.sandbox(1, "b");
+    lab.sandbox(2, "c");
+    let key = format!("/weft/endpoints/lab/{b}");
+    let get = lab
+        .etcdctl(0, "h1", &["get", "--print-value-only", key.as_str()])
+        .unwrap()
+        .output()
+        .unwrap();
+    let mut rec: weft_model::blocks::EndpointRecord =
+        serde_json::from_slice(&get.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&get)));
+    assert!(rec.signed.is_some(), "h2 signs its records: {rec:?}");
+    // Another host id, so that h2 does not simply write its own back.
+    rec.public_ip = lab.hosts[0].ip;
+    rec.host_id = "wft-forged".into();
+    let put = |k: &str, v: &weft_model::blocks::EndpointRecord| {
+        let out = lab
+            .etcdctl(0, "h1", &["put", k, &serde_json::to_string(v).unwrap()])
+            .unwrap()
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    put(&key, &rec);
+    let fake: std::net::Ipv4Addr = "10.40.250.9".parse().unwrap();
+    let unsigned = weft_model::blocks::EndpointRecord {
+        ip: fake,
+        node: "h3".into(),
+        host_id: "wft-unsigned".into(),
+        sandbox: Some("ghost".into()),
+        names: vec!["ghost".into()],
+        signed: None,
+        ..rec.clone()
+    };
+    put(&format!("/weft/endpoints/lab/{fake}"), &unsigned);
+    lab.wait(Duration::from_secs(5), "h3 to refuse both records", || {
+        let s = lab.status(2);
+        let p = s
+            .cluster
+            .and_then(|c| c.networks.into_iter().next())
+            .and_then(|n| n.problem)
+            .unwrap_or_default();
+        p.contains(&format!(
+            "the record of {b} refused, its signature does not match"
+        )) && p.contains(&format!("the record of {fake} is not signed"))
+    });
+    let fdb =
+        String::from_utf8_lossy(&lab.sh(2, "bridge fdb show | grep wvx-").stdout).into_owned();
+    let h1 = lab.hosts[0].ip.to_string();
+    assert!(
+        !fdb.contains(&format!("dst {h1}")),
+        "nothing of b's is sent to h1:\n{fdb}"
+    );
+    assert!(
+        !lab.exec(2, "c", "getent hosts ghost").status.success(),
+        "the unsigned record's name is not served"
+    );
+}

@@ -318,6 +318,8 @@ fn explain_matches_real_packets_across_hosts() {
             "overlay",
             "--subnet",
             "10.41.0.0/16",
+            "--host-subnet-len",
+            "24",
             "other",
         ],
     );
@@ -527,4 +529,66 @@ fn explain_follows_macvlan_onto_the_lan() {
         matches!(&e.verdict, Verdict::Dropped { fix: Some(f), .. } if f.contains("host_access"))
     );
     assert!(!a.ns.try_sh("ping -c 1 -W 1 10.170.20.2").status.success());
+}
+
+/// A shared-subnet network: explain finds the other host through the
+/// VXLAN device's neighbour and FDB entries, the far host's half takes the
+/// frame off the device onto the bridge, and an address no sandbox holds
+/// on any host is a drop at the ARP hop, which a capture confirms (the
+/// ARP request never leaves h1 and nothing crosses the underlay).
+#[test]
+fn explain_follows_a_shared_subnet_across_hosts() {
+    let lab = TestLab::up_shared(2, 60);
+    lab.sandbox(0, "a");
+    let b = lab.sandbox(1, "b");
+    let b_s = b.to_string();
+    let e = explain_in_lab(&lab, 0, &["a", &b_s]);
+    delivered(&e, "on host h2");
+    let h2 = lab.hosts[1].ip.to_string();
+    assert!(
+        e.hops
+            .iter()
+            .any(|x| x.what.contains("answers ARP") && x.command.contains("ip neigh show dev wvx-")),
+        "{}",
+        e.render_text()
+    );
+    assert!(
+        e.hops
+            .iter()
+            .any(|x| x.what.contains("FDB of wvx-") && x.what.contains(&h2)),
+        "{}",
+        e.render_text()
+    );
+    assert!(lab.ping(0, "a", b));
+    // The whole way: on h2 the frame comes out of the VXLAN device onto the bridge.
+    let through = std::process::Command::new(weft_e2e::weft_bin())
+        .args([
+            "--format",
+            "json",
+            "lab",
+            "explain",
+            "--root",
+            weft_e2e::lab::ROOT,
+        ])
+        .args(["--name", &lab.name, "h1", "a", "b"])
+        .output()
+        .unwrap();
+    assert!(through.status.success(), "{}", text(&through));
+    let e: Explanation = serde_json::from_slice(&through.stdout).unwrap();
+    delivered(&e, "sandbox b");
+    assert!(
+        e.hops
+            .iter()
+            .any(|x| x.at == "host h2" && x.what.contains("arrives on wvx-")),
+        "{}",
+        e.render_text()
+    );
+    // Nobody has 10.40.250.9: dropped where the ARP goes unanswered.
+    let e = explain_in_lab(&lab, 0, &["a", "10.40.250.9"]);
+    dropped_at(&e, "no neighbour entry for 10.40.250.9", "on any host");
+    let underlay = lab.underlay_command("tcpdump");
+    let crossed = seen_by(underlay, "ul0", "udp port 8472", || {
+        assert!(!lab.ping(0, "a", "10.40.250.9".parse().unwrap()));
+    });
+    assert_eq!(crossed, 0, "nothing for 10.40.250.9 crossed the underlay");
 }

@@ -98,6 +98,8 @@ fn two_vxlan_networks_have_their_own_vni_and_cannot_reach_each_other() {
             "vxlan",
             "--subnet",
             "10.41.0.0/16",
+            "--host-subnet-len",
+            "24",
             "blue",
         ],
     );

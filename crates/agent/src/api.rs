@@ -143,9 +143,14 @@ async fn topology(State(app): State<App>) -> Reply<weft_model::topology::Topolog
 
 async fn status(State(app): State<App>) -> Reply<StatusView> {
     let cluster = app.cluster.clone();
+    let docker = app.docker.clone();
     let mut v = blocking(move || Ok(app.host.status())).await?;
     v.cluster = cluster.map(|c| c.status());
+    v.docker = docker.map(|d| crate::host::recover(d.lock()).clone());
     let mut problems = std::mem::take(&mut v.problems);
+    if let Some(d) = &v.docker {
+        problems.extend(d.problems.iter().map(|p| format!("docker: {p}")));
+    }
     if let Some(c) = &v.cluster {
         if !c.etcd_healthy {
             problems.push(format!(

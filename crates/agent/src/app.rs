@@ -10,4 +10,6 @@ use std::sync::Arc;
 pub struct App {
     pub host: Host,
     pub cluster: Option<Arc<Cluster>>,
+    /// With `--docker-plugin`: what the plugin knows of the local dockerd.
+    pub(crate) docker: Option<crate::docker::DockerStatus>,
 }

@@ -3,6 +3,26 @@ use std::path::PathBuf;
 
 /// Where dockerd looks for plugin sockets; `weft` is the driver's name.
 pub const DOCKER_PLUGIN_SOCKET: &str = "/run/docker/plugins/weft.sock";
+/// dockerd's API socket, where the Docker plugin asks dockerd about its
+/// networks and containers.
+pub const DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+
+/// `--docker-host`: dockerd's API on a unix socket (`unix:///PATH`, as
+/// Docker writes it), and nothing else: TCP would need TLS and
+/// credentials, and the plugin runs beside dockerd anyway.
+pub fn parse_docker_host(s: &str) -> Result<PathBuf, String> {
+    let path = s
+        .strip_prefix("unix://")
+        .ok_or_else(|| {
+            format!("{s:?}: weft talks to dockerd on its unix socket only; give unix:///PATH, e.g. {DOCKER_HOST}")
+        })?;
+    if !path.starts_with('/') {
+        return Err(format!(
+            "{s:?}: the socket's path must be absolute, as in {DOCKER_HOST}"
+        ));
+    }
+    Ok(PathBuf::from(path))
+}
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -21,6 +41,9 @@ pub struct AgentConfig {
     /// Where to serve Docker's network and IPAM plugin protocols (the
     /// socket's name is the driver's name); not served when absent.
     pub docker_plugin: Option<PathBuf>,
+    /// dockerd's API socket (used only with `docker_plugin`): global
+    /// networks are made Docker networks there, and containers' names read.
+    pub docker_host: PathBuf,
     /// Where to serve Prometheus metrics (read-only); not served when absent.
     pub metrics_listen: Option<crate::metrics::MetricsListen>,
 }
@@ -71,5 +94,25 @@ impl AgentConfig {
     /// flannel's subnet file for an overlay network.
     pub fn subnet_file(&self, network: &str) -> PathBuf {
         self.state_dir.join(format!("{network}.env"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_host_is_a_unix_socket() {
+        assert_eq!(
+            parse_docker_host(DOCKER_HOST).unwrap(),
+            PathBuf::from("/var/run/docker.sock")
+        );
+        assert!(parse_docker_host("tcp://127.0.0.1:2375")
+            .unwrap_err()
+            .contains("unix socket only"));
+        assert!(parse_docker_host("unix://docker.sock")
+            .unwrap_err()
+            .contains("absolute"));
+        assert!(parse_docker_host("/var/run/docker.sock").is_err());
     }
 }

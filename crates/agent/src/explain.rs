@@ -498,6 +498,9 @@ impl Walk<'_> {
     ) -> Result<Verdict> {
         let host_at = self.host_at.clone();
         let Some((sb, ep)) = self.local_endpoint(d) else {
+            if let Some(v) = self.on_shared_lan(bridge, network, d)? {
+                return Ok(v);
+            }
             let h = self.hop(
                 &host_at,
                 format!("bridge {bridge}: no sandbox of this host has {d}"),
@@ -568,6 +571,60 @@ impl Walk<'_> {
         Ok(Verdict::Delivered {
             to: format!("sandbox {} ({d}) on network {network}", sb.name),
         })
+    }
+
+    /// A network whose one subnet is shared by all hosts: `d` is on
+    /// another host when the network's VXLAN device (a port of the
+    /// bridge) has a neighbour entry for it, and its FDB names the host.
+    /// None when the network is not of that kind.
+    fn on_shared_lan(
+        &mut self,
+        bridge: &str,
+        network: &str,
+        d: Ipv4Addr,
+    ) -> Result<Option<Verdict>> {
+        let Some(net) = self
+            .networks
+            .get(network)
+            .filter(|n| n.overlay().is_some_and(|o| o.is_shared()))
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        let host_at = self.host_at.clone();
+        let dev = weft_model::overlay::vxlan_device(&net.id);
+        let Some(index) = self.index_of(&dev) else {
+            let h = self.hop(&host_at, format!("bridge {bridge}: {d} is not on this host, and the network's VXLAN device {dev} is missing"), format!("ip -d link show {dev}"));
+            self.disagreements.push(format!("network {network} spans hosts, but {dev} is not on this host (the agent makes it again at its next verify)"));
+            return Ok(Some(dropped(
+                h,
+                format!("no way to the other hosts of network {network}"),
+                None,
+            )));
+        };
+        let Some(n) = self.host_nl.neighbour(index, d)? else {
+            let h = self.hop(&host_at, format!("bridge {bridge}: {d} is not on this host; the ARP request goes to {dev}, which has no neighbour entry for {d}, so nobody answers (no sandbox on any host has it)"), format!("ip neigh show dev {dev} {d}"));
+            return Ok(Some(dropped(h, format!("no sandbox of network {network} has {d} on any host"), Some("check the address with `weft ps` on each host, or `weft network inspect` for the blocks".into()))));
+        };
+        self.hop(&host_at, format!("bridge {bridge}: {d} is on another host of this network; {dev} answers ARP for it from its neighbour entry ({}, permanent, programmed by weft), and the bridge floods the frame to {dev} (it learns no MAC on that port)", format_mac(&n.mac)), format!("ip neigh show dev {dev} {d}"));
+        let remote = self
+            .host_nl
+            .fdb(index)?
+            .into_iter()
+            .find(|(m, _)| *m == n.mac)
+            .map(|(_, r)| r);
+        let Some(remote) = remote else {
+            let h = self.hop(&host_at, format!("no FDB entry for {} on {dev}: the device does not know which host has it, and drops the frame", format_mac(&n.mac)), format!("bridge fdb show dev {dev}"));
+            self.disagreements.push(format!("{dev} has a neighbour entry for {d} but no FDB entry for its MAC (removed by hand? the agent restores it at its next verify)"));
+            return Ok(Some(dropped(
+                h,
+                format!("{dev} has no FDB entry for {d}'s MAC"),
+                None,
+            )));
+        };
+        self.hop(&host_at, format!("FDB of {dev}: {} is at host {remote}; the frame goes out in UDP to {remote}:{} (VXLAN)", format_mac(&n.mac), net.overlay().map_or(8472, |o| o.port)), format!("bridge fdb show dev {dev} | grep -i {}", format_mac(&n.mac)));
+        self.cross_to_peer(&host_at, remote, d, "the VXLAN")
+            .map(Some)
     }
 
     fn local_endpoint(&self, ip: Ipv4Addr) -> Option<(std::sync::Arc<Sandbox>, Endpoint)> {
@@ -868,13 +925,23 @@ impl Walk<'_> {
             }
         };
         let node = self
-            .peer_of(d)
-            .map(|p| p.0)
+            .peer_at(remote)
+            .or_else(|| self.peer_of(d).map(|p| p.0))
             .unwrap_or_else(|| remote.to_string());
         self.hop("underlay", format!("{how} packet to {remote} leaves {out}; on {node} the backend hands the inner packet to its bridge, which delivers it to {d}"), format!("ip route get {remote}"));
         Ok(Verdict::Delivered {
             to: format!("{d} on host {node} ({remote})"),
         })
+    }
+
+    /// The node of the overlay peer at public address `remote`.
+    fn peer_at(&self, remote: Ipv4Addr) -> Option<String> {
+        self.cluster?
+            .networks
+            .iter()
+            .flat_map(|n| &n.peers)
+            .find(|p| p.public_ip == remote)
+            .map(|p| p.node.clone())
     }
 
     /// The overlay peer whose subnet holds `d`: (node, public ip, problem).
@@ -903,6 +970,24 @@ impl Walk<'_> {
         dst: &Place,
     ) -> Result<Verdict> {
         if let Some((s, _)) = from {
+            // From a sandbox of a shared network on another host: the frame
+            // comes out of the network's VXLAN device onto the bridge.
+            let lan = self
+                .networks
+                .values()
+                .find(|n| {
+                    n.overlay().is_some_and(|o| o.is_shared())
+                        && n.subnet.contains(&s)
+                        && n.subnet.contains(&d)
+                })
+                .cloned();
+            if let Some(net) = lan {
+                let dev = weft_model::overlay::vxlan_device(&net.id);
+                let bridge = net.bridge().unwrap_or_default().to_string();
+                self.hop(host_at, format!("the VXLAN packet from {s} arrives on {dev}, which hands the inner frame to bridge {bridge} (network {} is one subnet on every host: no route between them)", net.name), format!("ip -d link show {dev}"));
+                self.bridge_src = Some(s);
+                return self.on_bridge(&bridge, &net.name, d, None);
+            }
             // From outside: it arrived on the interface the route back uses.
             let back = self.host_nl.route_get(s, None)?;
             if let RouteHit::Unicast { oif, .. } = back {

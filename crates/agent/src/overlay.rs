@@ -150,13 +150,15 @@ impl Host {
     /// A shared network: sets what this host holds of it (its blocks) and
     /// what other hosts hold (their addresses, with who). An address this
     /// host uses outside its blocks (claimed before a restart) stays
-    /// claimed. Returns how many addresses are free to hand out. Changes
-    /// nothing a snapshot shows, so it wakes no one.
+    /// claimed. `contended`: every block of the network is held (see
+    /// `HostShare::contended`). Returns how many addresses are free to hand
+    /// out. Changes nothing a snapshot shows, so it wakes no one.
     pub(crate) fn set_share(
         &self,
         network: &str,
         held: BTreeSet<Ipv4Net>,
         foreign: BTreeMap<Ipv4Addr, String>,
+        contended: bool,
     ) -> usize {
         let mut g = self.lock_quiet();
         let Some(n) = g.networks.get_mut(network) else {
@@ -169,6 +171,7 @@ impl Host {
         };
         share.held = held;
         share.foreign = foreign;
+        share.contended = contended;
         for ip in in_use {
             if !share.held.iter().any(|b| b.contains(&ip)) {
                 share.borrowed.insert(ip);
@@ -176,6 +179,34 @@ impl Host {
         }
         let pool = &n.pool;
         share.free(range, gw, |ip| pool.check_free(*ip).is_err())
+    }
+
+    /// A shared network: whether every block of it is held (so this host
+    /// claims each address it hands out).
+    pub(crate) fn is_contended(&self, network: &str) -> bool {
+        let g = self.lock_quiet();
+        g.networks
+            .get(network)
+            .and_then(|n| n.share.as_ref())
+            .is_some_and(|s| s.contended)
+    }
+
+    /// Whether this host gives `ip` of `network` to a sandbox now (it may
+    /// not be published yet).
+    pub(crate) fn in_use(&self, network: &str, ip: Ipv4Addr) -> bool {
+        let g = self.lock_quiet();
+        g.networks
+            .get(network)
+            .is_some_and(|n| n.pool.check_free(ip).is_err())
+    }
+
+    /// A shared network: marks it contended (a fresh read of the cluster
+    /// found every block held before the next pass did).
+    pub(crate) fn set_contended(&self, network: &str) {
+        let mut g = self.lock_quiet();
+        if let Some(share) = g.networks.get_mut(network).and_then(|n| n.share.as_mut()) {
+            share.contended = true;
+        }
     }
 
     /// A shared network: a block or an address this host just claimed.
@@ -230,6 +261,7 @@ impl Host {
                         public_ip: me.public_ip,
                         sandbox: Some(sb.name.clone()),
                         names,
+                        signed: None,
                     },
                 );
             }
@@ -251,6 +283,7 @@ impl Host {
                 public_ip: me.public_ip,
                 sandbox: None,
                 names: Vec::new(),
+                signed: None,
             });
         }
         out.into_values().collect()

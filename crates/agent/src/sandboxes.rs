@@ -585,6 +585,7 @@ impl Host {
             netns_pool: self.pool.fill(),
             missing,
             cluster: None,
+            docker: None,
         }
     }
 

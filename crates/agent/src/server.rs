@@ -51,18 +51,20 @@ pub async fn serve(cfg: AgentConfig) -> Result<()> {
         Some(cc) => Some(crate::cluster::Cluster::start(cc, host.clone()).await?),
         None => None,
     };
+    // Before the API: dockerd may be waiting for the plugin already.
+    let docker = match &cfg.docker_plugin {
+        Some(path) => Some(
+            crate::docker::listen(host.clone(), path, &cfg.docker_host, cluster.is_some()).await?,
+        ),
+        None => None,
+    };
     let app = App {
         host: host.clone(),
         cluster,
+        docker: docker.as_ref().map(|d| d.status()),
     };
 
     let metrics = metrics_listener.map(|l| crate::metrics_page::serve(l, app.clone()));
-
-    // Before the API: dockerd may be waiting for the plugin already.
-    let docker = match &cfg.docker_plugin {
-        Some(path) => Some(crate::docker::listen(host.clone(), path).await?),
-        None => None,
-    };
 
     let sock = cfg.socket_path();
     let _ = std::fs::remove_file(&sock);

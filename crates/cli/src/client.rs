@@ -109,58 +109,5 @@ impl Client {
 
 /// Splits a complete HTTP/1.1 response into status and body (plain or chunked).
 fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), ClientError> {
-    let bad = |what: &str| ClientError::Protocol(what.to_string());
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no header end"))?;
-    let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad("header is not UTF-8"))?;
-    let body = &raw[end + 4..];
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("no status line"))?;
-    let chunked = lines.any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    if !chunked {
-        return Ok((status, body.to_vec()));
-    }
-    let mut out = Vec::new();
-    let mut rest = body;
-    loop {
-        let nl = rest
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| bad("bad chunk"))?;
-        let size_str = std::str::from_utf8(&rest[..nl]).map_err(|_| bad("bad chunk size"))?;
-        let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| bad("bad chunk size"))?;
-        rest = &rest[nl + 2..];
-        if size == 0 {
-            return Ok((status, out));
-        }
-        if rest.len() < size + 2 {
-            return Err(bad("truncated chunk"));
-        }
-        out.extend_from_slice(&rest[..size]);
-        rest = &rest[size + 2..];
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_response;
-
-    #[test]
-    fn parses_plain_and_chunked() {
-        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
-        assert_eq!(parse_response(plain).unwrap(), (200, b"{}".to_vec()));
-        let chunked = b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).unwrap(), (404, b"abcde".to_vec()));
-        assert!(parse_response(b"garbage").is_err());
-    }
+    weft_model::http::parse_response(raw).map_err(|what| ClientError::Protocol(what.to_string()))
 }

@@ -196,11 +196,21 @@ pub fn dispatch(format: Format, cmd: LabCommand) -> Result<i32, Failure> {
                     c.networks
                         .iter()
                         .map(|n| {
-                            format!(
-                                "{}={}",
-                                n.name,
-                                n.subnet.map_or("-".into(), |s| s.to_string())
-                            )
+                            let node = c.node.as_str();
+                            let held = n.blocks.iter().filter(|b| b.node == node).count();
+                            if n.kind == weft_model::overlay::OverlayKind::Shared {
+                                format!(
+                                    "{}={held} block{}",
+                                    n.name,
+                                    if held == 1 { "" } else { "s" }
+                                )
+                            } else {
+                                format!(
+                                    "{}={}",
+                                    n.name,
+                                    n.subnet.map_or("-".into(), |s| s.to_string())
+                                )
+                            }
                         })
                         .collect::<Vec<_>>()
                         .join(" ")

@@ -207,6 +207,12 @@ struct AgentArgs {
     /// Docker names the driver after the file, without .sock
     #[arg(long, value_name = "PATH")]
     docker_plugin_socket: Option<PathBuf>,
+    /// dockerd's API, a unix socket only (with --docker-plugin): in a cluster
+    /// every global network on this host becomes a Docker network there,
+    /// and each container's name becomes a name in weft's resolver
+    #[arg(long, value_name = "unix:///PATH", default_value = weft_agent::config::DOCKER_HOST,
+          value_parser = weft_agent::config::parse_docker_host)]
+    docker_host: PathBuf,
     /// Serve Prometheus metrics (read-only, GET /metrics; nothing else is
     /// served there) on ADDRESS:PORT, e.g. 127.0.0.1:9178, or on unix:PATH.
     /// Off by default
@@ -357,6 +363,7 @@ fn reset(state_dir: PathBuf, format: Format, r: ResetArgs) -> Result<i32, Failur
         resolv_conf: PathBuf::from("/etc/resolv.conf"),
         cluster: None,
         docker_plugin: None,
+        docker_host: PathBuf::new(),
         metrics_listen: None,
     };
     let report = weft_agent::reset::reset(&cfg, r.keep_data)?;
@@ -396,6 +403,7 @@ fn run_agent(state_dir: PathBuf, a: AgentArgs) -> Result<i32, Failure> {
             a.docker_plugin
                 .then(|| PathBuf::from(weft_agent::config::DOCKER_PLUGIN_SOCKET))
         }),
+        docker_host: a.docker_host,
         metrics_listen: a.metrics_listen,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -65,6 +65,27 @@ pub fn version(ctx: &Context) -> Result<i32, Failure> {
     Ok(if v.agent.is_some() { 0 } else { 1 })
 }
 
+/// The Docker plugin: its driver, dockerd's API and the networks weft made there.
+fn docker_lines(d: &weft_model::api::DockerView) -> String {
+    let api = match (&d.error, d.checked_unix) {
+        (_, 0) => "not asked yet".to_string(),
+        (None, t) => format!("answers (asked {} ago)", span(t)),
+        (Some(e), _) if !d.reachable => format!("NOT REACHABLE: {e} (retrying)"),
+        (Some(e), _) => format!("last call failed: {e} (retrying)"),
+    };
+    let networks = if !d.auto_networks {
+        "none made (single host: only global networks are made Docker networks)".to_string()
+    } else if d.networks.is_empty() {
+        "none yet".to_string()
+    } else {
+        d.networks.join(", ")
+    };
+    format!(
+        "docker:  driver {} on {}\ndockerd: {} {}\n         networks made by weft: {}\n\n",
+        d.driver, d.plugin_socket, d.api, api, networks
+    )
+}
+
 fn render(v: &StatusView) -> String {
     let mut out = format!(
         "weft {}, up {}: {} networks, {} sandboxes ({} running)\n{}\n\
@@ -99,6 +120,9 @@ fn render(v: &StatusView) -> String {
     out.push('\n');
     out.push_str(&table(&["NETWORK", "DRIVER", "SUBNET", "SANDBOXES"], &rows));
     out.push_str("\n\n");
+    if let Some(d) = &v.docker {
+        out.push_str(&docker_lines(d));
+    }
     let Some(c) = &v.cluster else {
         out.push_str(
             "cluster: none (single host; start the agent with --etcd-endpoints to join one)",
@@ -134,12 +158,31 @@ fn render(v: &StatusView) -> String {
         );
     }
     for n in &c.networks {
+        let holds = if n.kind == weft_model::overlay::OverlayKind::Shared {
+            let mine: Vec<String> = n
+                .blocks
+                .iter()
+                .filter(|b| b.node == c.node)
+                .map(|b| format!("{} ({}/{})", b.block, b.used, b.capacity))
+                .collect();
+            format!(
+                "one subnet shared by all hosts; this host holds block{} {}, {} sandbox{} on other hosts",
+                if mine.len() == 1 { "" } else { "s" },
+                if mine.is_empty() { "none yet".into() } else { mine.join(", ") },
+                n.remote_endpoints,
+                if n.remote_endpoints == 1 { "" } else { "es" }
+            )
+        } else {
+            format!(
+                "this host {}",
+                n.subnet.map_or("has no subnet".into(), |s| s.to_string())
+            )
+        };
         out.push_str(&format!(
-            "\nnetwork {} ({}, backend {}): this host {}{}\n",
+            "\nnetwork {} ({}, backend {}): {holds}{}\n",
             n.name,
             n.range,
             n.backend,
-            n.subnet.map_or("has no subnet".into(), |s| s.to_string()),
             n.problem
                 .as_ref()
                 .map_or(String::new(), |p| format!(" -- {p}"))

@@ -179,3 +179,55 @@ impl Names {
             .map(String::as_str)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn remote_names_follow_the_records_and_touch_only_what_changed() {
+        let mut n = Names::default();
+        let nets = vec!["ov".to_string()];
+        n.set_remote(
+            "ov",
+            vec![
+                (ip("10.0.2.7"), vec!["Web".into(), "www".into()]),
+                (ip("10.0.2.8"), vec!["db".into()]),
+            ],
+        );
+        assert_eq!(n.lookup(&nets, "web"), vec![ip("10.0.2.7")]);
+        assert_eq!(n.lookup(&nets, "www"), vec![ip("10.0.2.7")]);
+        assert_eq!(n.reverse(&nets, ip("10.0.2.8")), Some("db"));
+        // A remote client sees the network it asked on.
+        assert_eq!(n.visible_networks("ov", ip("10.0.2.8")), nets);
+        // web moved to another address, db left, cache came.
+        n.set_remote(
+            "ov",
+            vec![
+                (ip("10.0.2.9"), vec!["web".into()]),
+                (ip("10.0.2.10"), vec!["cache".into()]),
+            ],
+        );
+        assert_eq!(n.lookup(&nets, "web"), vec![ip("10.0.2.9")]);
+        assert!(
+            n.lookup(&nets, "www").is_empty(),
+            "the alias went with the old record"
+        );
+        assert!(n.lookup(&nets, "db").is_empty());
+        assert_eq!(n.reverse(&nets, ip("10.0.2.8")), None);
+        assert_eq!(n.lookup(&nets, "cache"), vec![ip("10.0.2.10")]);
+        // Another network's remote names are its own.
+        n.set_remote("other", vec![(ip("10.9.0.2"), vec!["web".into()])]);
+        assert_eq!(n.lookup(&nets, "web"), vec![ip("10.0.2.9")]);
+        n.set_remote("ov", vec![]);
+        assert!(n.lookup(&nets, "web").is_empty());
+        assert_eq!(
+            n.lookup(&["other".to_string()], "web"),
+            vec![ip("10.9.0.2")]
+        );
+    }
+}

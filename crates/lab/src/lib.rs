@@ -113,6 +113,10 @@ pub struct Lab {
     /// `--metrics-listen`, say).
     #[serde(default)]
     pub extra_agent_args: Vec<String>,
+    /// More options for one host's agent, by host name, after
+    /// `extra_agent_args` (a test's `--docker-host` of that host's dockerd).
+    #[serde(default)]
+    pub host_agent_args: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// What `down` removed.
@@ -323,6 +327,7 @@ impl Lab {
             lease_ttl: spec.lease_ttl,
             etcd: None,
             extra_agent_args: Vec::new(),
+            host_agent_args: Default::default(),
             hosts: Vec::new(),
             insecure_etcd: spec.insecure_etcd,
         };
@@ -605,6 +610,13 @@ impl Lab {
             "2".into(),
         ]);
         v.extend(self.extra_agent_args.iter().cloned());
+        v.extend(
+            self.host_agent_args
+                .get(&self.hosts[i].name)
+                .into_iter()
+                .flatten()
+                .cloned(),
+        );
         v
     }
 

@@ -202,6 +202,36 @@ pub struct StatusView {
     pub missing: Vec<(String, ProgrammedView)>,
     /// Absent on a single-host agent.
     pub cluster: Option<ClusterView>,
+    /// Absent without `--docker-plugin`.
+    #[serde(default)]
+    pub docker: Option<DockerView>,
+}
+
+/// The Docker plugin's view of the local dockerd (`weft status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerView {
+    /// The plugin socket dockerd finds, and the driver name it gives.
+    pub plugin_socket: String,
+    pub driver: String,
+    /// dockerd's API socket (`--docker-host`).
+    pub api: String,
+    /// Whether the last look at dockerd got an answer, and if not, why.
+    pub reachable: bool,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// In a cluster: global networks are made Docker networks by weft.
+    pub auto_networks: bool,
+    /// The Docker networks weft made (label `weft.auto=1`) as of the last look.
+    #[serde(default)]
+    pub networks: Vec<String>,
+    /// What the last look could not do (a name taken by a network weft did
+    /// not make, a network that still has containers): `weft status` lists
+    /// them as problems.
+    #[serde(default)]
+    pub problems: Vec<String>,
+    /// When dockerd was last looked at (seconds since the epoch; 0: never).
+    #[serde(default)]
+    pub checked_unix: u64,
 }
 
 fn yes() -> bool {

@@ -39,9 +39,28 @@ pub struct EndpointRecord {
     /// The sandbox's name and aliases on this network.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub names: Vec<String>,
+    /// The host's signature over the rest, as a lease's (None without a
+    /// client certificate): with TLS, a record its node did not sign is
+    /// never programmed, so no etcd member can pull a sandbox's traffic
+    /// to itself by posting a record in another host's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<crate::overlay::LeaseSignature>,
 }
 
 impl EndpointRecord {
+    /// The record without its signature: what is signed and compared.
+    pub fn body(&self) -> EndpointRecord {
+        EndpointRecord {
+            signed: None,
+            ..self.clone()
+        }
+    }
+
+    /// The bytes a signature covers.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.body()).expect("serializable")
+    }
+
     /// "sandbox web on host h2", for errors that name a holder.
     pub fn holder(&self) -> String {
         match &self.sandbox {
@@ -73,13 +92,19 @@ pub struct HostShare {
     pub foreign: BTreeMap<Ipv4Addr, String>,
     /// The last address handed out (next-fit).
     pub last: Option<Ipv4Addr>,
+    /// Every block of the network is held, so other hosts may borrow
+    /// addresses of this host's blocks: an address is then handed out only
+    /// once claimed in the cluster (in `borrowed`), never straight from a
+    /// held block, or a borrower and the holder could take the same one.
+    pub contended: bool,
 }
 
 impl HostShare {
     /// Whether this host may give `ip` to a sandbox now.
     pub fn may_take(&self, ip: Ipv4Addr) -> bool {
         !self.foreign.contains_key(&ip)
-            && (self.borrowed.contains(&ip) || self.held.iter().any(|b| b.contains(&ip)))
+            && (self.borrowed.contains(&ip)
+                || (!self.contended && self.held.iter().any(|b| b.contains(&ip))))
     }
 
     /// The address a new sandbox gets: a claimed one not in use first, then
@@ -94,6 +119,7 @@ impl HostShare {
         let taken = |ip: &Ipv4Addr| in_use(ip) || self.foreign.contains_key(ip);
         let ip = match self.borrowed.iter().find(|ip| !taken(ip)) {
             Some(ip) => *ip,
+            None if self.contended => return None,
             None => {
                 let held: Vec<Ipv4Net> = self.held.iter().copied().collect();
                 let ip = next_free(&held, range, gateway, taken, self.last)?;
@@ -104,13 +130,17 @@ impl HostShare {
         Some(ip)
     }
 
-    /// How many addresses of the held blocks are free.
+    /// How many addresses of the held blocks are free to hand out without
+    /// asking the cluster (none while contended).
     pub fn free(
         &self,
         range: Ipv4Net,
         gateway: Ipv4Addr,
         in_use: impl Fn(&Ipv4Addr) -> bool,
     ) -> usize {
+        if self.contended {
+            return 0;
+        }
         self.held
             .iter()
             .flat_map(|b| usable(*b, range, gateway))
@@ -167,12 +197,19 @@ pub fn pick_free_block(
 }
 
 /// Addresses of `block` a sandbox may get: not the range's network or
-/// broadcast address, not the gateway (the same on every host).
+/// broadcast address, not the gateway (the same on every host), and none
+/// ending in .0 or .255 (valid inside a larger subnet, but read as a
+/// network or broadcast address by people and by some software).
 pub fn usable(block: Ipv4Net, range: Ipv4Net, gateway: Ipv4Addr) -> impl Iterator<Item = Ipv4Addr> {
     let (lo, hi) = (u32::from(block.network()), u32::from(block.broadcast()));
-    (lo..=hi)
-        .map(Ipv4Addr::from)
-        .filter(move |ip| *ip != range.network() && *ip != range.broadcast() && *ip != gateway)
+    (lo..=hi).map(Ipv4Addr::from).filter(move |ip| {
+        let last = ip.octets()[3];
+        *ip != range.network()
+            && *ip != range.broadcast()
+            && *ip != gateway
+            && last != 0
+            && last != 255
+    })
 }
 
 /// How full one host's block is, for `network inspect`.
@@ -278,6 +315,11 @@ mod tests {
         assert_eq!(usable(net("10.0.2.0/28"), range, gw).count(), 14);
         assert_eq!(usable(net("10.0.2.16/28"), range, gw).count(), 16);
         assert_eq!(usable(net("10.0.2.240/28"), range, gw).count(), 15);
+        // Inside a /16: no .0 nor .255 either.
+        let big = net("10.40.0.0/16");
+        assert_eq!(usable(net("10.40.50.0/26"), big, gw).count(), 63);
+        assert_eq!(usable(net("10.40.50.192/26"), big, gw).count(), 63);
+        assert_eq!(usable(net("10.40.50.64/26"), big, gw).count(), 64);
         let used: BTreeSet<Ipv4Addr> = [ip("10.0.2.2"), ip("10.0.2.17")].into();
         let u = use_of(&[net("10.0.2.0/28")], range, gw, &used);
         assert_eq!((u[0].used, u[0].capacity), (1, 14));
@@ -342,6 +384,7 @@ mod tests {
             borrowed: [ip("10.0.2.200")].into(),
             foreign: [(ip("10.0.2.2"), "sandbox a on host h2".to_string())].into(),
             last: None,
+            contended: false,
         };
         let none = |_: &Ipv4Addr| false;
         assert!(s.may_take(ip("10.0.2.200")) && s.may_take(ip("10.0.2.3")));
@@ -364,5 +407,27 @@ mod tests {
             "blocks/ov/10.0.2.16-28"
         );
         assert_eq!(endpoint_key("ov", ip("10.0.2.7")), "endpoints/ov/10.0.2.7");
+    }
+
+    #[test]
+    fn a_contended_share_hands_out_claimed_addresses_only() {
+        let (range, gw) = (net("10.0.2.0/24"), ip("10.0.2.1"));
+        let mut s = HostShare {
+            held: [net("10.0.2.0/28")].into(),
+            contended: true,
+            ..Default::default()
+        };
+        let none = |_: &Ipv4Addr| false;
+        // Every block is held: another host may be borrowing .3 right now.
+        assert!(!s.may_take(ip("10.0.2.3")), "a held address needs a claim");
+        assert_eq!(s.free(range, gw, none), 0);
+        assert_eq!(s.pick(range, gw, none), None, "claim first");
+        s.borrowed.insert(ip("10.0.2.2"));
+        assert!(s.may_take(ip("10.0.2.2")));
+        assert_eq!(s.pick(range, gw, none), Some(ip("10.0.2.2")));
+        // A block freed again: the held blocks are this host's alone.
+        s.contended = false;
+        assert!(s.may_take(ip("10.0.2.3")));
+        assert_eq!(s.free(range, gw, none), 14);
     }
 }

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod blocks;
 pub mod explain;
+pub mod http;
 pub mod ipam;
 pub mod keys;
 pub mod names;

@@ -287,6 +287,11 @@ pub struct DockerEndpoint {
     /// Docker's namespace of the container, set while the endpoint is joined.
     #[serde(default)]
     pub sandbox_key: Option<String>,
+    /// The container's name, read from dockerd's API after Join (Docker's
+    /// driver protocol does not send it); with its Docker aliases it is
+    /// among the endpoint's aliases, so weft's resolver answers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_name: Option<String>,
 }
 
 impl Sandbox {

@@ -35,6 +35,9 @@ struct Entry {
     remote: Ipv4Addr,
 }
 
+/// The device's permanent neighbours and unicast FDB entries, as read.
+type KernelEntries = (HashSet<(Ipv4Addr, [u8; 6])>, HashSet<([u8; 6], Ipv4Addr)>);
+
 #[derive(Default)]
 pub(crate) struct SharedLan {
     dev: Option<u32>,
@@ -111,11 +114,12 @@ impl SharedLan {
     }
 
     /// Forgets entries the kernel no longer has (or has otherwise), so the
-    /// next pass puts them back.
-    fn verify(&mut self, nl: &mut dyn Kernel, dev: u32) {
+    /// next pass puts them back; returns what the kernel has, for
+    /// [`Self::sweep`].
+    fn verify(&mut self, nl: &mut dyn Kernel, dev: u32) -> Option<KernelEntries> {
         let (Ok(neigh), Ok(fdb)) = (nl.neighbours(dev), nl.fdb(dev)) else {
             warn!("cannot read the kernel's VXLAN entries");
-            return;
+            return None;
         };
         let neigh: HashSet<(Ipv4Addr, [u8; 6])> = neigh.into_iter().collect();
         let fdb: HashSet<([u8; 6], Ipv4Addr)> = fdb.into_iter().collect();
@@ -126,6 +130,28 @@ impl SharedLan {
             }
             ok
         });
+        Some((neigh, fdb))
+    }
+
+    /// Deletes what the device holds that no remote sandbox wants: the
+    /// device is weft's alone, so a permanent neighbour or a unicast FDB
+    /// entry of no programmed entry is left over (half of a pair whose
+    /// other half failed, or one forgotten by `verify`) and would send a
+    /// removed sandbox's address on to its old host for ever.
+    fn sweep(&self, nl: &mut dyn Kernel, dev: u32, (neigh, fdb): &KernelEntries) {
+        let macs: HashSet<[u8; 6]> = self.entries.values().map(|e| e.mac).collect();
+        for (ip, _) in neigh {
+            if !self.entries.contains_key(ip) {
+                info!(address = %ip, "a neighbour entry of no remote sandbox; removed");
+                let _ = nl.delete_neighbour(dev, *ip);
+            }
+        }
+        for (mac, remote) in fdb {
+            if !macs.contains(mac) {
+                info!(remote = %remote, "an FDB entry of no remote sandbox; removed");
+                let _ = nl.delete_fdb(dev, *mac, *remote);
+            }
+        }
     }
 
     fn remove(nl: &mut dyn Kernel, dev: u32, ip: Ipv4Addr, e: &Entry) {
@@ -174,9 +200,7 @@ impl SharedLan {
                     .collect();
             }
         };
-        if verify {
-            self.verify(nl, dev);
-        }
+        let read = if verify { self.verify(nl, dev) } else { None };
         let mut wanted = HashSet::with_capacity(endpoints.len());
         for r in endpoints {
             let slot = hosts.get_mut(r.host_id.as_str()).expect("made above");
@@ -228,6 +252,9 @@ impl SharedLan {
                 info!(network = %net.name, address = %ip, "a remote sandbox left; its entries removed");
                 Self::remove(nl, dev, ip, &e);
             }
+        }
+        if let Some(read) = &read {
+            self.sweep(nl, dev, read);
         }
         hosts
             .into_values()
@@ -290,6 +317,7 @@ mod tests {
             public_ip: public.parse().unwrap(),
             sandbox: Some(format!("s-{ip}")),
             names: vec![],
+            signed: None,
         }
     }
 
@@ -389,6 +417,32 @@ mod tests {
             .contains_key(&(dev, "10.40.0.20".parse().unwrap())));
         b.teardown(&mut k);
         assert!(k.index_of(&name).is_none() && k.fdb.is_empty());
+    }
+
+    #[test]
+    fn verify_removes_entries_of_no_remote_sandbox() {
+        let (mut k, mut b, net, me, _) = setup();
+        let eps = [rec("10.40.0.20", "b", "198.51.100.12")];
+        b.program(&mut k, &net, &me, &eps, false);
+        let dev = k.index_of(&vxlan_device(&net.id)).unwrap();
+        // Left over: a neighbour whose FDB half is gone (forgotten by a
+        // verify pass, or its FDB write failed) and a lone FDB entry.
+        k.neighbours
+            .insert((dev, "10.40.0.59".parse().unwrap()), mac("10.40.0.59"));
+        k.fdb
+            .insert((dev, mac("10.40.0.77")), "198.51.100.13".parse().unwrap());
+        b.program(&mut k, &net, &me, &eps, false);
+        assert_eq!(
+            (k.neighbours.len(), k.fdb.len()),
+            (2, 2),
+            "not without verify"
+        );
+        b.program(&mut k, &net, &me, &eps, true);
+        assert_eq!((k.neighbours.len(), k.fdb.len()), (1, 1));
+        assert!(k
+            .neighbours
+            .contains_key(&(dev, "10.40.0.20".parse().unwrap())));
+        assert!(k.fdb.contains_key(&(dev, mac("10.40.0.20"))));
     }
 
     #[test]

@@ -91,6 +91,8 @@ pub struct Cluster {
     growing: tokio::sync::Mutex<()>,
     /// Endpoint records written and not yet seen back (`span::publish`).
     written: tokio::sync::Mutex<span::Written>,
+    /// Verdicts on other hosts' endpoint records (`believed_endpoints`).
+    verdicts: Mutex<span::Verdicts>,
 }
 
 impl Cluster {
@@ -202,6 +204,7 @@ impl Cluster {
             peer_keys: Default::default(),
             growing: Default::default(),
             written: Default::default(),
+            verdicts: Default::default(),
         });
         tokio::spawn(c.clone().keep_lease_alive());
         tokio::spawn(c.clone().sync_forever());
@@ -372,6 +375,19 @@ impl Cluster {
                             for c in changes {
                                 global.apply(&c);
                             }
+                            // And every batch already waiting: one pass for
+                            // a burst (150 sandboxes removed at once came as
+                            // ~100 batches, a pass each, seconds behind).
+                            while let Ok(more) = tokio::time::timeout(Duration::ZERO, watch.next()).await {
+                                match more? {
+                                    None => return Err(EtcdError::Cancelled("watch stream ended".into())),
+                                    Some(changes) => {
+                                        for c in changes {
+                                            global.apply(&c);
+                                        }
+                                    }
+                                }
+                            }
                             false
                         }
                     }
@@ -517,7 +533,18 @@ impl Cluster {
             if !problems.is_empty() {
                 view.problem = Some(problems.join("; "));
             }
-            view.remote_endpoints = self.take_remote_names(global, &name, &me.host_id);
+            let (believed, refused_records) = self.believed_endpoints(global, &name, &me.host_id);
+            let believed: Vec<weft_model::blocks::EndpointRecord> =
+                believed.into_iter().cloned().collect();
+            view.remote_endpoints = self.take_remote_names(&name, &believed);
+            if !refused_records.is_empty() {
+                let p = format!("endpoint records refused: {}", refused_records.join("; "));
+                view.problem = Some(
+                    view.problem
+                        .take()
+                        .map_or(p.clone(), |q| format!("{q}; {p}")),
+                );
+            }
             let (peers, refused) = self.believed_peers(global, &name, &me.host_id);
             let changes = self.key_changes(&name, &peers);
             // Shown with the programmed peers below; never programmed.
@@ -584,6 +611,9 @@ impl Cluster {
                     me.leases.remove(&net.name);
                     me.blocks.remove(&net.name);
                 });
+                // What this host wrote of it after `network rm` cleared
+                // it (a pass that still had the network).
+                self.forget_network(global, &net.name, &me.host_id).await?;
             }
         }
         crate::host::recover(self.status.lock()).networks = views;
@@ -616,16 +646,22 @@ impl Cluster {
         let mut problems = Vec::new();
         self.hold_blocks(global, net, me, &mut problems).await?;
         problems.extend(self.publish_endpoints(global, net, me).await?);
+        view.blocks = Self::blocks_view(global, net);
+        let (believed, refused) = self.believed_endpoints(global, &net.name, &me.host_id);
+        let endpoints: Vec<weft_model::blocks::EndpointRecord> =
+            believed.into_iter().cloned().collect();
+        view.remote_endpoints = self.take_remote_names(&net.name, &endpoints);
+        if !refused.is_empty() {
+            let n = refused.len();
+            problems.push(format!(
+                "{n} endpoint record{} refused: {}",
+                if n == 1 { "" } else { "s" },
+                refused.join("; ")
+            ));
+        }
         if !problems.is_empty() {
             view.problem = Some(problems.join("; "));
         }
-        view.blocks = Self::blocks_view(global, net);
-        view.remote_endpoints = self.take_remote_names(global, &net.name, &me.host_id);
-        let endpoints: Vec<weft_model::blocks::EndpointRecord> = global
-            .endpoints_of(&net.name)
-            .filter(|r| r.host_id != me.host_id && r.sandbox.is_some())
-            .cloned()
-            .collect();
         let local = backend::Local {
             host_id: me.host_id.clone(),
             public_ip: me.public_ip,
@@ -642,6 +678,37 @@ impl Cluster {
         }))
     }
 
+    /// Deletes this host's blocks and endpoint records of a network that
+    /// is gone from the cluster.
+    async fn forget_network(
+        &self,
+        global: &Global,
+        network: &str,
+        me: &str,
+    ) -> std::result::Result<(), EtcdError> {
+        let blocks: Vec<String> = global
+            .blocks
+            .get(network)
+            .into_iter()
+            .flat_map(|m| m.iter())
+            .filter(|(_, h)| h.host_id == me)
+            .map(|(b, _)| weft_model::blocks::block_key(network, b))
+            .collect();
+        let records: Vec<String> = global
+            .endpoints_of(network)
+            .filter(|r| r.host_id == me)
+            .map(|r| weft_model::blocks::endpoint_key(network, r.ip))
+            .collect();
+        for key in blocks.iter().chain(&records) {
+            self.etcd.delete(key).await?;
+        }
+        self.written
+            .lock()
+            .await
+            .retain(|k, _| !records.contains(k));
+        Ok(())
+    }
+
     async fn publish_endpoints(
         &self,
         global: &Global,
@@ -653,13 +720,14 @@ impl Cluster {
     }
 
     /// Gives the resolver the names of `network`'s sandboxes on other
-    /// hosts; returns how many there are.
-    fn take_remote_names(&self, global: &Global, network: &str, me: &str) -> usize {
-        let remote: Vec<(std::net::Ipv4Addr, Vec<String>)> = global
-            .endpoints_of(network)
-            .filter(|r| r.host_id != me && r.sandbox.is_some())
-            .map(|r| (r.ip, r.names.clone()))
-            .collect();
+    /// hosts (the records believed); returns how many there are.
+    fn take_remote_names(
+        &self,
+        network: &str,
+        believed: &[weft_model::blocks::EndpointRecord],
+    ) -> usize {
+        let remote: Vec<(std::net::Ipv4Addr, Vec<String>)> =
+            believed.iter().map(|r| (r.ip, r.names.clone())).collect();
         let n = remote.len();
         self.host.set_remote_names(network, remote);
         n
@@ -837,10 +905,16 @@ impl Cluster {
         if let Some(o) = net.overlay() {
             self.etcd.delete(&vni_key(o.vni)).await.map_err(err)?;
         }
-        self.etcd
-            .delete_prefix(&lease_dir(name))
-            .await
-            .map_err(err)?;
+        // Its leases, and a shared network's blocks and every host's
+        // endpoint records: a network made again with this name starts
+        // from nothing (the records would be programmed as its sandboxes).
+        for dir in [
+            lease_dir(name),
+            format!("blocks/{name}/"),
+            format!("endpoints/{name}/"),
+        ] {
+            self.etcd.delete_prefix(&dir).await.map_err(err)?;
+        }
         info!(network = %name, "global network removed");
         self.wake.notify_one();
         self.wait_local(name, false).await?;

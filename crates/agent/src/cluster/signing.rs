@@ -13,6 +13,7 @@ use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, RsaKeyPair};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use std::path::Path;
+use weft_model::blocks::EndpointRecord;
 use weft_model::overlay::LeaseSignature;
 use weft_model::Lease;
 
@@ -76,24 +77,35 @@ impl Signer {
 
     /// The lease with this host's signature.
     pub fn sign(&self, lease: Lease) -> Lease {
-        let msg = lease.signed_bytes();
+        Lease {
+            signed: Some(self.signature(&lease.signed_bytes())),
+            ..lease
+        }
+    }
+
+    /// An endpoint record with this host's signature.
+    pub fn sign_record(&self, r: EndpointRecord) -> EndpointRecord {
+        EndpointRecord {
+            signed: Some(self.signature(&r.signed_bytes())),
+            ..r
+        }
+    }
+
+    fn signature(&self, msg: &[u8]) -> LeaseSignature {
         let sig = match &self.key {
-            Key::Ecdsa(k) => k.sign(&self.rng, &msg).map(|s| s.as_ref().to_vec()),
-            Key::Ed25519(k) => Ok(k.sign(&msg).as_ref().to_vec()),
+            Key::Ecdsa(k) => k.sign(&self.rng, msg).map(|s| s.as_ref().to_vec()),
+            Key::Ed25519(k) => Ok(k.sign(msg).as_ref().to_vec()),
             Key::Rsa(k) => {
                 let mut out = vec![0; k.public().modulus_len()];
-                k.sign(&signature::RSA_PKCS1_SHA256, &self.rng, &msg, &mut out)
+                k.sign(&signature::RSA_PKCS1_SHA256, &self.rng, msg, &mut out)
                     .map(|_| out)
             }
         }
         // ring fails to sign only when the system's random source does.
         .expect("signing with a loaded key");
-        Lease {
-            signed: Some(LeaseSignature {
-                cert: self.cert_pem.clone(),
-                sig: B64.encode(sig),
-            }),
-            ..lease
+        LeaseSignature {
+            cert: self.cert_pem.clone(),
+            sig: B64.encode(sig),
         }
     }
 
@@ -137,12 +149,28 @@ impl Verifier {
                 lease.node
             ));
         };
-        self.check(lease, s)
+        self.check(&lease.node, &lease.signed_bytes(), s)
             .err()
             .map(|why| format!("refused, {why}: {} cannot have written it", lease.node))
     }
 
-    fn check(&self, lease: &Lease, s: &LeaseSignature) -> Result<(), String> {
+    /// Why an endpoint record must not be believed (None: it may).
+    pub fn refuse_record(&self, r: &EndpointRecord) -> Option<String> {
+        let Some(s) = &r.signed else {
+            return Some(format!(
+                "the record of {} is not signed: {} claims it, but no certificate vouches for it",
+                r.ip, r.node
+            ));
+        };
+        self.check(&r.node, &r.signed_bytes(), s).err().map(|why| {
+            format!(
+                "the record of {} refused, {why}: {} cannot have written it",
+                r.ip, r.node
+            )
+        })
+    }
+
+    fn check(&self, node: &str, msg: &[u8], s: &LeaseSignature) -> Result<(), String> {
         let cert = CertificateDer::from_pem_slice(s.cert.as_bytes())
             .map_err(|e| format!("its certificate does not parse ({e})"))?;
         let ee = webpki::EndEntityCert::try_from(&cert)
@@ -162,17 +190,16 @@ impl Verifier {
             webpki::Error::UnknownIssuer => "its certificate is not one of the etcd CA's".into(),
             e => format!("its certificate is not valid for a host ({e:?})"),
         })?;
-        let name = ServerName::try_from(lease.node.as_str())
-            .map_err(|_| format!("node name {:?} is not a DNS name", lease.node))?;
+        let name = ServerName::try_from(node)
+            .map_err(|_| format!("node name {node:?} is not a DNS name"))?;
         ee.verify_is_valid_for_subject_name(&name)
-            .map_err(|_| format!("its certificate is not {}'s", lease.node))?;
+            .map_err(|_| format!("its certificate is not {node}'s"))?;
         let sig = B64
             .decode(&s.sig)
             .map_err(|_| "its signature is not base64".to_string())?;
-        let msg = lease.signed_bytes();
         webpki::ALL_VERIFICATION_ALGS
             .iter()
-            .any(|alg| ee.verify_signature(*alg, &msg, &sig).is_ok())
+            .any(|alg| ee.verify_signature(*alg, msg, &sig).is_ok())
             .then_some(())
             .ok_or_else(|| "its signature does not match its content".to_string())
     }

@@ -4,7 +4,7 @@
 //! IPAM without a round trip: each host holds blocks of the subnet
 //! (`blocks/NET/A-LEN`, created if absent, bound to its etcd lease) and
 //! hands out their addresses itself. It claims its first block when it
-//! joins and another while it still has room (fewer than [`LOW_WATER`]
+//! joins and another while it still has room (fewer than [`low_water`]
 //! free), so an attach waits for etcd only when a burst outruns that.
 //! When no block is free a host borrows single addresses of other hosts'
 //! blocks, from the top of the block down (their holders hand out from
@@ -37,14 +37,23 @@ use weft_model::overlay::seed_of;
 use weft_model::Network;
 use weft_store::EtcdResult;
 
-/// A host claims another block while fewer addresses than this are free.
-pub(super) const LOW_WATER: usize = 8;
+/// A host claims another block while fewer addresses than this are free:
+/// a quarter of a block, from 2 to 8, so that in a small subnet (blocks of
+/// 8) the first hosts do not take every block ahead of the others.
+fn low_water(block_len: u8) -> usize {
+    ((1usize << (32 - block_len)) / 4).clamp(2, 8)
+}
 /// A record written this recently and not yet seen in the watch is not
 /// written again (a burst of attaches would rewrite each one per pass).
 const ECHO_WAIT: Duration = Duration::from_secs(2);
 
 /// Records written and not yet seen back: key -> (record, when).
 pub(super) type Written = BTreeMap<String, (EndpointRecord, Instant)>;
+
+/// Verdicts on other hosts' records: (network, address) -> (the record
+/// checked, why it is refused or None).
+pub(super) type Verdicts =
+    std::collections::HashMap<(String, Ipv4Addr), (EndpointRecord, Option<String>)>;
 
 fn me_of(me: &Identity) -> Me {
     Me {
@@ -142,14 +151,30 @@ impl Cluster {
             .filter(|r| r.host_id != me.host_id)
             .map(|r| (r.ip, r.holder()))
             .collect();
-        let free = self.host.set_share(name, held.clone(), foreign);
+        let contended = Self::all_blocks_held(global, net);
+        let free = self.host.set_share(name, held.clone(), foreign, contended);
         let left = self.left.load(Ordering::Relaxed);
-        if free < LOW_WATER && !left && self.etcd_lease().is_some() {
+        let low = net.overlay().map_or(8, |o| low_water(o.host_subnet_len));
+        if free < low && !left && self.etcd_lease().is_some() {
             if let Some(b) = self.claim_free_block(global, net, me).await? {
                 held.insert(b);
             }
         }
         Ok(held)
+    }
+
+    /// Whether every block of the shared network `net` is held: other
+    /// hosts may then borrow addresses of this host's blocks, so this host
+    /// claims each address it hands out too (create-if-absent settles who
+    /// gets one), instead of handing them out unasked.
+    fn all_blocks_held(global: &Global, net: &Network) -> bool {
+        let Some(o) = net.overlay() else {
+            return false;
+        };
+        let held = global.blocks.get(&net.name).map_or(0, |m| {
+            m.keys().filter(|b| o.range.contains(&b.network())).count()
+        });
+        held >= blocks_of(o.range, o.host_subnet_len).count()
     }
 
     /// Claims a block nobody holds, as `global` or (when that was stale)
@@ -189,11 +214,14 @@ impl Cluster {
     }
 
     /// The attach path found no room on `network`: claims a block, or
-    /// else borrows one free address of another host's block. Serialised,
-    /// and a no-op when an earlier call already made room.
+    /// else (every block held) claims one free address, of this host's
+    /// blocks first, then borrowed from another host's. Serialised; a
+    /// block claimed by an earlier call is room for every waiting attach,
+    /// a single address only for one, so while every block is held each
+    /// call claims one.
     pub async fn grow(&self, network: &str) -> Result<()> {
         let _one = self.growing.lock().await;
-        if self.host.has_room(network) {
+        if !self.host.is_contended(network) && self.host.has_room(network) {
             return Ok(());
         }
         if self.left.load(Ordering::Relaxed) {
@@ -223,23 +251,38 @@ impl Cluster {
             info!(network, block = %b, "claimed a block for an attach");
             return Ok(());
         }
-        // Every block is held: borrow an address from the top of one.
+        // Every block is held: from now on each address is claimed.
+        self.host.set_contended(network);
+        // One of this host's blocks from the bottom up, else one of
+        // another host's from the top down (its holder claims from the
+        // bottom: the two rarely try the same address).
         let taken: BTreeSet<Ipv4Addr> = global.endpoints_of(network).map(|r| r.ip).collect();
         let o = net.overlay().expect("a shared network");
-        let mut candidates: Vec<Ipv4Addr> = blocks_of(o.range, o.host_subnet_len)
+        let mine: BTreeSet<Ipv4Net> = global.blocks_of(network, &me.host_id).into_iter().collect();
+        let own = blocks_of(o.range, o.host_subnet_len)
+            .filter(|b| mine.contains(b))
+            .flat_map(|b| usable(b, o.range, net.gateway));
+        let others = blocks_of(o.range, o.host_subnet_len)
+            .filter(|b| !mine.contains(b))
             .flat_map(|b| {
                 usable(b, o.range, net.gateway)
                     .collect::<Vec<_>>()
                     .into_iter()
                     .rev()
-            })
-            .filter(|ip| !taken.contains(ip))
+            });
+        let mut candidates: Vec<Ipv4Addr> = own
+            .chain(others)
+            .filter(|ip| !taken.contains(ip) && !self.host.in_use(network, *ip))
             .collect();
         candidates.truncate(64);
         for ip in candidates {
             match self.claim_address(network, ip, None).await {
                 Ok(()) => {
-                    info!(network, %ip, "borrowed an address of another host's block");
+                    if mine.iter().any(|b| b.contains(&ip)) {
+                        info!(network, %ip, "claimed an address of this host's block (every block is held)");
+                    } else {
+                        info!(network, %ip, "borrowed an address of another host's block");
+                    }
                     return Ok(());
                 }
                 Err(AgentError::Conflict(_)) => continue,
@@ -270,7 +313,9 @@ impl Cluster {
             public_ip: me.public_ip,
             sandbox: sandbox.map(str::to_string),
             names: Vec::new(),
+            signed: None,
         };
+        let record = self.signed(record);
         let key = endpoint_key(network, ip);
         let unavailable = |e| Self::unavailable_for(network, e);
         let created = self
@@ -289,10 +334,12 @@ impl Cluster {
             let holder: Option<EndpointRecord> = raw.and_then(|r| serde_json::from_slice(&r).ok());
             match holder {
                 Some(h) if h.host_id == me.host_id => {}
-                Some(h) => return Err(AgentError::Conflict(format!(
+                Some(h) => {
+                    return Err(AgentError::Conflict(format!(
                     "--net {network}: {ip} is taken by {}; pick another address or leave --ip out",
                     h.holder()
-                ))),
+                )))
+                }
                 None => {
                     return Err(AgentError::Conflict(format!(
                         "--net {network}: {ip} was just taken on another host; try again"
@@ -302,6 +349,60 @@ impl Cluster {
         }
         self.host.add_claim(network, Claimed::Address(ip));
         Ok(())
+    }
+
+    /// The record signed with this host's client certificate, if it has one.
+    fn signed(&self, r: EndpointRecord) -> EndpointRecord {
+        match &self.signer {
+            Some(s) => s.sign_record(r),
+            None => r,
+        }
+    }
+
+    /// The other hosts' records of `network` this host believes (with a CA
+    /// to check against: signed by their node), and why each other one is
+    /// refused. A verdict is kept while its record stays the same, so a
+    /// pass checks only what changed.
+    pub(super) fn believed_endpoints<'g>(
+        &self,
+        global: &'g Global,
+        network: &str,
+        me: &str,
+    ) -> (Vec<&'g EndpointRecord>, Vec<String>) {
+        let others = global
+            .endpoints_of(network)
+            .filter(|r| r.host_id != me && r.sandbox.is_some());
+        let Some(v) = &self.verifier else {
+            return (others.collect(), Vec::new());
+        };
+        let mut cache = crate::host::recover(self.verdicts.lock());
+        cache.retain(|(n, ip), _| {
+            n != network
+                || global
+                    .endpoints
+                    .get(network)
+                    .is_some_and(|m| m.contains_key(ip))
+        });
+        let (mut ok, mut refused) = (Vec::new(), Vec::new());
+        for r in others {
+            let slot = (network.to_string(), r.ip);
+            let verdict = match cache.get(&slot) {
+                Some((seen, why)) if seen == r => why.clone(),
+                _ => {
+                    let why = v.refuse_record(r);
+                    if let Some(w) = &why {
+                        warn!(network, ip = %r.ip, node = %r.node, reason = %w, "refusing an endpoint record");
+                    }
+                    cache.insert(slot, (r.clone(), why.clone()));
+                    why
+                }
+            };
+            match verdict {
+                None => ok.push(r),
+                Some(why) => refused.push(why),
+            }
+        }
+        (ok, refused)
     }
 
     fn unavailable_for(network: &str, e: weft_store::EtcdError) -> AgentError {
@@ -327,20 +428,27 @@ impl Cluster {
         let want = self.host.endpoint_records(name, &me_of(me));
         let have = global.endpoints.get(name);
         let mut wanted = BTreeSet::new();
+        let cert = self.signer.as_ref().map(|s| s.cert_pem());
+        // Equal but for the signature (a new one differs each time), by
+        // the same certificate: nothing to write.
+        let same = |a: &EndpointRecord, b: &EndpointRecord| {
+            a.body() == b.body() && a.signed.as_ref().map(|s| s.cert.as_str()) == cert
+        };
         for r in want {
             let key = endpoint_key(name, r.ip);
             wanted.insert(r.ip);
             let current = have.and_then(|m| m.get(&r.ip));
-            if current == Some(&r) {
+            if current.is_some_and(|c| same(c, &r)) {
                 written.remove(&key);
                 continue;
             }
             if written
                 .get(&key)
-                .is_some_and(|(w, at)| *w == r && at.elapsed() < ECHO_WAIT)
+                .is_some_and(|(w, at)| w.body() == r && at.elapsed() < ECHO_WAIT)
             {
                 continue;
             }
+            let r = self.signed(r);
             let value = serde_json::to_vec(&r).expect("serializable");
             match current {
                 Some(c) if c.host_id != me.host_id => {
@@ -356,10 +464,31 @@ impl Cluster {
                 None => {
                     if !self
                         .etcd
-                        .create(&[(key.clone(), value)], self.etcd_lease())
+                        .create(&[(key.clone(), value.clone())], self.etcd_lease())
                         .await?
                     {
-                        warn!(network = name, ip = %r.ip, "an address of this host was claimed by another host at the same time");
+                        // There already: this host's own claim of the
+                        // address the watch has not brought back yet, or
+                        // another host's.
+                        let raw = self.etcd.get(&key).await?;
+                        let holder: Option<EndpointRecord> =
+                            raw.and_then(|v| serde_json::from_slice(&v).ok());
+                        match holder {
+                            Some(h) if h.host_id == me.host_id => {
+                                self.etcd.put(&key, value, self.etcd_lease()).await?
+                            }
+                            Some(h) => {
+                                warn!(network = name, ip = %r.ip, holder = %h.holder(), "an address of this host was claimed by another host at the same time");
+                                problems.push(format!(
+                                    "{} of sandbox {} is claimed by {} as well; one of them must go",
+                                    r.ip,
+                                    r.sandbox.as_deref().unwrap_or("(being attached)"),
+                                    h.holder()
+                                ));
+                                continue;
+                            }
+                            None => continue,
+                        }
                     }
                 }
             }

@@ -10,7 +10,7 @@ use crate::host::Inner;
 use ipnet::Ipv4Net;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use weft_model::ports::{HostPorts, PortRange, PortRequest, EPHEMERAL};
 use weft_model::sandbox::{host_veth_name, DockerEndpoint, External, Runtime};
 use weft_model::{keys, subnet, Attachment, Endpoint, NetworkSpec, Protocol};
@@ -56,10 +56,19 @@ fn mac_string(mac: [u8; 6]) -> String {
         .join(":")
 }
 
-fn docker_of(sb: &Sandbox) -> Option<&DockerEndpoint> {
+pub(super) fn docker_of(sb: &Sandbox) -> Option<&DockerEndpoint> {
     match &sb.external.as_ref()?.runtime {
         Runtime::Docker(d) => Some(d),
         Runtime::Cni => None,
+    }
+}
+
+/// A Docker endpoint's aliases: the names of its container (one endpoint per record).
+fn set_aliases(sb: &mut Sandbox, aliases: Vec<String>) {
+    if let Attachment::Networks { endpoints } = &mut sb.attachment {
+        for ep in endpoints {
+            ep.aliases = aliases.clone();
+        }
     }
 }
 
@@ -386,6 +395,7 @@ impl Plugin {
                     network_id: req.network_id.clone(),
                     address_from_ipam: from_ipam,
                     sandbox_key: None,
+                    container_name: None,
                 }),
             }),
         };
@@ -568,10 +578,56 @@ impl Plugin {
         sb.ports.clear();
         if let Some(d) = docker_mut(&mut sb) {
             d.sandbox_key = None;
+            d.container_name = None;
         }
+        // The container's names were all the endpoint's aliases (see record_names).
+        set_aliases(&mut sb, Vec::new());
         inner.runtime.put_json(&keys::sandbox(&sb.id), &sb)?;
         inner.register(sb);
         Ok(Empty {})
+    }
+
+    /// Records the name (and Docker aliases) of the container joined to a
+    /// Docker endpoint, as dockerd's API tells them: they become the
+    /// endpoint's aliases, so weft's resolver answers them (Docker's own
+    /// answers only for containers of the same dockerd). Returns whether
+    /// the endpoint was still joined and got them. Names that are not DNS
+    /// names (a container `my_app`, say) are left out.
+    pub(super) fn record_names(
+        &self,
+        endpoint_id: &str,
+        container: &str,
+        names: &[String],
+    ) -> Result<bool> {
+        let _st = self.state();
+        let mut g = self.host.lock();
+        let inner = &mut *g;
+        let Some(sb) = inner.sandboxes.get(endpoint_id) else {
+            return Ok(false);
+        };
+        let mut sb = (**sb).clone();
+        match docker_mut(&mut sb) {
+            Some(d) if d.sandbox_key.is_some() => d.container_name = Some(container.to_string()),
+            // Left (or never joined) meanwhile.
+            _ => return Ok(false),
+        }
+        let mut aliases: Vec<String> = Vec::new();
+        for n in names {
+            if *n == sb.name || aliases.contains(n) {
+                continue;
+            }
+            match weft_model::names::validate("name", n) {
+                Ok(()) => aliases.push(n.clone()),
+                Err(e) => {
+                    debug!(endpoint = short(endpoint_id), error = %e, "a Docker name weft's resolver cannot answer")
+                }
+            }
+        }
+        set_aliases(&mut sb, aliases.clone());
+        inner.runtime.put_json(&keys::sandbox(&sb.id), &sb)?;
+        inner.register(sb);
+        info!(endpoint = short(endpoint_id), container, names = %aliases.join(","), "Docker container's names recorded");
+        Ok(true)
     }
 
     /// Published ports (`docker run -p`) as weft's nft port maps to the

@@ -25,12 +25,20 @@
 //! - Names: Docker's embedded resolver (127.0.0.11) answers for containers
 //!   on user-defined networks whatever their driver, so weft's resolver is
 //!   not in the way; `docker run --dns <gateway>` makes Docker forward what
-//!   it does not know to weft's resolver, which knows weft's sandboxes.
+//!   it does not know to weft's resolver, which knows weft's sandboxes, and
+//!   Docker's containers too: the driver protocol does not name the
+//!   container, so the plugin reads its name and aliases from dockerd's API
+//!   after Join and records them as the endpoint's aliases (auto.rs).
+//! - Global networks (in a cluster) are made Docker networks by weft on
+//!   every host, through dockerd's API (`--docker-host`; auto.rs), so a
+//!   network created once in the cluster is usable by every host's dockerd.
 //!
 //! Lock order: the plugin's state, then the host. Nothing else takes the
 //! plugin's lock, and Docker's requests are serialised by it.
 
+mod auto;
 mod driver;
+mod engine;
 mod ipam;
 mod proto;
 
@@ -356,15 +364,28 @@ fn router(p: Arc<Plugin>) -> Router {
         )
 }
 
-/// The plugin socket being served.
+/// What the plugin knows of the local dockerd, for `weft status`.
+pub(crate) type DockerStatus = Arc<Mutex<weft_model::api::DockerView>>;
+
+/// The plugin socket being served, and the task that keeps dockerd's
+/// networks and names in step (auto.rs).
 pub(crate) struct Served {
     task: tokio::task::JoinHandle<()>,
+    auto: tokio::task::JoinHandle<()>,
     path: PathBuf,
+    status: DockerStatus,
 }
 
 impl Served {
-    /// Stops serving and removes the socket (graceful shutdown).
+    pub(crate) fn status(&self) -> DockerStatus {
+        Arc::clone(&self.status)
+    }
+
+    /// Stops serving and removes the socket (graceful shutdown). The Docker
+    /// networks weft made stay: they are dockerd's record of the host's
+    /// global networks, which outlive the agent.
     pub(crate) fn stop(self) {
+        self.auto.abort();
         self.task.abort();
         let _ = std::fs::remove_file(&self.path);
     }
@@ -392,8 +413,15 @@ fn clear_socket(path: &Path) -> Result<()> {
     std::fs::remove_file(path).map_err(AgentError::io(format!("remove {}", path.display())))
 }
 
-/// Loads the plugin's state and serves it on `path` until stopped.
-pub(crate) async fn listen(host: Host, path: &Path) -> Result<Served> {
+/// Loads the plugin's state and serves it on `path` until stopped; talks to
+/// dockerd on `docker_host` (its API socket) for containers' names and, with
+/// `auto_networks` (in a cluster), to make the global networks Docker's.
+pub(crate) async fn listen(
+    host: Host,
+    path: &Path,
+    docker_host: &Path,
+    auto_networks: bool,
+) -> Result<Served> {
     let plugin = tokio::task::spawn_blocking(move || Plugin::load(host))
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))??;
@@ -407,7 +435,8 @@ pub(crate) async fn listen(host: Host, path: &Path) -> Result<Served> {
     // dockerd runs as root; nobody else may drive the host's networking.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(AgentError::io(format!("chmod {}", path.display())))?;
-    let app = router(Arc::new(plugin));
+    let plugin = Arc::new(plugin);
+    let app = router(Arc::clone(&plugin));
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             warn!(error = %e, "Docker plugin socket failed");
@@ -418,8 +447,25 @@ pub(crate) async fn listen(host: Host, path: &Path) -> Result<Served> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     info!(socket = %path.display(), driver = %driver, "serving Docker's network and IPAM driver");
+    let status: DockerStatus = Arc::new(Mutex::new(weft_model::api::DockerView {
+        plugin_socket: path.display().to_string(),
+        driver: driver.clone(),
+        api: docker_host.display().to_string(),
+        auto_networks,
+        ..Default::default()
+    }));
+    let auto = Arc::new(auto::Auto::new(
+        plugin,
+        engine::Engine::new(docker_host),
+        driver,
+        auto_networks,
+        Arc::clone(&status),
+    ));
+    let auto = tokio::spawn(auto.run());
     Ok(Served {
         task,
+        auto,
         path: path.to_path_buf(),
+        status,
     })
 }

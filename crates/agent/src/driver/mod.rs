@@ -10,10 +10,12 @@
 mod bridge;
 mod macvlan;
 mod overlay;
+mod shared;
 
 pub(crate) use bridge::BridgeDriver;
 pub(crate) use macvlan::MacvlanDriver;
 pub(crate) use overlay::OverlayDriver;
+pub(crate) use shared::SharedDriver;
 
 use crate::error::{AgentError, Result};
 use ipnet::Ipv4Net;
@@ -121,6 +123,7 @@ pub(crate) fn for_network(net: &Network) -> Box<dyn NetworkDriver> {
     match &net.settings {
         DriverSettings::Bridge(_) => Box::new(BridgeDriver::default()),
         DriverSettings::Macvlan(_) => Box::new(MacvlanDriver::default()),
+        DriverSettings::Overlay(o) if o.overlay.is_shared() => Box::new(SharedDriver::default()),
         DriverSettings::Overlay(_) => Box::new(OverlayDriver::default()),
     }
 }
