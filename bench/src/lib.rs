@@ -6,6 +6,7 @@
 
 pub mod cni;
 pub mod docker;
+pub mod firstping;
 pub mod harness;
 pub mod hostcheck;
 pub mod image;

@@ -11,6 +11,12 @@ pub enum Way {
     Weft,
     Docker,
     Cni,
+    /// `attach --net shared`: weft on a local bridge network, as a lab host.
+    #[serde(rename = "weft-bridge")]
+    WeftBridge,
+    /// … and on a network whose one subnet is shared by all hosts.
+    #[serde(rename = "weft-shared")]
+    WeftShared,
 }
 
 impl Way {
@@ -19,6 +25,8 @@ impl Way {
             Way::Weft => "weft",
             Way::Docker => "docker",
             Way::Cni => "cni",
+            Way::WeftBridge => "weft-bridge",
+            Way::WeftShared => "weft-shared",
         }
     }
 
@@ -28,6 +36,8 @@ impl Way {
             Way::Weft => "weft run -d / rm -f",
             Way::Docker => "docker run -d / rm -f",
             Way::Cni => "cni bridge ADD / DEL",
+            Way::WeftBridge => "weft run -d --net bridge-net",
+            Way::WeftShared => "weft run -d --net shared-net",
         }
     }
 }
@@ -102,6 +112,12 @@ pub struct Ratios {
     pub docker_rm_over_weft_rm: Option<f64>,
     pub weft_network_setup_median_ms: Option<f64>,
     pub weft_network_teardown_median_ms: Option<f64>,
+    /// weft run on a shared-subnet network / on a local bridge network, medians
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_run_over_bridge_run: Option<f64>,
+    /// weft rm of the same, medians
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_rm_over_bridge_rm: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -125,6 +141,10 @@ impl RunReport {
                 ratios.cni_add_over_weft_run = div(c.attach.median_ms, weft.attach.median_ms);
                 ratios.cni_del_over_weft_rm = div(c.remove.median_ms, weft.remove.median_ms);
             }
+        }
+        if let (Some(s), Some(b)) = (get(Way::WeftShared), get(Way::WeftBridge)) {
+            ratios.shared_run_over_bridge_run = div(s.attach.median_ms, b.attach.median_ms);
+            ratios.shared_rm_over_bridge_rm = div(s.remove.median_ms, b.remove.median_ms);
         }
         if let Some(weft) = get(Way::Weft) {
             ratios.weft_network_setup_median_ms = weft.network_setup.as_ref().map(|s| s.median_ms);
@@ -173,6 +193,12 @@ impl RunReport {
         }
         if let Some(v) = x(r.docker_rm_over_weft_rm) {
             parts.push(format!("docker rm / weft rm {v}"));
+        }
+        if let Some(v) = x(r.shared_run_over_bridge_run) {
+            parts.push(format!("shared run / bridge run {v} (goal <= 2x)"));
+        }
+        if let Some(v) = x(r.shared_rm_over_bridge_rm) {
+            parts.push(format!("shared rm / bridge rm {v}"));
         }
         if let Some(v) = r.weft_network_setup_median_ms {
             parts.push(format!("weft network setup median {v:.3} ms"));

@@ -67,9 +67,79 @@ pub struct WeftRun {
     pub pid: Option<i32>,
     /// `attachment.endpoints[0].ip`, if it has an endpoint.
     pub ip: Option<Ipv4Addr>,
+    /// The sandbox's namespace file, if it has one of its own.
+    pub netns: Option<PathBuf>,
+    /// The first endpoint's prefix length and gateway.
+    pub prefix_len: Option<u8>,
+    pub gateway: Option<Ipv4Addr>,
     pub network_setup_us: u64,
     /// Wall-clock time of the whole `weft run` command.
     pub wall: Duration,
+}
+
+impl WeftRun {
+    /// What `weft run -d --format json` printed (`what` names the command
+    /// in errors), and how long it took.
+    pub fn parse(stdout: &[u8], wall: Duration, what: &str) -> Result<WeftRun> {
+        let v: Value = serde_json::from_slice(stdout).context(format_args!(
+            "`{what}` did not print JSON ({:?})",
+            String::from_utf8_lossy(stdout)
+        ))?;
+        let id = v
+            .get("id")
+            .and_then(Value::as_str)
+            .context(format_args!("`{what}` printed no string \"id\": {v}"))?
+            .to_string();
+        let pid = v
+            .get("pid")
+            .and_then(Value::as_i64)
+            .and_then(|p| i32::try_from(p).ok());
+        let network_setup_us =
+            v.get("network_setup_us")
+                .and_then(Value::as_u64)
+                .context(format_args!(
+                    "`{what}` printed no unsigned integer \"network_setup_us\": {v}"
+                ))?;
+        let ip = v
+            .pointer("/attachment/endpoints/0/ip")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok());
+        let netns = v.get("netns").and_then(Value::as_str).map(PathBuf::from);
+        let prefix_len = v
+            .pointer("/attachment/endpoints/0/prefix_len")
+            .and_then(Value::as_u64)
+            .and_then(|p| u8::try_from(p).ok());
+        let gateway = v
+            .pointer("/attachment/endpoints/0/gateway")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok());
+        Ok(WeftRun {
+            id,
+            pid,
+            ip,
+            netns,
+            prefix_len,
+            gateway,
+            network_setup_us,
+            wall,
+        })
+    }
+}
+
+/// The sandboxes `weft rm -f --format json` removed: the entry of `id`
+/// (else the first), and its `network_teardown_us`.
+pub fn parse_rm(stdout: &[u8], id: &str, cmd: &Command) -> Result<u64> {
+    let v = parse_json(cmd, stdout)?;
+    let entry = match &v {
+        Value::Array(items) => items
+            .iter()
+            .find(|e| e.get("id").and_then(Value::as_str) == Some(id))
+            .or_else(|| items.first()),
+        Value::Object(_) => Some(&v),
+        _ => None,
+    }
+    .context(format_args!("`weft rm` printed no removed sandbox: {v}"))?;
+    field_u64(entry, "network_teardown_us", cmd)
 }
 
 /// Short form of a list of `-p` values for messages: the first and last few.
@@ -251,40 +321,19 @@ impl WeftHarness {
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
-        let v: Value = serde_json::from_slice(&out.stdout).context(format_args!(
-            "`{}` did not print JSON ({:?})",
-            what(),
-            String::from_utf8_lossy(&out.stdout)
-        ))?;
-        let id = v
-            .get("id")
-            .and_then(Value::as_str)
-            .context(format_args!("`{}` printed no string \"id\": {v}", what()))?
-            .to_string();
-        let pid = v
-            .get("pid")
-            .and_then(Value::as_i64)
-            .and_then(|p| i32::try_from(p).ok());
-        // Known before anything else is checked, so cleanup can find it.
-        self.live.push((id.clone(), pid.and_then(ProcId::of)));
-        let network_setup_us =
-            v.get("network_setup_us")
-                .and_then(Value::as_u64)
-                .context(format_args!(
-                    "`{}` printed no unsigned integer \"network_setup_us\": {v}",
-                    what()
-                ))?;
-        let ip = v
-            .pointer("/attachment/endpoints/0/ip")
-            .and_then(Value::as_str)
-            .and_then(|s| s.parse().ok());
-        Ok(WeftRun {
-            id,
-            pid,
-            ip,
-            network_setup_us,
-            wall,
-        })
+        let r = WeftRun::parse(&out.stdout, wall, &what());
+        // Recorded even when the rest of the output is bad, so cleanup
+        // can find it.
+        let id = match &r {
+            Ok(r) => Some((r.id.clone(), r.pid)),
+            Err(_) => serde_json::from_slice::<Value>(&out.stdout)
+                .ok()
+                .and_then(|v| v.get("id")?.as_str().map(|id| (id.to_string(), None))),
+        };
+        if let Some((id, pid)) = id {
+            self.live.push((id, pid.and_then(ProcId::of)));
+        }
+        r
     }
 
     /// `weft rm -f --format json ID`, timed: wall time of the command and
@@ -297,17 +346,7 @@ impl WeftHarness {
             return Err(failed(&cmd, &out));
         }
         self.live.retain(|(id, _)| id != sandbox);
-        let v = parse_json(&cmd, &out.stdout)?;
-        let entry = match &v {
-            Value::Array(items) => items
-                .iter()
-                .find(|e| e.get("id").and_then(Value::as_str) == Some(sandbox))
-                .or_else(|| items.first()),
-            Value::Object(_) => Some(&v),
-            _ => None,
-        }
-        .context(format_args!("`weft rm` printed no removed sandbox: {v}"))?;
-        let teardown = field_u64(entry, "network_teardown_us", &cmd)?;
+        let teardown = parse_rm(&out.stdout, sandbox, &cmd)?;
         Ok(Sample {
             wall,
             inner_us: Some(teardown),
