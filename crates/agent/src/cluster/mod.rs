@@ -93,6 +93,8 @@ pub struct Cluster {
     written: tokio::sync::Mutex<span::Written>,
     /// Verdicts on other hosts' endpoint records (`believed_endpoints`).
     verdicts: Mutex<span::Verdicts>,
+    /// Shared networks: when this host first found every block held.
+    full_since: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Cluster {
@@ -205,6 +207,7 @@ impl Cluster {
             growing: Default::default(),
             written: Default::default(),
             verdicts: Default::default(),
+            full_since: Default::default(),
         });
         tokio::spawn(c.clone().keep_lease_alive());
         tokio::spawn(c.clone().sync_forever());

@@ -47,6 +47,11 @@ fn low_water(block_len: u8) -> usize {
 /// written again (a burst of attaches would rewrite each one per pass).
 const ECHO_WAIT: Duration = Duration::from_secs(2);
 
+/// How long after first finding every block held a host waits before it
+/// borrows another host's address, so that the holders have switched to
+/// claiming each address they hand out (they learn it from the watch).
+const BORROW_GRACE: Duration = Duration::from_secs(1);
+
 /// Records written and not yet seen back: key -> (record, when).
 pub(super) type Written = BTreeMap<String, (EndpointRecord, Instant)>;
 
@@ -152,6 +157,9 @@ impl Cluster {
             .map(|r| (r.ip, r.holder()))
             .collect();
         let contended = Self::all_blocks_held(global, net);
+        if !contended {
+            crate::host::recover(self.full_since.lock()).remove(name);
+        }
         let free = self.host.set_share(name, held.clone(), foreign, contended);
         let left = self.left.load(Ordering::Relaxed);
         let low = net.overlay().map_or(8, |o| low_water(o.host_subnet_len));
@@ -194,11 +202,18 @@ impl Cluster {
             .map(|m| m.keys().copied().collect())
             .unwrap_or_default();
         let seed = seed_of(&me.host_id);
+        let total = blocks_of(o.range, o.host_subnet_len).count();
         for attempt in 0..16u64 {
             let Some(b) = pick_free_block(o.range, o.host_subnet_len, &taken, seed + attempt)
             else {
                 return Ok(None);
             };
+            if taken.len() + 1 >= total {
+                // The last free block: others may borrow as soon as it is
+                // held, so no address of this host is handed out unasked
+                // from the moment it is claimed.
+                self.host.set_contended(&net.name);
+            }
             if self.claim_block(&net.name, b, me).await? {
                 return Ok(Some(b));
             }
@@ -253,6 +268,20 @@ impl Cluster {
         }
         // Every block is held: from now on each address is claimed.
         self.host.set_contended(network);
+        // Other hosts may still hand out addresses of their blocks unasked
+        // until their watch shows every block held (milliseconds): the
+        // first borrow waits that out, then reads who holds what afresh.
+        let first = *crate::host::recover(self.full_since.lock())
+            .entry(network.to_string())
+            .or_insert_with(Instant::now);
+        let wait = BORROW_GRACE.saturating_sub(first.elapsed());
+        let global = if wait.is_zero() {
+            global
+        } else {
+            tokio::time::sleep(wait).await;
+            let (kvs, _) = self.etcd.list("").await.map_err(unavailable)?;
+            Global::from_list(kvs)
+        };
         // One of this host's blocks from the bottom up, else one of
         // another host's from the top down (its holder claims from the
         // bottom: the two rarely try the same address).
