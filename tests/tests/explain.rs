@@ -564,6 +564,11 @@ fn explain_follows_a_shared_subnet_across_hosts() {
     has_hop(&e, |x| {
         x.at == "host h2" && x.what.contains("arrives on wvx-")
     });
+    assert!(
+        !e.hops.iter().any(|x| x.what.contains("the way back")),
+        "bridged, not routed, on h2:\n{}",
+        e.render_text()
+    );
     // Nobody has 10.40.250.9: dropped where the ARP goes unanswered.
     let e = explain_in_lab(&lab, 0, &["a", "10.40.250.9"]);
     dropped_at(&e, "no neighbour entry for 10.40.250.9", "on any host");

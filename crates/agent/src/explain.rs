@@ -272,6 +272,10 @@ impl Walk<'_> {
             (Place::Address(from), Place::Host) => self.published_port(*from, proto, port),
             (Place::Address(from), _) => {
                 let d = Self::first_ip(dst).expect("a destination address");
+                if self.shared_lan_of(*from, d).is_some() {
+                    // Bridged, not routed: leave_host says where it comes in.
+                    return self.leave_host(&host_at, Some((*from, 0)), d, dst);
+                }
                 // It comes in where the route back to its source leaves.
                 let via = match self.host_nl.route_get(*from, None)? {
                     RouteHit::Unicast { oif, .. } => {
@@ -934,6 +938,18 @@ impl Walk<'_> {
         })
     }
 
+    /// The shared-subnet network that holds both `s` and `d`, if any.
+    fn shared_lan_of(&self, s: Ipv4Addr, d: Ipv4Addr) -> Option<Network> {
+        self.networks
+            .values()
+            .find(|n| {
+                n.overlay().is_some_and(|o| o.is_shared())
+                    && n.subnet.contains(&s)
+                    && n.subnet.contains(&d)
+            })
+            .cloned()
+    }
+
     /// The node of the overlay peer at public address `remote`.
     fn peer_at(&self, remote: Ipv4Addr) -> Option<String> {
         self.cluster?
@@ -972,16 +988,7 @@ impl Walk<'_> {
         if let Some((s, _)) = from {
             // From a sandbox of a shared network on another host: the frame
             // comes out of the network's VXLAN device onto the bridge.
-            let lan = self
-                .networks
-                .values()
-                .find(|n| {
-                    n.overlay().is_some_and(|o| o.is_shared())
-                        && n.subnet.contains(&s)
-                        && n.subnet.contains(&d)
-                })
-                .cloned();
-            if let Some(net) = lan {
+            if let Some(net) = self.shared_lan_of(s, d) {
                 let dev = weft_model::overlay::vxlan_device(&net.id);
                 let bridge = net.bridge().unwrap_or_default().to_string();
                 self.hop(host_at, format!("the VXLAN packet from {s} arrives on {dev}, which hands the inner frame to bridge {bridge} (network {} is one subnet on every host: no route between them)", net.name), format!("ip -d link show {dev}"));
