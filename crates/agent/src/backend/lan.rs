@@ -248,11 +248,7 @@ impl SharedLan {
             for (ip, e) in &entries {
                 Self::remove(nl, dev, *ip, e);
             }
-            if let Ok(links) = nl.links() {
-                if let Some(l) = links.into_iter().find(|l| l.index == dev) {
-                    let _ = nl.delete_link(&l.name);
-                }
-            }
+            super::delete_link_at(nl, dev);
         }
     }
 }

@@ -224,6 +224,16 @@ pub(crate) fn vxlan_link(
     Ok((l, true, mtu))
 }
 
+/// Deletes the link with `index`, if it is still there (a device's name is
+/// derived from its network, which a teardown may no longer have).
+pub(crate) fn delete_link_at(nl: &mut dyn Kernel, index: u32) {
+    if let Ok(links) = nl.links() {
+        if let Some(l) = links.into_iter().find(|l| l.index == index) {
+            let _ = nl.delete_link(&l.name);
+        }
+    }
+}
+
 /// The device a network's backend carries its packets on, when it has one
 /// of its own (host-gw routes through the underlay interface).
 pub(crate) fn device_of(net: &Network) -> Option<String> {

@@ -291,12 +291,7 @@ impl Backend for Vxlan {
         }
         self.addr = None;
         if let Some(dev) = self.dev.take() {
-            // The device's name is derived from the network; find it by index.
-            if let Ok(links) = nl.links() {
-                if let Some(l) = links.into_iter().find(|l| l.index == dev) {
-                    let _ = nl.delete_link(&l.name);
-                }
-            }
+            super::delete_link_at(nl, dev);
         }
     }
 

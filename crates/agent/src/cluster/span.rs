@@ -246,8 +246,7 @@ impl Cluster {
         }
         let me = crate::host::recover(self.me.lock()).clone();
         let unavailable = |e| Self::unavailable_for(network, e);
-        let (kvs, _) = self.etcd.list("").await.map_err(unavailable)?;
-        let global = Global::from_list(kvs);
+        let global = self.read_network(network).await.map_err(unavailable)?;
         let Some(net) = global.networks.get(network).cloned() else {
             return Err(AgentError::NotFound(format!(
                 "no network {network} in the cluster"
@@ -279,8 +278,7 @@ impl Cluster {
             global
         } else {
             tokio::time::sleep(wait).await;
-            let (kvs, _) = self.etcd.list("").await.map_err(unavailable)?;
-            Global::from_list(kvs)
+            self.read_network(network).await.map_err(unavailable)?
         };
         // One of this host's blocks from the bottom up, else one of
         // another host's from the top down (its holder claims from the
@@ -323,6 +321,23 @@ impl Cluster {
             "--net {network}: the subnet {} has no free address on any host ({used} in use); remove sandboxes, or use a larger subnet",
             net.subnet
         )))
+    }
+
+    /// What etcd holds of one network now: its record, blocks and
+    /// endpoint records (not the whole cluster's).
+    async fn read_network(&self, network: &str) -> EtcdResult<Global> {
+        let mut kvs = Vec::new();
+        let key = super::network_key(network);
+        if let Some(v) = self.etcd.get(&key).await? {
+            kvs.push((key, v));
+        }
+        for dir in [
+            format!("blocks/{network}/"),
+            format!("endpoints/{network}/"),
+        ] {
+            kvs.extend(self.etcd.list(&dir).await?.0);
+        }
+        Ok(Global::from_list(kvs))
     }
 
     /// Claims `ip` on `network` for this host (a `--ip` outside its blocks,
