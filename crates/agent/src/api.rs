@@ -222,7 +222,9 @@ where
         };
         tries += 1;
         match r {
-            Err(AgentError::NoRoom { network }) if tries < 4 => c.grow(&network).await?,
+            Err(AgentError::NoRoom { network, within }) if tries < 4 => {
+                c.grow(&network, within).await?
+            }
             Err(AgentError::NeedsClaim { network, ip }) if tries < 4 => {
                 c.claim_address(&network, ip, sandbox.as_deref()).await?
             }
@@ -264,10 +266,40 @@ async fn list_sandboxes(State(app): State<App>) -> Reply<Vec<weft_model::api::Sa
     Ok(Json(app.host.list()))
 }
 
+/// Declares the sub-ranges that `--net NAME:subnet=CIDR` values name and
+/// the networks do not have yet (a global network's in etcd), after
+/// checking them; before the attach, whose validation then finds them.
+async fn declare_subranges(app: &App, values: &[String]) -> crate::error::Result<()> {
+    use weft_model::sandbox::{parse_net_modes, NetMode};
+    // Malformed values are the attach's validation's to report.
+    let Ok(modes) = parse_net_modes(values) else {
+        return Ok(());
+    };
+    for m in modes {
+        let NetMode::Network(r) = m else { continue };
+        let Some(sub) = r.subrange else { continue };
+        let (host, name) = (app.host.clone(), r.network.clone());
+        let Some(net) =
+            tokio::task::spawn_blocking(move || host.check_subrange(&name, sub)).await??
+        else {
+            continue;
+        };
+        match &app.cluster {
+            Some(c) if net.is_global() => c.declare_subrange(&r.network, sub).await?,
+            _ => {
+                let (host, name) = (app.host.clone(), r.network.clone());
+                tokio::task::spawn_blocking(move || host.declare_subrange(&name, sub)).await??
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn create_sandbox(
     State(app): State<App>,
     Json(req): Json<CreateSandbox>,
 ) -> Reply<weft_model::api::SandboxView> {
+    declare_subranges(&app, &req.net).await?;
     with_room(&app, req.name.clone(), move |app| {
         let req = req.clone();
         move || app.host.create_sandbox(req)

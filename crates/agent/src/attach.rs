@@ -34,6 +34,8 @@ pub(crate) struct EndpointRequest {
     pub mac: Option<String>,
     /// The address is held for this endpoint already (by Docker's IPAM).
     pub reserved: bool,
+    /// An isolated sub-range of the network (declared on it already).
+    pub subrange: Option<ipnet::Ipv4Net>,
 }
 
 /// Where the endpoints are plugged in.
@@ -205,11 +207,23 @@ pub(crate) fn validate(inner: &Inner, a: &Attach) -> Result<()> {
         if !r.reserved {
             // A shared network: before anything is made, whether this host
             // may hand the address out (the API claims more and retries).
+            if let Some(s) = r.subrange {
+                if !n.net.subranges.contains(&s) {
+                    return Err(AgentError::BadRequest(format!(
+                        "--net {}:subnet={s}: the sub-range is not declared on the network (it is, by `weft run` itself, first); try again",
+                        r.network
+                    )));
+                }
+            }
             match r.ip {
-                Some(ip) => n.check_share(ip)?,
-                None if !n.has_room() => {
+                Some(ip) => {
+                    n.check_placement(ip, r.subrange)?;
+                    n.check_share(ip)?
+                }
+                None if !n.has_room(r.subrange) => {
                     return Err(AgentError::NoRoom {
                         network: r.network.clone(),
+                        within: r.subrange,
                     })
                 }
                 None => {}
@@ -419,7 +433,7 @@ fn attach_untimed(inner: &mut Inner, a: Attach) -> Result<Arc<Sandbox>> {
                 AgentError::Internal("a reserved address without an address".into())
             })?
         } else {
-            let ip = state.allocate(r.ip)?;
+            let ip = state.allocate(r.ip, r.subrange)?;
             rb.undo.push(Undo::Release {
                 network: r.network.clone(),
                 ip,
@@ -430,7 +444,9 @@ fn attach_untimed(inner: &mut Inner, a: Attach) -> Result<Arc<Sandbox>> {
             network: r.network.clone(),
             ifname: r.ifname.clone(),
             ip,
-            prefix_len: state.net.subnet.prefix_len(),
+            prefix_len: r
+                .subrange
+                .map_or(state.net.subnet.prefix_len(), |s| s.prefix_len()),
             gateway: state.net.gateway,
             aliases: r.aliases.clone(),
             kind: state.driver.endpoint_kind(r.host_ifname.clone()),
@@ -542,6 +558,16 @@ fn attach_untimed(inner: &mut Inner, a: Attach) -> Result<Arc<Sandbox>> {
             rb.undo.push(Undo::DeleteRecord(key));
         }
     }
+    // A port of a network carved into sub-ranges is guarded (its one
+    // source address, its sub-range) before the sandbox's process runs.
+    if sandbox
+        .attachment
+        .endpoints()
+        .iter()
+        .any(|e| rb.inner.isolated(&e.network))
+    {
+        rb.inner.apply_firewall_with(&sandbox)?;
+    }
     rb.commit();
     Ok(inner.register(sandbox))
 }
@@ -587,7 +613,9 @@ pub(crate) fn fix_default_route(inner: &Inner, sb: &Sandbox, ns_nl: &mut Netlink
                     what: ep.ifname.clone(),
                     place: format!("sandbox {}", sb.name),
                 })?;
-            ns_nl.replace_default_route(ep.gateway, link.index)?;
+            let onlink =
+                ipnet::Ipv4Net::new(ep.ip, ep.prefix_len).is_ok_and(|n| !n.contains(&ep.gateway));
+            ns_nl.replace_default_route(ep.gateway, link.index, onlink)?;
         }
         None => ns_nl.delete_default_route()?,
     }
@@ -699,5 +727,15 @@ fn remove_untimed(inner: &mut Inner, sb: &Sandbox, links: Links) -> Result<()> {
     inner.runtime.delete(&keys::sandbox(&sb.id))?;
     let _ = std::fs::remove_file(inner.cfg.resolv_dir().join(format!("{}.conf", sb.id)));
     inner.unregister(&sb.id);
+    if sb
+        .attachment
+        .endpoints()
+        .iter()
+        .any(|e| inner.isolated(&e.network))
+    {
+        if let Err(e) = inner.apply_firewall() {
+            warn!(sandbox = %sb.name, error = %e, "the firewall still guards the removed sandbox's ports until its next rewrite");
+        }
+    }
     Ok(())
 }

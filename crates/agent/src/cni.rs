@@ -142,6 +142,7 @@ impl Host {
                 host_ifname: host_veth_name(&id, 0),
                 mac: req.mac.clone(),
                 reserved: false,
+                subrange: None,
             }],
             namespace: Namespace::Existing(PathBuf::from(&req.netns)),
             default_route: DefaultRoute::On(Some(req.network.clone())),

@@ -56,7 +56,11 @@ pub enum AgentError {
     /// A shared network: every address this host may hand out is in use;
     /// the API claims more from the cluster and tries again.
     #[error("network {network}: every address of this host's blocks is in use, and no more could be claimed from the cluster; see `weft status`")]
-    NoRoom { network: String },
+    NoRoom {
+        network: String,
+        /// The sub-range the endpoint is placed in, if any.
+        within: Option<ipnet::Ipv4Net>,
+    },
     /// A shared network: `--ip` names an address this host holds no claim
     /// on; the API claims it in the cluster and tries again.
     #[error("--net {network}: {ip} is in a block of another host or of none, and could not be claimed in the cluster now (is etcd reachable? see `weft status`)")]

@@ -20,7 +20,7 @@ use std::net::Ipv4Addr;
 use tracing::{info, warn};
 use weft_kernel::connect_redirect::ConnectRedirect;
 use weft_kernel::port_hold::{self, HoldError, PortHold};
-use weft_model::nft::{self, FirewallSpec, NetworkRule, PortRule};
+use weft_model::nft::{self, FirewallSpec, IsolationRule, NetworkRule, PortRule};
 use weft_model::ports::Protocol;
 use weft_model::Published;
 
@@ -113,10 +113,12 @@ impl Firewall {
     pub(crate) fn apply_all<'a>(
         &mut self,
         networks: Vec<NetworkRule>,
+        isolation: Vec<IsolationRule>,
         ports: impl Iterator<Item = &'a Published> + Clone,
     ) -> Result<()> {
         let spec = FirewallSpec {
             networks,
+            isolation,
             ports: ports
                 .clone()
                 .map(|p| PortRule {

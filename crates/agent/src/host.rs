@@ -46,23 +46,53 @@ impl NetworkState {
         }
     }
 
-    /// Takes `requested`, or the next free address, for a new endpoint. On
-    /// a shared network only what this host may hand out: `NoRoom` or
-    /// `NeedsClaim` tell the caller to claim more in the cluster.
-    pub(crate) fn allocate(&mut self, requested: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
+    /// Takes `requested`, or the next free address, for a new endpoint:
+    /// inside the sub-range `within`, or (None) outside every sub-range of
+    /// the network. On a shared network only what this host may hand out:
+    /// `NoRoom` or `NeedsClaim` tell the caller to claim more in the cluster.
+    pub(crate) fn allocate(
+        &mut self,
+        requested: Option<Ipv4Addr>,
+        within: Option<ipnet::Ipv4Net>,
+    ) -> Result<Ipv4Addr> {
+        if let Some(ip) = requested {
+            self.check_placement(ip, within)?;
+        }
+        let carved = within.is_some() || !self.net.subranges.is_empty();
         let ip = match (&mut self.share, requested) {
             (Some(_), Some(ip)) => {
                 self.check_share(ip)?;
                 Some(ip)
             }
             (Some(share), None) => {
-                let pool = &self.pool;
+                let (pool, net) = (&self.pool, &self.net);
                 let ip = share
-                    .pick(self.net.subnet, self.net.gateway, |ip| {
-                        pool.check_free(*ip).is_err()
+                    .pick(net.subnet, net.gateway, |ip| {
+                        pool.check_free(*ip).is_err() || !placed(net, *ip, within)
                     })
                     .ok_or_else(|| AgentError::NoRoom {
                         network: self.net.name.clone(),
+                        within,
+                    })?;
+                Some(ip)
+            }
+            (None, None) if carved => {
+                // Not the pool's next-fit: it knows no sub-ranges.
+                let net = &self.net;
+                let space = within.or(net.ip_range).unwrap_or(net.subnet);
+                let ip = space
+                    .hosts()
+                    .find(|ip| {
+                        *ip != net.gateway
+                            && *ip != net.subnet.broadcast()
+                            && placed(net, *ip, within)
+                            && self.pool.check_free(*ip).is_ok()
+                    })
+                    .ok_or_else(|| {
+                        AgentError::Conflict(format!(
+                            "--net {}: every address of {space} is in use; remove sandboxes or use a larger range",
+                            net.name
+                        ))
                     })?;
                 Some(ip)
             }
@@ -73,6 +103,26 @@ impl NetworkState {
             .map_err(|e| AgentError::BadRequest(e.to_string()))
     }
 
+    /// Whether a static address fits where the endpoint is placed.
+    pub(crate) fn check_placement(
+        &self,
+        ip: Ipv4Addr,
+        within: Option<ipnet::Ipv4Net>,
+    ) -> Result<()> {
+        if placed(&self.net, ip, within) {
+            return Ok(());
+        }
+        let name = &self.net.name;
+        Err(AgentError::BadRequest(match (within, self.net.subrange_of(ip)) {
+            (Some(s), _) => format!(
+                "--net {name}: {ip} is not in the sub-range {s}; pick an address inside it or leave ip= out"
+            ),
+            (None, Some(s)) => format!(
+                "--net {name}: {ip} is in the isolated sub-range {s}; add subnet={s} to place the sandbox there, or pick an address outside it"
+            ),
+            (None, None) => format!("--net {name}: {ip} cannot be placed"),
+        }))
+    }
     /// A shared network: whether this host may give `ip` to a sandbox, and
     /// who holds it when another host does.
     pub(crate) fn check_share(&self, ip: Ipv4Addr) -> Result<()> {
@@ -94,16 +144,13 @@ impl NetworkState {
         Ok(())
     }
 
-    /// Whether a new endpoint without `--ip` gets an address without
-    /// asking the cluster.
-    pub(crate) fn has_room(&self) -> bool {
+    /// Whether a new endpoint without `--ip` (placed `within` a sub-range
+    /// or outside all) gets an address without asking the cluster.
+    pub(crate) fn has_room(&self, within: Option<ipnet::Ipv4Net>) -> bool {
+        let net = &self.net;
+        let free = |ip: &Ipv4Addr| self.pool.check_free(*ip).is_ok() && placed(net, *ip, within);
         self.share.as_ref().is_none_or(|s| {
-            s.free(self.net.subnet, self.net.gateway, |ip| {
-                self.pool.check_free(*ip).is_err()
-            }) > 0
-                || s.borrowed
-                    .iter()
-                    .any(|ip| self.pool.check_free(*ip).is_ok())
+            s.free(net.subnet, net.gateway, |ip| !free(ip)) > 0 || s.borrowed.iter().any(free)
         })
     }
 
@@ -113,6 +160,16 @@ impl NetworkState {
         if let Some(s) = &mut self.share {
             s.borrowed.remove(&ip);
         }
+    }
+}
+
+/// Whether `ip` belongs where an endpoint is placed: in the sub-range
+/// `within`, or (None) in no sub-range of the network.
+fn placed(net: &Network, ip: Ipv4Addr, within: Option<ipnet::Ipv4Net>) -> bool {
+    match within {
+        // Not the sub-range's own network or broadcast address.
+        Some(s) => s.contains(&ip) && ip != s.network() && ip != s.broadcast(),
+        None => net.subrange_of(ip).is_none(),
     }
 }
 
@@ -304,9 +361,58 @@ impl Inner {
             .values()
             .filter_map(|n| n.driver.firewall(&n.net))
             .collect();
+        let isolation = self.isolation_rules();
         let sandboxes = &self.sandboxes;
-        self.firewall
-            .apply_all(rules, sandboxes.values().flat_map(|s| s.ports.iter()))
+        self.firewall.apply_all(
+            rules,
+            isolation,
+            sandboxes.values().flat_map(|s| s.ports.iter()),
+        )
+    }
+
+    /// The whole table as if `sb` were registered already (an attach
+    /// guards its ports before it commits).
+    pub(crate) fn apply_firewall_with(&mut self, sb: &Sandbox) -> Result<()> {
+        let old = self.sandboxes.insert(sb.id.clone(), Arc::new(sb.clone()));
+        let r = self.apply_firewall();
+        match old {
+            Some(o) => {
+                self.sandboxes.insert(sb.id.clone(), o);
+            }
+            None => {
+                self.sandboxes.remove(&sb.id);
+            }
+        }
+        r
+    }
+
+    /// Networks carved into sub-ranges, with this host's ports on each
+    /// (a port's set changes with each attach and detach there).
+    fn isolation_rules(&self) -> Vec<weft_model::nft::IsolationRule> {
+        self.networks
+            .values()
+            .filter(|n| !n.net.subranges.is_empty() && n.net.bridge().is_some())
+            .map(|n| weft_model::nft::IsolationRule {
+                range: n.net.overlay().map_or(n.net.subnet, |o| o.range),
+                subranges: n.net.subranges.clone(),
+                open: vec![n.net.gateway],
+                ports: self
+                    .sandboxes
+                    .values()
+                    .flat_map(|s| s.attachment.endpoints())
+                    .filter(|e| e.network == n.net.name)
+                    .filter_map(|e| e.host_ifname().map(|h| (h.to_string(), e.ip)))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Whether `network` is carved into sub-ranges (its attaches and
+    /// detaches then change the firewall's guarded ports).
+    pub(crate) fn isolated(&self, network: &str) -> bool {
+        self.networks
+            .get(network)
+            .is_some_and(|n| !n.net.subranges.is_empty())
     }
 }
 

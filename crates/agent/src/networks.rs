@@ -209,6 +209,7 @@ impl Host {
                     host_ifname: host_veth_name(&sb.id, index),
                     mac: None,
                     reserved: false,
+                    subrange: None,
                 }],
                 namespace: Namespace::Existing(PathBuf::from(path)),
                 default_route: DefaultRoute::Recompute,
@@ -273,6 +274,11 @@ impl Host {
                 .runtime
                 .put_json(&keys::sandbox(&updated.id), &updated)?;
             inner.register(updated);
+            if inner.isolated(network) {
+                if let Err(e) = inner.apply_firewall() {
+                    warn!(sandbox = %sb.name, error = %e, "the firewall still guards the disconnected port until its next rewrite");
+                }
+            }
             info!(sandbox = %sb.name, network, "disconnected");
             sb.id.clone()
         };

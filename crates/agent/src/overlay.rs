@@ -230,10 +230,11 @@ impl Host {
         dns.set_remote(network, entries);
     }
 
-    /// Whether `network` has room for a sandbox without asking the cluster.
-    pub(crate) fn has_room(&self, network: &str) -> bool {
+    /// Whether `network` has room for a sandbox (placed `within` a
+    /// sub-range or outside all) without asking the cluster.
+    pub(crate) fn has_room(&self, network: &str, within: Option<Ipv4Net>) -> bool {
         let g = self.lock_quiet();
-        g.networks.get(network).is_some_and(|n| n.has_room())
+        g.networks.get(network).is_some_and(|n| n.has_room(within))
     }
 
     /// The records of this host's endpoints on a network that spans hosts,
@@ -292,5 +293,85 @@ impl Host {
     /// Names of sandboxes on `network`.
     pub(crate) fn sandboxes_on(&self, network: &str) -> Vec<String> {
         self.snapshot().attached_to(network)
+    }
+}
+
+impl Host {
+    /// Whether `sub` may be used on `network` here (see
+    /// `Network::check_subrange`): every address this host gives out on it
+    /// and every address other hosts hold (a sub-range must hold none of
+    /// the rest of the network). Returns the network if `sub` is new.
+    pub(crate) fn check_subrange(&self, network: &str, sub: Ipv4Net) -> Result<Option<Network>> {
+        let g = self.lock_quiet();
+        let n = g
+            .networks
+            .get(network)
+            .ok_or_else(|| crate::host::not_found(network))?;
+        let mine: Vec<(Ipv4Addr, Option<Ipv4Net>, String)> = g
+            .sandboxes
+            .values()
+            .flat_map(|s| {
+                s.attachment
+                    .endpoints()
+                    .iter()
+                    .filter(|e| e.network == network)
+                    .map(|e| {
+                        let placed = (e.prefix_len != n.net.subnet.prefix_len())
+                            .then(|| Ipv4Net::new(e.ip, e.prefix_len).map(|p| p.trunc()).ok())
+                            .flatten();
+                        (e.ip, placed, format!("sandbox {}", s.name))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let foreign: Vec<(Ipv4Addr, Option<Ipv4Net>, String)> = n
+            .share
+            .iter()
+            .flat_map(|s| s.foreign.iter())
+            .map(|(ip, who)| (*ip, n.net.subrange_of(*ip), who.clone()))
+            .collect();
+        let new = n
+            .net
+            .check_subrange(
+                sub,
+                mine.iter()
+                    .chain(foreign.iter())
+                    .map(|(ip, p, who)| (*ip, *p, who.as_str())),
+            )
+            .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        Ok(new.then(|| n.net.clone()))
+    }
+
+    /// Records `sub` as a sub-range of `network` on this host: the record
+    /// (a local network's is the configuration; an overlay network's
+    /// local copy follows etcd's) and the firewall.
+    pub(crate) fn declare_subrange(&self, network: &str, sub: Ipv4Net) -> Result<()> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let Some(n) = inner.networks.get_mut(network) else {
+            return Err(crate::host::not_found(network));
+        };
+        if n.net.subranges.contains(&sub) {
+            return Ok(());
+        }
+        let before = n.net.clone();
+        n.net.subranges.push(sub);
+        n.net.subranges.sort();
+        let net = n.net.clone();
+        let done = inner
+            .networks_db
+            .put_json(&keys::network(network), &net)
+            .map_err(AgentError::from)
+            .and_then(|_| inner.apply_firewall());
+        if let Err(e) = done {
+            if let Some(n) = inner.networks.get_mut(network) {
+                n.net = before.clone();
+            }
+            let _ = inner.networks_db.put_json(&keys::network(network), &before);
+            let _ = inner.apply_firewall();
+            return Err(e);
+        }
+        info!(network, subrange = %sub, "isolated sub-range declared");
+        Ok(())
     }
 }

@@ -85,6 +85,7 @@ fn default_network(
         internal: false,
         labels: Default::default(),
         options: Default::default(),
+        subranges: Vec::new(),
     };
     Ok((net, true))
 }

@@ -133,17 +133,22 @@ pub fn reset(cfg: &AgentConfig, keep_data: bool) -> Result<ResetReport> {
         }
     }
 
-    let table = weft_kernel::nft::list_table(TABLE_FAMILY, TABLE_NAME)
-        .map_err(|e| e.to_string())
-        .and_then(|t| match t {
-            Some(_) => {
-                weft_kernel::nft::apply(&format!("delete table {TABLE_FAMILY} {TABLE_NAME}\n"))
-                    .map(|()| true)
-                    .map_err(|e| e.to_string())
-            }
-            None => Ok(false),
-        });
-    report.step(format!("nft table {TABLE_FAMILY} {TABLE_NAME}"), table);
+    for family in [TABLE_FAMILY, weft_model::nft::BRIDGE_FAMILY] {
+        let table = weft_kernel::nft::list_table(family, TABLE_NAME)
+            .map_err(|e| e.to_string())
+            .and_then(|t| match t {
+                Some(_) => {
+                    weft_kernel::nft::apply(&format!("delete table {family} {TABLE_NAME}\n"))
+                        .map(|()| true)
+                        .map_err(|e| e.to_string())
+                }
+                None => Ok(false),
+            });
+        // The bridge table exists only while a network has sub-ranges.
+        if family == TABLE_FAMILY || matches!(table, Ok(true) | Err(_)) {
+            report.step(format!("nft table {family} {TABLE_NAME}"), table);
+        }
+    }
 
     let mounted = netns::is_mount_point(&cfg.netns_dir());
     report.step(

@@ -283,6 +283,7 @@ impl Host {
                             host_ifname: host_veth_name(&id, i),
                             mac: r.mac,
                             reserved: false,
+                            subrange: r.subrange,
                         })
                         .collect();
                     let a = Attach {

@@ -14,7 +14,7 @@ use netlink_packet_route::link::{
     LinkMessage, MacVlanMode,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -471,9 +471,18 @@ impl Netlink {
         }
     }
 
-    /// Replaces (or adds) the default route: via `gateway` out of `oif`.
-    pub fn replace_default_route(&mut self, gateway: Ipv4Addr, oif: u32) -> Result<()> {
-        let msg = default_route(Some((gateway, oif)));
+    /// Replaces (or adds) the default route: via `gateway` out of `oif`
+    /// (`onlink`: the gateway is outside the interface's prefix).
+    pub fn replace_default_route(
+        &mut self,
+        gateway: Ipv4Addr,
+        oif: u32,
+        onlink: bool,
+    ) -> Result<()> {
+        let mut msg = default_route(Some((gateway, oif)));
+        if onlink {
+            msg.header.flags = RouteFlags::Onlink;
+        }
         self.ack(
             &format!("replace default route via {gateway}"),
             RouteNetlinkMessage::NewRoute(msg),
@@ -493,11 +502,16 @@ impl Netlink {
         }
     }
 
-    /// Adds the default route via `gateway` out of `oif`, marked as weft's.
-    pub fn add_default_route(&mut self, gateway: Ipv4Addr, oif: u32) -> Result<()> {
+    /// Adds the default route via `gateway` out of `oif`, marked as weft's
+    /// (`onlink`: the gateway is outside the interface's prefix).
+    pub fn add_default_route(&mut self, gateway: Ipv4Addr, oif: u32, onlink: bool) -> Result<()> {
+        let mut msg = default_route(Some((gateway, oif)));
+        if onlink {
+            msg.header.flags = RouteFlags::Onlink;
+        }
         self.ack(
             &format!("add default route via {gateway}"),
-            RouteNetlinkMessage::NewRoute(default_route(Some((gateway, oif)))),
+            RouteNetlinkMessage::NewRoute(msg),
             NLM_F_CREATE | NLM_F_EXCL,
         )
     }
@@ -551,6 +565,9 @@ fn host_route(dst: Ipv4Addr, oif: u32) -> RouteMessage {
 }
 
 /// A main-table default route marked as weft's, via `gw` out of an interface if given.
+/// The default route via `gateway` out of `oif`; `onlink` when the
+/// gateway is outside the interface's prefix (a sandbox in a sub-range of
+/// its network reaches the network's gateway on the link all the same).
 fn default_route(via: Option<(Ipv4Addr, u32)>) -> RouteMessage {
     let mut msg = RouteMessage::default();
     msg.header.address_family = AddressFamily::Inet;

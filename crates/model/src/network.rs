@@ -65,6 +65,11 @@ pub struct Network {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub options: BTreeMap<String, String>,
+    /// Isolated sub-ranges in use (`--net NAME:subnet=CIDR`), declared by
+    /// the first endpoint placed in each; kept with the network (for a
+    /// global one, in etcd), so every host enforces them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subranges: Vec<Ipv4Net>,
 }
 
 /// A network's driver-specific settings: one variant per driver.
@@ -497,6 +502,7 @@ pub fn plan(
         internal: spec.internal,
         labels: spec.labels.clone(),
         options: spec.options.clone(),
+        subranges: Vec::new(),
     })
 }
 
@@ -691,5 +697,134 @@ mod tests {
         );
         let again: Network = serde_json::from_value(serde_json::to_value(&n).unwrap()).unwrap();
         assert_eq!(again, n);
+    }
+}
+
+/// Why a sub-range cannot be used on a network.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubrangeError {
+    #[error("--net {network}:subnet={sub}: the sub-range is outside the network's subnet {subnet}; pick a range inside it, such as {example}")]
+    Outside {
+        network: String,
+        sub: Ipv4Net,
+        subnet: Ipv4Net,
+        example: Ipv4Net,
+    },
+    #[error("--net {network}:subnet={sub}: that is the whole network; leave subnet= out, or pick a smaller range inside it")]
+    Whole { network: String, sub: Ipv4Net },
+    #[error("--net {network}:subnet={sub}: too small, a sub-range needs room for sandboxes: use /{max} or larger")]
+    TooSmall {
+        network: String,
+        sub: Ipv4Net,
+        max: u8,
+    },
+    #[error("--net {network}:subnet={sub}: overlaps the sub-range {other} in use on {network}; use {other} itself or a range clear of it")]
+    Overlaps {
+        network: String,
+        sub: Ipv4Net,
+        other: Ipv4Net,
+    },
+    #[error("--net {network}:subnet={sub}: {ip} of it is in use outside any sub-range ({holder}); pick a range clear of the network's other addresses")]
+    HoldsOthers {
+        network: String,
+        sub: Ipv4Net,
+        ip: Ipv4Addr,
+        holder: String,
+    },
+    #[error("--net {network}:subnet={sub}: {why}")]
+    NotHere {
+        network: String,
+        sub: Ipv4Net,
+        why: String,
+    },
+}
+
+/// The smallest sub-range: 8 addresses.
+pub const SUBRANGE_MAX_PREFIX: u8 = 29;
+
+impl Network {
+    /// The declared sub-range `ip` is in, if any.
+    pub fn subrange_of(&self, ip: Ipv4Addr) -> Option<Ipv4Net> {
+        self.subranges.iter().copied().find(|s| s.contains(&ip))
+    }
+
+    /// Whether `sub` may be used on this network: inside it, not all of
+    /// it, not tiny, and either declared already or overlapping none that
+    /// is. `in_use` is every address given out on the network with who has
+    /// it and the sub-range it was given in (None: the rest of the
+    /// network). Returns whether it is new (must be declared first).
+    pub fn check_subrange<'a>(
+        &self,
+        sub: Ipv4Net,
+        in_use: impl IntoIterator<Item = (Ipv4Addr, Option<Ipv4Net>, &'a str)>,
+    ) -> Result<bool, SubrangeError> {
+        let network = self.name.clone();
+        match &self.settings {
+            DriverSettings::Bridge(_) => {}
+            DriverSettings::Overlay(o) if o.overlay.is_shared() => {}
+            DriverSettings::Overlay(_) => {
+                return Err(SubrangeError::NotHere {
+                    network,
+                    sub,
+                    why: "this network has a subnet per host (flannel's kind), so a sub-range would be one host's; isolated sub-ranges across hosts need a shared network (`weft network create -d overlay --subnet CIDR NAME`)".into(),
+                })
+            }
+            DriverSettings::Macvlan(_) => {
+                return Err(SubrangeError::NotHere {
+                    network,
+                    sub,
+                    why: "a macvlan network's sandboxes are on the LAN, where weft does not filter; sub-ranges are for bridge and overlay networks".into(),
+                })
+            }
+        }
+        let range = self.overlay().map_or(self.subnet, |o| o.range);
+        if !(range.contains(&sub.network()) && range.contains(&sub.broadcast())) {
+            let example = range
+                .subnets((range.prefix_len() + 1).min(32))
+                .ok()
+                .and_then(|mut s| s.nth(1))
+                .unwrap_or(range);
+            return Err(SubrangeError::Outside {
+                network,
+                sub,
+                subnet: range,
+                example,
+            });
+        }
+        if sub == range {
+            return Err(SubrangeError::Whole { network, sub });
+        }
+        if sub.prefix_len() > SUBRANGE_MAX_PREFIX {
+            return Err(SubrangeError::TooSmall {
+                network,
+                sub,
+                max: SUBRANGE_MAX_PREFIX,
+            });
+        }
+        if self.subranges.contains(&sub) {
+            return Ok(false);
+        }
+        if let Some(other) = self
+            .subranges
+            .iter()
+            .find(|o| o.contains(&sub.network()) || sub.contains(&o.network()))
+        {
+            return Err(SubrangeError::Overlaps {
+                network,
+                sub,
+                other: *other,
+            });
+        }
+        for (ip, given_in, holder) in in_use {
+            if sub.contains(&ip) && given_in != Some(sub) && ip != self.gateway {
+                return Err(SubrangeError::HoldsOthers {
+                    network,
+                    sub,
+                    ip,
+                    holder: holder.to_string(),
+                });
+            }
+        }
+        Ok(true)
     }
 }

@@ -32,12 +32,41 @@ pub struct PortRule {
     pub target: Ipv4Addr,
 }
 
+/// A network carved into isolated sub-ranges (`--net NAME:subnet=CIDR`):
+/// an endpoint of a sub-range reaches only its own sub-range (and the
+/// open addresses); the rest of the network does not reach into one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IsolationRule {
+    /// The network's whole range (across hosts).
+    pub range: Ipv4Net,
+    pub subranges: Vec<Ipv4Net>,
+    /// Reach and are reached by every sub-range: the gateway, exposed
+    /// host addresses.
+    pub open: Vec<Ipv4Addr>,
+    /// This host's bridge ports of the network with the one address each
+    /// may send from (a sandbox cannot forge its way into a sub-range).
+    pub ports: Vec<(String, Ipv4Addr)>,
+}
+
 /// What the table must express.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FirewallSpec {
     pub networks: Vec<NetworkRule>,
     pub ports: Vec<PortRule>,
+    pub isolation: Vec<IsolationRule>,
 }
+
+/// The bridge-family table: sub-range isolation between ports of one
+/// bridge (and the VXLAN port), which `inet` hooks never see without
+/// br_netfilter. Owned by name like the inet table.
+pub const BRIDGE_FAMILY: &str = "bridge";
+
+const ISOLATION_RULES: [&str; 2] = [
+    "ip saddr @iso_subs ip daddr @iso_nets ip daddr != @iso_open ip saddr . ip daddr != @iso_same",
+    "ip daddr @iso_subs ip saddr @iso_nets ip saddr != @iso_open ip saddr . ip daddr != @iso_same",
+];
+
+const ANTI_SPOOF: &str = "iifname @guarded iifname . ip saddr != @port_ip drop";
 
 const RULES: &str = r#"	chain prerouting {
 		type nat hook prerouting priority dstnat; policy accept;
@@ -67,6 +96,7 @@ const RULES: &str = r#"	chain prerouting {
 	chain forward {
 		type filter hook forward priority filter; policy accept;
 		ct state established,related accept
+		ISOLATION
 		iifname . oifname @same_bridge accept
 		ct status dnat oifname @bridges accept
 		iifname @bridges oifname @bridges drop
@@ -142,8 +172,73 @@ const PORT_MAPS: [(&str, &str); 4] = [
     ),
 ];
 
+/// Every address of `range` outside all of `subs`, as nft intervals.
+fn iso_sets(spec: &FirewallSpec) -> [(&'static str, Vec<String>); 4] {
+    let iso = &spec.isolation;
+    let nets = iso.iter().map(|i| i.range.to_string()).collect();
+    let subs = iso
+        .iter()
+        .flat_map(|i| i.subranges.iter().map(|s| s.to_string()))
+        .collect();
+    let same = iso
+        .iter()
+        .flat_map(|i| i.subranges.iter().map(|s| format!("{s} . {s}")))
+        .collect();
+    let mut open: Vec<String> = iso
+        .iter()
+        .flat_map(|i| i.open.iter().map(|a| a.to_string()))
+        .collect();
+    open.sort();
+    open.dedup();
+    [
+        ("set iso_nets { type ipv4_addr; flags interval;", nets),
+        ("set iso_subs { type ipv4_addr; flags interval;", subs),
+        (
+            "set iso_same { type ipv4_addr . ipv4_addr; flags interval;",
+            same,
+        ),
+        ("set iso_open { type ipv4_addr;", open),
+    ]
+}
+
+/// The bridge table: made when a network has sub-ranges, else removed.
+fn render_bridge(spec: &FirewallSpec) -> String {
+    let mut out = format!(
+        "add table {BRIDGE_FAMILY} {TABLE_NAME}\ndelete table {BRIDGE_FAMILY} {TABLE_NAME}\n"
+    );
+    if spec.isolation.is_empty() {
+        return out;
+    }
+    let q = |s: &str| format!("\"{s}\"");
+    let mut guarded: Vec<String> = Vec::new();
+    let mut port_ip: Vec<String> = Vec::new();
+    for (port, ip) in spec.isolation.iter().flat_map(|i| i.ports.iter()) {
+        guarded.push(q(port));
+        port_ip.push(format!("{} . {ip}", q(port)));
+    }
+    guarded.sort();
+    guarded.dedup();
+    let _ = writeln!(out, "table {BRIDGE_FAMILY} {TABLE_NAME} {{");
+    set(&mut out, "set guarded { type ifname;", &guarded);
+    set(&mut out, "set port_ip { type ifname . ipv4_addr;", &port_ip);
+    for (decl, elements) in iso_sets(spec) {
+        set(&mut out, decl, &elements);
+    }
+    let _ = write!(
+        out,
+        "\n\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t\t{ANTI_SPOOF}\n\t\t{} drop\n\t\t{} drop\n\t}}\n",
+        ISOLATION_RULES[0], ISOLATION_RULES[1]
+    );
+    let _ = write!(
+        out,
+        "\n\tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n\t\t{ANTI_SPOOF}\n\t}}\n}}\n"
+    );
+    out
+}
+
 /// The whole table. The batch first makes sure the table exists, then deletes
 /// and recreates it, so it applies atomically whatever was there before.
+/// The bridge table follows in the same batch.
 pub fn render(spec: &FirewallSpec) -> String {
     let q = |s: &str| format!("\"{s}\"");
     let bridges: Vec<String> = spec.networks.iter().map(|n| q(&n.bridge)).collect();
@@ -204,9 +299,19 @@ pub fn render(spec: &FirewallSpec) -> String {
             .collect();
         set(&mut out, &format!("map {map} {{ {decl}"), &mine);
     }
+    for (decl, elements) in iso_sets(spec) {
+        set(&mut out, decl, &elements);
+    }
     out.push('\n');
-    out.push_str(RULES);
+    // Published ports (DNAT) reach every sub-range.
+    let isolation = ISOLATION_RULES
+        .iter()
+        .map(|r| format!("{r} ct status != dnat drop"))
+        .collect::<Vec<_>>()
+        .join("\n\t\t");
+    out.push_str(&RULES.replace("ISOLATION", &isolation));
     out.push_str("}\n");
+    out.push_str(&render_bridge(spec));
     out
 }
 
@@ -231,9 +336,12 @@ pub fn render_delete_ports(ports: &[PortRule]) -> String {
         .collect()
 }
 
-/// Removes the table, tolerating its absence.
+/// Removes the tables, tolerating their absence.
 pub fn render_delete() -> String {
-    format!("add table {TABLE_FAMILY} {TABLE_NAME}\ndelete table {TABLE_FAMILY} {TABLE_NAME}\n")
+    format!(
+        "add table {TABLE_FAMILY} {TABLE_NAME}\ndelete table {TABLE_FAMILY} {TABLE_NAME}\n\
+         add table {BRIDGE_FAMILY} {TABLE_NAME}\ndelete table {BRIDGE_FAMILY} {TABLE_NAME}\n"
+    )
 }
 
 #[cfg(test)]

@@ -3,12 +3,17 @@
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 
-/// One `--net NAME[:ip=ADDR][,alias=NAME…]` value.
+/// One `--net NAME[:ip=ADDR][,alias=NAME…][,subnet=CIDR]` value.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetRequest {
     pub network: String,
     #[serde(default)]
     pub ip: Option<Ipv4Addr>,
+    /// `subnet=CIDR`: an isolated sub-range of the network (weave's
+    /// `WEAVE_CIDR=net:CIDR`): the endpoint gets an address and the prefix
+    /// length of it, and reaches only endpoints of the same sub-range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subrange: Option<ipnet::Ipv4Net>,
     #[serde(default)]
     pub aliases: Vec<String>,
     /// `--mac-address` on the only network.
@@ -35,7 +40,7 @@ pub enum NetModeError {
     ModeNotAlone(String),
     #[error("--net {0} is given twice")]
     Duplicate(String),
-    #[error("--net {value}: {why}; the form is NAME[:ip=ADDR][,alias=NAME]")]
+    #[error("--net {value}: {why}; the form is NAME[:ip=ADDR][,alias=NAME][,subnet=CIDR]")]
     BadOption { value: String, why: String },
 }
 
@@ -66,6 +71,23 @@ fn parse_request(s: &str) -> Result<NetRequest, NetModeError> {
             Some(("alias", v)) => {
                 crate::names::validate("alias", v).map_err(|e| bad(e.to_string()))?;
                 req.aliases.push(v.to_string());
+            }
+            Some(("subnet", v)) => {
+                if req.subrange.is_some() {
+                    return Err(bad("subnet is given twice".into()));
+                }
+                let net: ipnet::Ipv4Net = v.parse().map_err(|_| {
+                    bad(format!(
+                        "{v:?} is not an IPv4 subnet in CIDR form, such as 10.32.2.128/25"
+                    ))
+                })?;
+                if net.addr() != net.network() {
+                    return Err(bad(format!(
+                        "{v} has host bits set: the sub-range is {}",
+                        net.trunc()
+                    )));
+                }
+                req.subrange = Some(net);
             }
             _ => return Err(bad(format!("unknown option {opt:?}"))),
         }

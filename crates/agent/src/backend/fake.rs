@@ -40,6 +40,7 @@ pub(crate) fn overlay_network(name: &str, backend: BackendKind) -> Network {
         internal: false,
         labels: Default::default(),
         options: Default::default(),
+        subranges: Vec::new(),
     }
 }
 

@@ -293,6 +293,7 @@ mod tests {
             internal: false,
             labels: Default::default(),
             options: Default::default(),
+            subranges: Vec::new(),
         }
     }
 

@@ -164,7 +164,7 @@ impl Cluster {
         let left = self.left.load(Ordering::Relaxed);
         let low = net.overlay().map_or(8, |o| low_water(o.host_subnet_len));
         if free < low && !left && self.etcd_lease().is_some() {
-            if let Some(b) = self.claim_free_block(global, net, me).await? {
+            if let Some(b) = self.claim_free_block(global, net, me, None).await? {
                 held.insert(b);
             }
         }
@@ -192,6 +192,7 @@ impl Cluster {
         global: &Global,
         net: &Network,
         me: &Identity,
+        within: Option<Ipv4Net>,
     ) -> EtcdResult<Option<Ipv4Net>> {
         let Some(o) = net.overlay() else {
             return Ok(None);
@@ -203,9 +204,19 @@ impl Cluster {
             .unwrap_or_default();
         let seed = seed_of(&me.host_id);
         let total = blocks_of(o.range, o.host_subnet_len).count();
+        // A block with no address where the endpoint is placed (in its
+        // sub-range, or outside all) is of no use to it.
+        let useless: BTreeSet<Ipv4Net> = blocks_of(o.range, o.host_subnet_len)
+            .filter(|b| {
+                !usable(*b, o.range, net.gateway).any(|ip| match within {
+                    Some(s) => s.contains(&ip),
+                    None => net.subrange_of(ip).is_none(),
+                })
+            })
+            .collect();
         for attempt in 0..16u64 {
-            let Some(b) = pick_free_block(o.range, o.host_subnet_len, &taken, seed + attempt)
-            else {
+            let skip: BTreeSet<Ipv4Net> = taken.union(&useless).copied().collect();
+            let Some(b) = pick_free_block(o.range, o.host_subnet_len, &skip, seed + attempt) else {
                 return Ok(None);
             };
             if taken.len() + 1 >= total {
@@ -234,9 +245,9 @@ impl Cluster {
     /// block claimed by an earlier call is room for every waiting attach,
     /// a single address only for one, so while every block is held each
     /// call claims one.
-    pub async fn grow(&self, network: &str) -> Result<()> {
+    pub async fn grow(&self, network: &str, within: Option<Ipv4Net>) -> Result<()> {
         let _one = self.growing.lock().await;
-        if !self.host.is_contended(network) && self.host.has_room(network) {
+        if !self.host.is_contended(network) && self.host.has_room(network, within) {
             return Ok(());
         }
         if self.left.load(Ordering::Relaxed) {
@@ -258,7 +269,7 @@ impl Cluster {
             )));
         }
         if let Some(b) = self
-            .claim_free_block(&global, &net, &me)
+            .claim_free_block(&global, &net, &me, within)
             .await
             .map_err(unavailable)?
         {
@@ -297,9 +308,13 @@ impl Cluster {
                     .into_iter()
                     .rev()
             });
+        let placed = |ip: &Ipv4Addr| match within {
+            Some(s) => s.contains(ip),
+            None => net.subrange_of(*ip).is_none(),
+        };
         let mut candidates: Vec<Ipv4Addr> = own
             .chain(others)
-            .filter(|ip| !taken.contains(ip) && !self.host.in_use(network, *ip))
+            .filter(|ip| placed(ip) && !taken.contains(ip) && !self.host.in_use(network, *ip))
             .collect();
         candidates.truncate(64);
         for ip in candidates {
@@ -321,6 +336,42 @@ impl Cluster {
             "--net {network}: the subnet {} has no free address on any host ({used} in use); remove sandboxes, or use a larger subnet",
             net.subnet
         )))
+    }
+
+    /// Declares `sub` an isolated sub-range of the global `network`: in
+    /// its record in etcd (a value-guarded replace, so two hosts
+    /// declaring overlapping ranges at once cannot both win), then here.
+    pub async fn declare_subrange(&self, network: &str, sub: Ipv4Net) -> Result<()> {
+        let key = super::network_key(network);
+        let unavailable = |e| Self::unavailable_for(network, e);
+        for _ in 0..8 {
+            let Some(raw) = self.etcd.get(&key).await.map_err(unavailable)? else {
+                return Err(crate::host::not_found(network));
+            };
+            let mut net: Network = serde_json::from_slice(&raw).map_err(|e| {
+                AgentError::Internal(format!("the record of network {network} in etcd: {e}"))
+            })?;
+            if net.subranges.contains(&sub) {
+                break;
+            }
+            net.check_subrange(sub, std::iter::empty())
+                .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+            net.subranges.push(sub);
+            net.subranges.sort();
+            let value = serde_json::to_vec(&net).expect("serializable");
+            if self
+                .etcd
+                .replace(&key, &raw, value, None)
+                .await
+                .map_err(unavailable)?
+            {
+                info!(network, subrange = %sub, "declared an isolated sub-range in the cluster");
+                break;
+            }
+        }
+        let host = self.host.clone();
+        let network = network.to_string();
+        tokio::task::spawn_blocking(move || host.declare_subrange(&network, sub)).await?
     }
 
     /// What etcd holds of one network now: its record, blocks and

@@ -410,6 +410,7 @@ impl Plugin {
                 host_ifname: host_veth_name(&eid, 0),
                 mac: (!iface.mac_address.is_empty()).then(|| iface.mac_address.clone()),
                 reserved: from_ipam,
+                subrange: None,
             }],
             namespace: Namespace::Later,
             default_route: DefaultRoute::On(None),

@@ -214,7 +214,7 @@ impl Plugin {
             return Ok(reply(n.net.gateway));
         }
         let network = n.net.name.clone();
-        let ip = n.allocate(asked).map_err(|e| match e {
+        let ip = n.allocate(asked, None).map_err(|e| match e {
             AgentError::BadRequest(m) => bad(format!("{m} (weft network {network})")),
             e => e,
         })?;

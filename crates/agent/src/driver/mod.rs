@@ -185,7 +185,7 @@ fn configure_inside(
     })?;
     ns_nl.add_address(index, addr)?;
     if default_route {
-        ns_nl.add_default_route(ep.gateway, index)?;
+        ns_nl.add_default_route(ep.gateway, index, !addr.contains(&ep.gateway))?;
     }
     Ok(())
 }
