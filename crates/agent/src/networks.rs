@@ -60,6 +60,7 @@ impl Snapshot {
             overlay: net.overlay().cloned(),
             programmed: Vec::new(),
             blocks: Vec::new(),
+            subranges: net.subranges.clone(),
         }
     }
 

@@ -372,6 +372,19 @@ pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
                                 .collect();
                             format!("\nblocks:\n{}", indent(&table(&["HOST", "BLOCK", "USED"], &rows)))
                         };
+                        let subranges = if n.subranges.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                "\nisolated sub-ranges (--net {}:subnet=CIDR): {}",
+                                n.name,
+                                n.subranges
+                                    .iter()
+                                    .map(|s| s.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        };
                         format!(
                             "name:      {}\nid:        {}\ndriver:    {}\n{overlay}subnet:    {}\ngateway:   {}\nip range:  {}\nbridge:    {}\nmtu:       {}\ninternal:  {}\noptions:   {}\nlabels:    {}\nendpoints:\n{}",
                             n.name,
@@ -387,6 +400,7 @@ pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
                             kv(&n.labels),
                             indent(&table(&["SANDBOX", "ID", "IFACE", "ADDRESS", "HOST VETH", "ALIASES"], &rows))
                         ) + &blocks
+                            + &subranges
                     })
                     .collect::<Vec<_>>()
                     .join("\n\n")

@@ -31,7 +31,10 @@ pub struct RunArgs {
     #[arg(long)]
     name: Option<String>,
     /// Network: bridge (default), host, none, container:NAME, or a network's
-    /// name as NAME[:ip=ADDR][,alias=NAME]; repeat for one interface per network (eth0, eth1, …)
+    /// name as NAME[:ip=ADDR][,alias=NAME][,subnet=CIDR]; repeat for one interface per
+    /// network (eth0, eth1, …). subnet=CIDR places the sandbox in an isolated sub-range of
+    /// the network (weave's WEAVE_CIDR=net:CIDR): it reaches only the same sub-range, on
+    /// any host, plus the gateway and the world
     #[arg(long = "net", alias = "network", value_name = "NET")]
     net: Vec<String>,
     /// Address for the sandbox on its only network (default: the next free one)

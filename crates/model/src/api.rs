@@ -155,6 +155,9 @@ pub struct NetworkView {
     /// (`network inspect` fills it from the cluster).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blocks: Vec<BlockView>,
+    /// Isolated sub-ranges in use (`--net NAME:subnet=CIDR`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subranges: Vec<Ipv4Net>,
 }
 
 /// One kernel object a driver made for a network, as the kernel has it now.

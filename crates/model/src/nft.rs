@@ -306,7 +306,7 @@ pub fn render(spec: &FirewallSpec) -> String {
     // Published ports (DNAT) reach every sub-range.
     let isolation = ISOLATION_RULES
         .iter()
-        .map(|r| format!("{r} ct status != dnat drop"))
+        .map(|r| format!("{r} ct status & dnat == 0 drop"))
         .collect::<Vec<_>>()
         .join("\n\t\t");
     out.push_str(&RULES.replace("ISOLATION", &isolation));
