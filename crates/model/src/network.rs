@@ -828,3 +828,88 @@ impl Network {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod subrange_tests {
+    use super::*;
+
+    fn bridge(subranges: &[&str]) -> Network {
+        Network {
+            name: "w".into(),
+            id: "0123456789abcdef".into(),
+            settings: DriverSettings::Bridge(BridgeSettings {
+                bridge: "wbr-0123456789".into(),
+            }),
+            subnet: "10.32.0.0/16".parse().unwrap(),
+            gateway: "10.32.0.1".parse().unwrap(),
+            ip_range: None,
+            mtu: None,
+            internal: false,
+            labels: Default::default(),
+            options: Default::default(),
+            subranges: subranges.iter().map(|s| s.parse().unwrap()).collect(),
+        }
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_sub_range_is_inside_clear_and_not_tiny() {
+        let n = bridge(&["10.32.2.128/25"]);
+        let none = std::iter::empty();
+        assert_eq!(
+            n.check_subrange(net("10.32.2.128/25"), none.clone()),
+            Ok(false)
+        );
+        assert_eq!(
+            n.check_subrange(net("10.32.3.0/25"), none.clone()),
+            Ok(true)
+        );
+        let e = n
+            .check_subrange(net("10.33.0.0/24"), none.clone())
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("outside the network's subnet 10.32.0.0/16"),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("10.32.128.0/17"),
+            "an example inside: {e}"
+        );
+        for overlapping in ["10.32.2.0/24", "10.32.2.192/26", "10.32.0.0/16"] {
+            let e = n
+                .check_subrange(net(overlapping), none.clone())
+                .unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    SubrangeError::Overlaps { .. } | SubrangeError::Whole { .. }
+                ),
+                "{overlapping}: {e}"
+            );
+        }
+        assert!(matches!(
+            n.check_subrange(net("10.32.9.0/30"), none.clone()),
+            Err(SubrangeError::TooSmall { .. })
+        ));
+        let used = [(
+            "10.32.9.20".parse::<Ipv4Addr>().unwrap(),
+            None,
+            "sandbox r on h2",
+        )];
+        let e = n.check_subrange(net("10.32.9.0/24"), used).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("10.32.9.20 of it is in use outside any sub-range (sandbox r on h2)"),
+            "{e}"
+        );
+        assert_eq!(
+            n.subrange_of("10.32.2.200".parse().unwrap()),
+            Some(net("10.32.2.128/25"))
+        );
+        assert_eq!(n.subrange_of("10.32.2.100".parse().unwrap()), None);
+    }
+}

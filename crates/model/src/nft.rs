@@ -381,6 +381,7 @@ mod tests {
         let one = render(&FirewallSpec {
             networks: vec![net("weft0", "10.88.0.0/16", false)],
             ports: vec![],
+            isolation: vec![],
         });
         let many = render(&FirewallSpec {
             networks: vec![
@@ -393,6 +394,7 @@ mod tests {
                 port("8000-8010:8000-8010/udp", "10.88.0.3"),
                 port("127.0.0.1:9000:9000", "10.90.0.2"),
             ],
+            isolation: vec![],
         });
         assert_eq!(rule_lines(&one), rule_lines(&many), "{many}");
         assert!(many.contains("\"wbr-1\" . \"wbr-1\""), "{many}");
@@ -450,5 +452,47 @@ mod tests {
         let t = render(&FirewallSpec::default());
         assert!(t.starts_with("add table inet weft\ndelete table inet weft\n"));
         assert!(!t.contains("elements"), "{t}");
+    }
+
+    #[test]
+    fn sub_ranges_are_a_bridge_table_and_forward_rules_only_when_used() {
+        let plain = render(&FirewallSpec::default());
+        assert!(
+            plain.contains("add table bridge weft\ndelete table bridge weft\n")
+                && !plain.contains("table bridge weft {"),
+            "no sub-ranges, no bridge table: {plain}"
+        );
+        let spec = FirewallSpec {
+            networks: vec![net("wbr-1", "10.32.0.0/16", false)],
+            ports: vec![],
+            isolation: vec![IsolationRule {
+                range: "10.32.0.0/16".parse().unwrap(),
+                subranges: vec!["10.32.2.128/25".parse().unwrap()],
+                open: vec!["10.32.0.1".parse().unwrap()],
+                ports: vec![("wvabc0".into(), "10.32.2.130".parse().unwrap())],
+            }],
+        };
+        let t = render(&spec);
+        let bridge = &t[t.find("table bridge weft {").expect("a bridge table")..];
+        assert!(bridge.contains("\"wvabc0\" . 10.32.2.130"), "{bridge}");
+        assert!(
+            bridge.contains("10.32.2.128/25 . 10.32.2.128/25"),
+            "{bridge}"
+        );
+        assert!(bridge.contains(ANTI_SPOOF), "{bridge}");
+        assert_eq!(
+            bridge.matches(ANTI_SPOOF).count(),
+            2,
+            "forward and input: {bridge}"
+        );
+        let inet = &t[..t.find("table bridge weft {").unwrap()];
+        for r in ISOLATION_RULES {
+            assert!(
+                inet.contains(&format!("{r} ct status & dnat == 0 drop")),
+                "{inet}"
+            );
+            assert!(bridge.contains(&format!("{r} drop")), "{bridge}");
+        }
+        assert!(render_delete().contains("delete table bridge weft"));
     }
 }

@@ -376,6 +376,16 @@ mod tests {
                 ip: Some(Ipv4Addr::new(10, 1, 0, 5)),
                 aliases: vec!["web".into(), "www".into()],
                 mac: None,
+                subrange: None,
+            })]
+        );
+        assert_eq!(
+            parse_net_modes(&s(&["a:subnet=10.32.2.128/25,ip=10.32.2.130"])).unwrap(),
+            vec![NetMode::Network(NetRequest {
+                network: "a".into(),
+                ip: Some(Ipv4Addr::new(10, 32, 2, 130)),
+                subrange: Some("10.32.2.128/25".parse().unwrap()),
+                ..Default::default()
             })]
         );
     }
@@ -387,6 +397,9 @@ mod tests {
             "a:mac=1",
             "a:ip=10.0.0.1,ip=10.0.0.2",
             "a:alias=-x",
+            "a:subnet=10.32.2.129/25",
+            "a:subnet=nope",
+            "a:subnet=10.32.2.0/25,subnet=10.32.3.0/25",
         ] {
             assert!(
                 matches!(
