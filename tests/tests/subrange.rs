@@ -305,6 +305,16 @@ fn sub_ranges_on_a_local_bridge_network() {
     assert!(!lab.ping(0, "la", b.ip), "la -> lb");
     assert!(!lab.ping(0, "lr", a.ip), "lr -> la");
     assert_eq!(udp(&lab, 0, "lb", a.ip), "");
+    // weft explain names the drop, and delivers within a sub-range.
+    let out = lab.weft(0, &["explain", "la", "lb"]);
+    let said = text(&out);
+    assert!(
+        said.contains("isolated sub-ranges of network loc"),
+        "{said}"
+    );
+    assert!(said.contains("rule for sub-ranges drops it"), "{said}");
+    let out = lab.weft(0, &["explain", "la", "la2"]);
+    assert!(text(&out).contains("delivered"), "{}", text(&out));
     // The record keeps them: inspect shows both.
     let v = lab.network(0, "loc");
     assert_eq!(v.subranges.len(), 2, "{v:?}");

@@ -501,6 +501,12 @@ impl Walk<'_> {
         seen: Option<[u8; 6]>,
     ) -> Result<Verdict> {
         let host_at = self.host_at.clone();
+        if let Some(v) = self
+            .bridge_src
+            .and_then(|src| self.isolated(&host_at, src, d, false))
+        {
+            return Ok(v);
+        }
         let Some((sb, ep)) = self.local_endpoint(d) else {
             if let Some(v) = self.on_shared_lan(bridge, network, d)? {
                 return Ok(v);
@@ -631,6 +637,66 @@ impl Walk<'_> {
             .map(Some)
     }
 
+    /// Sub-range isolation: `s` and `d` in different sub-ranges of one
+    /// network (or one in a sub-range, the other in the rest) is dropped,
+    /// bridged by the bridge table, routed via the gateway by the inet
+    /// forward chain. The gateway reaches and is reached by all.
+    fn isolated(
+        &mut self,
+        host_at: &str,
+        s: Ipv4Addr,
+        d: Ipv4Addr,
+        routed: bool,
+    ) -> Option<Verdict> {
+        let net = self
+            .networks
+            .values()
+            .find(|n| {
+                let r = n.overlay().map_or(n.subnet, |o| o.range);
+                !n.subranges.is_empty() && r.contains(&s) && r.contains(&d)
+            })?
+            .clone();
+        let (a, b) = (net.subrange_of(s), net.subrange_of(d));
+        if a == b || s == net.gateway || d == net.gateway {
+            return None;
+        }
+        let (family, cmd) = if routed {
+            ("inet", "nft list chain inet weft forward")
+        } else {
+            ("bridge", "nft list table bridge weft")
+        };
+        if !routed && !matches!(weft_kernel::nft::list_table("bridge", "weft"), Ok(Some(_))) {
+            self.disagreements.push(format!("network {} has isolated sub-ranges, but table bridge weft is missing: nothing keeps them apart on this host (the agent writes it again with its next firewall change)", net.name));
+            return None;
+        }
+        let place = |x: Option<ipnet::Ipv4Net>| {
+            x.map_or("the rest of the network (no sub-range)".to_string(), |s| {
+                format!("the isolated sub-range {s}")
+            })
+        };
+        let h = self.hop(
+            host_at,
+            format!(
+                "{s} is in {} and {d} in {} of network {}: weft's {family} rule for sub-ranges drops it (`ip saddr . ip daddr != @iso_same`)",
+                place(a),
+                place(b),
+                net.name
+            ),
+            cmd.into(),
+        );
+        Some(dropped(
+            h,
+            format!(
+                "isolated sub-ranges of network {}: {s} and {d} are not in the same one",
+                net.name
+            ),
+            Some(format!(
+                "run both in one sub-range (`--net {}:subnet=CIDR`), or publish a port (-p) to reach across",
+                net.name
+            )),
+        ))
+    }
+
     fn local_endpoint(&self, ip: Ipv4Addr) -> Option<(std::sync::Arc<Sandbox>, Endpoint)> {
         self.sandboxes.iter().find_map(|s| {
             s.attachment
@@ -681,6 +747,11 @@ impl Walk<'_> {
                     daddr: d,
                     dnat,
                 };
+                if !dnat {
+                    if let Some(v) = self.isolated(host_at, s, d, true) {
+                        return Ok(v);
+                    }
+                }
                 let rule = forward_rule(&self.table, &pkt);
                 let masq = postrouting_rule(&self.table, &pkt);
                 match rule {
