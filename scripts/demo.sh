@@ -51,6 +51,20 @@ lab h1 -- weft exec a -- socat -T 2 - "TCP:$c:80"
 lab h1 -- weft exec a -- ip neigh show "$c"
 lab h1 -- weft network inspect lab
 
+step "weave's isolation on 'lab': sub-ranges (--net lab:subnet=CIDR); a sandbox reaches only its own sub-range, on any host"
+lab h1 -- weft run -d --name s1 --net lab:subnet=10.40.2.128/25 -- sleep infinity >/dev/null
+lab h2 -- weft run -d --name s2 --net lab:subnet=10.40.2.128/25 -- sleep infinity >/dev/null
+lab h2 -- weft run -d --name t2 --net lab:subnet=10.40.3.0/25 -- sleep infinity >/dev/null
+t2=$(lab h2 -- weft --format json inspect t2 | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["attachment"]["endpoints"][0]["ip"])')
+lab h1 -- weft exec s1 -- ip -4 -br addr show eth0
+lab h1 -- weft exec s1 -- ping -c 1 s2
+if lab h1 -- weft exec s1 -- ping -c 1 -W 1 "$t2"; then echo "!! s1 reached t2 in another sub-range" >&2; exit 1; fi
+echo "s1 -> t2 ($t2, sub-range 10.40.3.0/25): no reply, as wanted; and with a route added by hand inside s1:"
+lab h1 -- weft exec s1 -- ip route add "$t2/32" dev eth0
+if lab h1 -- weft exec s1 -- ping -c 1 -W 1 "$t2"; then echo "!! the hand-made route got through" >&2; exit 1; fi
+echo "still no reply: h1 drops frames between sub-ranges (table bridge weft):"
+lab h1 -- nft list chain bridge weft forward
+
 step "flannel's kind on the same lab: a /24 per host, routed (--host-subnet-len 24)"
 lab h1 -- weft network create -d overlay --subnet 10.41.0.0/16 --host-subnet-len 24 fl
 lab h2 -- weft run -d --name f2 --net fl -- sleep infinity >/dev/null
