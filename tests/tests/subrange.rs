@@ -283,7 +283,7 @@ fn sub_ranges_reach_their_own_on_every_host_and_nothing_else() {
 
 #[test]
 fn sub_ranges_on_a_local_bridge_network() {
-    let lab = TestLab::up_shared(1, 60);
+    let mut lab = TestLab::up_shared(1, 60);
     lab.weft_ok(0, &["network", "create", "--subnet", "10.77.0.0/24", "loc"]);
     let a = server(&lab, 0, "la", "loc:subnet=10.77.0.64/26", &[]);
     let b = server(&lab, 0, "lb", "loc:subnet=10.77.0.128/26", &[]);
@@ -318,6 +318,16 @@ fn sub_ranges_on_a_local_bridge_network() {
     // The record keeps them: inspect shows both.
     let v = lab.network(0, "loc");
     assert_eq!(v.subranges.len(), 2, "{v:?}");
+    // An agent killed and restarted keeps them apart (the table is the
+    // kernel's meanwhile, and is written again from the records).
+    let table = |lab: &TestLab| stdout(&lab.sh(0, "nft list table bridge weft"));
+    let before = table(&lab);
+    assert!(before.contains(&format!(" . {}", a.ip)), "{before}");
+    lab.stop_agent(0, libc::SIGKILL).unwrap();
+    lab.start_agent(0).unwrap();
+    assert_eq!(table(&lab), before, "the bridge table after a restart");
+    assert!(!lab.ping(0, "la", b.ip), "la -> lb after a restart");
+    assert!(lab.ping(0, "la", a2.ip), "la -> la2 after a restart");
     // The host itself reaches every sub-range (a local bridge network is exposed).
     let out = lab.sh(
         0,
