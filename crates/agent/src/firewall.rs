@@ -20,7 +20,7 @@ use std::net::Ipv4Addr;
 use tracing::{info, warn};
 use weft_kernel::connect_redirect::ConnectRedirect;
 use weft_kernel::port_hold::{self, HoldError, PortHold};
-use weft_model::nft::{self, FirewallSpec, NetworkRule, PortRule};
+use weft_model::nft::{self, ExposeRule, FirewallSpec, NetworkRule, PortRule};
 use weft_model::ports::Protocol;
 use weft_model::Published;
 
@@ -114,9 +114,11 @@ impl Firewall {
         &mut self,
         networks: Vec<NetworkRule>,
         ports: impl Iterator<Item = &'a Published> + Clone,
+        exposed: Vec<ExposeRule>,
     ) -> Result<()> {
         let spec = FirewallSpec {
             networks,
+            exposed,
             ports: ports
                 .clone()
                 .map(|p| PortRule {

@@ -30,6 +30,8 @@ pub(crate) struct NetworkState {
     /// A shared network: what of its subnet this host may hand out (kept
     /// current by the cluster); None for every other network.
     pub share: Option<weft_model::blocks::HostShare>,
+    /// `weft expose`: this host's address on the network (expose.rs).
+    pub exposed: Option<Ipv4Addr>,
 }
 
 impl NetworkState {
@@ -43,6 +45,7 @@ impl NetworkState {
             pool,
             driver,
             share,
+            exposed: None,
         }
     }
 
@@ -142,6 +145,8 @@ pub(crate) struct Inner {
 pub(crate) struct Snapshot {
     pub networks: BTreeMap<String, Network>,
     pub sandboxes: BTreeMap<String, Arc<Sandbox>>,
+    /// Networks this host exposes (`weft expose`), with its address.
+    pub exposed: BTreeMap<String, Ipv4Addr>,
     pub resolv_dir: std::path::PathBuf,
     pub logs_dir: std::path::PathBuf,
 }
@@ -258,6 +263,11 @@ impl Inner {
                 .map(|(k, n)| (k.clone(), n.net.clone()))
                 .collect(),
             sandboxes: self.sandboxes.clone(),
+            exposed: self
+                .networks
+                .iter()
+                .filter_map(|(k, n)| Some((k.clone(), n.exposed?)))
+                .collect(),
             resolv_dir: self.cfg.resolv_dir(),
             logs_dir: self.cfg.logs_dir(),
         }
@@ -304,9 +314,17 @@ impl Inner {
             .values()
             .filter_map(|n| n.driver.firewall(&n.net))
             .collect();
+        let exposed = self
+            .networks
+            .values()
+            .filter_map(|n| crate::expose::rule(&n.net, n.exposed?))
+            .collect();
         let sandboxes = &self.sandboxes;
-        self.firewall
-            .apply_all(rules, sandboxes.values().flat_map(|s| s.ports.iter()))
+        self.firewall.apply_all(
+            rules,
+            sandboxes.values().flat_map(|s| s.ports.iter()),
+            exposed,
+        )
     }
 }
 

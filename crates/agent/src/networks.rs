@@ -60,6 +60,7 @@ impl Snapshot {
             overlay: net.overlay().cloned(),
             programmed: Vec::new(),
             blocks: Vec::new(),
+            exposed: Vec::new(),
         }
     }
 
@@ -325,7 +326,7 @@ impl crate::host::Inner {
             return Err(not_found(name));
         };
         self.dns.stop(name);
-        let mut errors = Vec::new();
+        let mut errors = self.drop_exposure(&state.net, state.exposed);
         if let Err(e) = state.driver.teardown(&mut self.nl, &state.net) {
             errors.push(e);
         }

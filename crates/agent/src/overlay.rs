@@ -261,10 +261,29 @@ impl Host {
                         public_ip: me.public_ip,
                         sandbox: Some(sb.name.clone()),
                         names,
+                        exposed: false,
                         signed: None,
                     },
                 );
             }
+        }
+        // `weft expose`: other hosts program it as a sandbox's address, so
+        // replies to it cross to this host (shared kind).
+        if let Some(ip) = snap.exposed.get(network).copied() {
+            out.insert(
+                ip,
+                EndpointRecord {
+                    ip,
+                    mac: format_mac(&mac_for(ip)),
+                    host_id: me.host_id.clone(),
+                    node: me.node.clone(),
+                    public_ip: me.public_ip,
+                    sandbox: None,
+                    names: Vec::new(),
+                    exposed: true,
+                    signed: None,
+                },
+            );
         }
         let borrowed: Vec<Ipv4Addr> = {
             let g = self.lock_quiet();
@@ -283,6 +302,7 @@ impl Host {
                 public_ip: me.public_ip,
                 sandbox: None,
                 names: Vec::new(),
+                exposed: false,
                 signed: None,
             });
         }

@@ -584,6 +584,25 @@ impl Host {
             started_unix: self.started_unix,
             netns_pool: self.pool.fill(),
             missing,
+            exposed: snap
+                .exposed
+                .iter()
+                .filter_map(|(name, ip)| {
+                    let n = snap.networks.get(name)?;
+                    Some(weft_model::api::ExposedView {
+                        network: name.clone(),
+                        ip: *ip,
+                        prefix_len: n.subnet.prefix_len(),
+                        default: false,
+                        kind: if n.overlay().is_some_and(|o| o.is_shared()) {
+                            "shared"
+                        } else {
+                            "per-host"
+                        }
+                        .into(),
+                    })
+                })
+                .collect(),
             cluster: None,
             docker: None,
         }

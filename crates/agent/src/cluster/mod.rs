@@ -450,6 +450,14 @@ impl Cluster {
                 kind: overlay.kind,
                 blocks: Vec::new(),
                 remote_endpoints: 0,
+                exposed: global
+                    .endpoints_of(&name)
+                    .filter(|r| r.exposed && r.host_id != me.host_id)
+                    .map(|r| weft_model::api::ExposedHost {
+                        node: r.node.clone(),
+                        ip: r.ip,
+                    })
+                    .collect(),
             };
             if self.left.load(Ordering::Relaxed) {
                 view.problem = Some("this host left the cluster (`weft leave`)".into());
