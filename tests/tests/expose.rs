@@ -39,7 +39,9 @@ fn echo_server(lab: &TestLab, i: usize, name: &str, extra: &[&str]) -> Ipv4Addr 
 fn tcp_says(run: impl Fn(&str) -> Output, to: Ipv4Addr, secs: u64) -> String {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
-        let out = run(&format!("socat -T2 - TCP:{to}:7000,connect-timeout=1 </dev/null"));
+        let out = run(&format!(
+            "socat -T2 - TCP:{to}:7000,connect-timeout=1 </dev/null"
+        ));
         let said = stdout(&out).trim().to_string();
         if (out.status.success() && !said.is_empty()) || Instant::now() > deadline {
             return said;
@@ -169,14 +171,23 @@ fn the_host_reaches_every_hosts_sandboxes_after_expose_and_not_after_hide() {
     let c = echo_server(&lab, 2, "c", &[]);
     let host = |cmd: &str| lab.sh(0, cmd);
     // Without expose the host's source is the gateway, which every host has.
-    assert!(!pings(host(&format!("ping -c 1 -W 1 {b}"))), "h1 reaches {b} before expose");
+    assert!(
+        !pings(host(&format!("ping -c 1 -W 1 {b}"))),
+        "h1 reaches {b} before expose"
+    );
     assert!(tcp_says(host, b, 1).is_empty());
 
     let v = expose(&lab, 0, &[NET]);
-    assert_eq!((v.network.as_str(), v.kind.as_str(), v.default), (NET, "shared", false));
+    assert_eq!(
+        (v.network.as_str(), v.kind.as_str(), v.default),
+        (NET, "shared", false)
+    );
     assert_eq!(v.prefix_len, 16);
     let e = v.ip;
-    assert!("10.40.0.0/16".parse::<ipnet::Ipv4Net>().unwrap().contains(&e));
+    assert!("10.40.0.0/16"
+        .parse::<ipnet::Ipv4Net>()
+        .unwrap()
+        .contains(&e));
     assert!(![a, b, c, Ipv4Addr::new(10, 40, 0, 1)].contains(&e), "{e}");
     let text_out = lab.weft(0, &["hide", NET]);
     assert!(text_out.status.success(), "{}", text(&text_out));
@@ -198,10 +209,19 @@ fn the_host_reaches_every_hosts_sandboxes_after_expose_and_not_after_hide() {
             pings(host(&format!("ping -c 1 -W 1 {to}")))
         });
         // The sandbox sees the exposed address as the source.
-        assert_eq!(tcp_says(host, to, 5), format!("tcp {e}"), "TCP to {to} on {on}");
+        assert_eq!(
+            tcp_says(host, to, 5),
+            format!("tcp {e}"),
+            "TCP to {to} on {on}"
+        );
     }
     // The one link pair, the address /32 on it, the nft elements.
-    assert_eq!(expose_links(&lab, 0).len(), 2, "{:?}", expose_links(&lab, 0));
+    assert_eq!(
+        expose_links(&lab, 0).len(),
+        2,
+        "{:?}",
+        expose_links(&lab, 0)
+    );
     let addr = stdout(&lab.sh(0, "ip -4 -o addr show | grep wex-"));
     assert!(addr.contains(&format!("inet {e}/32 ")), "{addr}");
     let t = table(&lab, 0);
@@ -209,17 +229,35 @@ fn the_host_reaches_every_hosts_sandboxes_after_expose_and_not_after_hide() {
     assert!(t.contains("10.40.0.1 . 10.40.0.0/16"), "{t}");
     // Shown: in status here, in inspect everywhere (h2 from h1's record).
     let s = lab.status(0);
-    assert!(s.exposed.iter().any(|x| x.network == NET && x.ip == e), "{:?}", s.exposed);
+    assert!(
+        s.exposed.iter().any(|x| x.network == NET && x.ip == e),
+        "{:?}",
+        s.exposed
+    );
     let st = lab.weft_ok(0, &["status"]);
-    assert!(st.contains(&format!("exposed: {NET} on this host as {e}/16")), "{st}");
+    assert!(
+        st.contains(&format!("exposed: {NET} on this host as {e}/16")),
+        "{st}"
+    );
     wait_for(&lab, 10, "h2 to show h1 exposing", || {
         lab.network(1, NET)
             .exposed
             .iter()
             .any(|x| x.node == "h1" && x.ip == e)
     });
+    let mine = lab.network(0, NET);
+    assert!(
+        mine.programmed
+            .iter()
+            .any(|p| p.what == "exposed address" && p.present && p.detail.contains(&e.to_string())),
+        "{:?}",
+        mine.programmed
+    );
     let insp = lab.weft_ok(1, &["network", "inspect", NET]);
-    assert!(insp.contains("exposed on:") && insp.contains(&e.to_string()), "{insp}");
+    assert!(
+        insp.contains("exposed on:") && insp.contains(&e.to_string()),
+        "{insp}"
+    );
 
     let hidden = lab.weft_ok(0, &["hide", NET]);
     assert_eq!(hidden.trim(), format!("{NET} hidden: {e} is free again"));
@@ -237,7 +275,19 @@ fn the_host_reaches_every_hosts_sandboxes_after_expose_and_not_after_hide() {
     // The address is back in the pool: a sandbox may have it.
     let v: SandboxView = lab.weft_json(
         0,
-        &["run", "-d", "--name", "z", "--net", NET, "--ip", &e.to_string(), "--", "sleep", "1d"],
+        &[
+            "run",
+            "-d",
+            "--name",
+            "z",
+            "--net",
+            NET,
+            "--ip",
+            &e.to_string(),
+            "--",
+            "sleep",
+            "1d",
+        ],
     );
     assert_eq!(v.attachment.endpoints()[0].ip, e);
 }
@@ -245,8 +295,8 @@ fn the_host_reaches_every_hosts_sandboxes_after_expose_and_not_after_hide() {
 // ---- the shared kind: a machine without weft, and a killed agent ----------
 
 #[test]
-fn an_outside_machine_reaches_sandboxes_on_every_host_through_the_exposing_host_even_after_sigkill(
-) {
+fn an_outside_machine_reaches_sandboxes_on_every_host_through_the_exposing_host_even_after_sigkill()
+{
     let mut lab = TestLab::up_shared(3, 60);
     let a = echo_server(&lab, 0, "a", &[]);
     let b = echo_server(&lab, 1, "b", &[]);
@@ -264,7 +314,9 @@ fn an_outside_machine_reaches_sandboxes_on_every_host_through_the_exposing_host_
 
     let e = expose(&lab, 0, &[NET]).ip;
     for (to, on) in [(a, "h1"), (b, "h2"), (c, "h3")] {
-        wait_for(&lab, 10, &format!("outside to ping {to} on {on}"), || out.ping(to));
+        wait_for(&lab, 10, &format!("outside to ping {to} on {on}"), || {
+            out.ping(to)
+        });
         // Translated on h1 to its exposed address; replies find their way back.
         assert_eq!(
             tcp_says(|cmd: &str| out.sh(cmd), to, 5),
@@ -278,13 +330,27 @@ fn an_outside_machine_reaches_sandboxes_on_every_host_through_the_exposing_host_
     lab.stop_agent(0, libc::SIGKILL).unwrap();
     // The kernel keeps it while no agent runs.
     assert!(out.ping(b), "outside lost {b} while h1's agent was down");
+    // Deleted behind weft's back while no agent runs: the next one makes it.
+    let wex = expose_links(&lab, 0)
+        .into_iter()
+        .find(|l| l.starts_with("wex-"))
+        .expect("the wex- link");
+    let del = lab.sh(0, &format!("ip link del {wex}"));
+    assert!(del.status.success(), "{}", text(&del));
+    assert!(expose_links(&lab, 0).is_empty());
     lab.start_agent(0).unwrap();
     wait_for(&lab, 10, "h1's agent to answer", || {
-        lab.weft(0, &["status"]).status.code().is_some_and(|c| c <= 1)
+        lab.weft(0, &["status"])
+            .status
+            .code()
+            .is_some_and(|c| c <= 1)
     });
     let s = lab.status(0);
     assert_eq!(
-        s.exposed.iter().map(|x| (x.network.as_str(), x.ip)).collect::<Vec<_>>(),
+        s.exposed
+            .iter()
+            .map(|x| (x.network.as_str(), x.ip))
+            .collect::<Vec<_>>(),
         vec![(NET, e)],
         "same address after the restart"
     );
@@ -310,7 +376,10 @@ fn an_outside_machine_reaches_sandboxes_on_every_host_through_the_exposing_host_
         tcp_says(|cmd: &str| out.sh(cmd), b, 5),
         format!("tcp {}", out.ip)
     );
-    println!("outside machine at {} reached a, b, c through h1 as {e}", out.ip);
+    println!(
+        "outside machine at {} reached a, b, c through h1 as {e}",
+        out.ip
+    );
 }
 
 // ---- the per-host kind -----------------------------------------------------
@@ -341,7 +410,9 @@ fn per_host_expose_lets_an_outside_machine_reach_sandboxes_on_two_hosts() {
     assert_eq!((v.ip, v.kind.as_str(), v.default), (gw, "per-host", false));
     assert!(expose_links(&lab, 0).is_empty(), "no link of its own");
     for (to, on) in [(a, "h1"), (b, "h2")] {
-        wait_for(&lab, 10, &format!("outside to ping {to} on {on}"), || out.ping(to));
+        wait_for(&lab, 10, &format!("outside to ping {to} on {on}"), || {
+            out.ping(to)
+        });
         assert_eq!(
             tcp_says(|cmd: &str| out.sh(cmd), to, 5),
             format!("tcp {gw}"),
@@ -350,7 +421,10 @@ fn per_host_expose_lets_an_outside_machine_reach_sandboxes_on_two_hosts() {
     }
     assert!(lab.status(0).exposed.iter().any(|x| x.ip == gw));
     wait_for(&lab, 10, "h2 to show h1 exposing", || {
-        lab.network(1, NET).exposed.iter().any(|x| x.node == "h1" && x.ip == gw)
+        lab.network(1, NET)
+            .exposed
+            .iter()
+            .any(|x| x.node == "h1" && x.ip == gw)
     });
     let hidden = lab.weft_ok(0, &["hide", NET]);
     assert!(hidden.contains(&format!("{NET} hidden")), "{hidden}");
@@ -374,7 +448,11 @@ fn a_local_bridge_network_is_exposed_by_default_and_macvlan_cannot_be() {
     assert_eq!((v.ip, v.default, v.kind.as_str()), (gw, true, "bridge"));
     let hide = lab.weft(0, &["hide", "bridge"]);
     assert!(!hide.status.success());
-    assert!(stderr(&hide).contains("cannot be hidden"), "{}", text(&hide));
+    assert!(
+        stderr(&hide).contains("cannot be hidden"),
+        "{}",
+        text(&hide)
+    );
     let inspect = lab.network(0, "bridge");
     assert_eq!(inspect.exposed.len(), 1, "{:?}", inspect.exposed);
     assert_eq!(inspect.exposed[0].ip, gw);
@@ -382,8 +460,17 @@ fn a_local_bridge_network_is_exposed_by_default_and_macvlan_cannot_be() {
     let mk = lab.weft(
         0,
         &[
-            "network", "create", "-d", "macvlan", "--subnet", "198.51.100.0/24", "--gateway",
-            "198.51.100.1", "-o", "parent=eth0", "mv",
+            "network",
+            "create",
+            "-d",
+            "macvlan",
+            "--subnet",
+            "198.51.100.0/24",
+            "--gateway",
+            "198.51.100.1",
+            "-o",
+            "parent=eth0",
+            "mv",
         ],
     );
     assert!(mk.status.success(), "{}", text(&mk));
@@ -401,7 +488,9 @@ fn bad_exposes_are_refused_each_with_a_clear_error_and_nothing_is_made() {
     let a = echo_server(&lab, 0, "a", &[]);
     let b = echo_server(&lab, 1, "b", &[]);
     wait_for(&lab, 10, "h1 to know b's record", || {
-        endpoint_records(&lab).iter().any(|l| l.ends_with(&format!("/{b}")))
+        endpoint_records(&lab)
+            .iter()
+            .any(|l| l.ends_with(&format!("/{b}")))
     });
     std::thread::sleep(Duration::from_millis(500));
     let links_before = links(&lab, 0);
@@ -409,24 +498,41 @@ fn bad_exposes_are_refused_each_with_a_clear_error_and_nothing_is_made() {
     let table_before = table(&lab, 0);
     let (a_s, b_s) = (a.to_string(), b.to_string());
     for (args, says) in [
-        (&["expose", "nosuch"][..], &["no network named \"nosuch\""][..]),
-        (&["hide", NET][..], &["not exposed on this host", "weft expose lab"][..]),
+        (
+            &["expose", "nosuch"][..],
+            &["no network named \"nosuch\""][..],
+        ),
+        (
+            &["hide", NET][..],
+            &["not exposed on this host", "weft expose lab"][..],
+        ),
         (
             &["expose", NET, "--ip", "10.99.0.5"][..],
             &["10.99.0.5 is not a host address", "10.40.0.0/16"][..],
         ),
         (&["expose", NET, "--ip", "10.40.0.1"][..], &["gateway"][..]),
-        (&["expose", NET, "--ip", &a_s][..], &["taken by sandbox a"][..]),
+        (
+            &["expose", NET, "--ip", &a_s][..],
+            &["taken by sandbox a"][..],
+        ),
         (&["expose", NET, "--ip", &b_s][..], &["taken by", "h2"][..]),
     ] {
         let out = lab.weft(0, args);
         assert!(!out.status.success(), "{args:?} succeeded: {}", text(&out));
         for s in says {
-            assert!(stderr(&out).contains(s), "{args:?}: {s:?} not in {}", text(&out));
+            assert!(
+                stderr(&out).contains(s),
+                "{args:?}: {s:?} not in {}",
+                text(&out)
+            );
         }
         assert_eq!(links(&lab, 0), links_before, "{args:?} left a link");
         assert_eq!(table(&lab, 0), table_before, "{args:?} changed the table");
-        assert_eq!(endpoint_records(&lab), records_before, "{args:?} changed etcd");
+        assert_eq!(
+            endpoint_records(&lab),
+            records_before,
+            "{args:?} changed etcd"
+        );
         assert!(lab.status(0).exposed.is_empty(), "{args:?}");
     }
     // Twice: the second is refused, naming the first.
@@ -444,11 +550,33 @@ fn bad_exposes_are_refused_each_with_a_clear_error_and_nothing_is_made() {
     // And a sandbox of another host cannot take the exposed address.
     let taken = lab.weft(
         1,
-        &["run", "-d", "--name", "x", "--net", NET, "--ip", &e.to_string(), "--", "sleep", "1d"],
+        &[
+            "run",
+            "-d",
+            "--name",
+            "x",
+            "--net",
+            NET,
+            "--ip",
+            &e.to_string(),
+            "--",
+            "sleep",
+            "1d",
+        ],
     );
     assert!(!taken.status.success(), "{}", text(&taken));
     assert!(stderr(&taken).contains("taken by"), "{}", text(&taken));
     lab.weft_ok(0, &["hide", NET]);
     assert_eq!(links(&lab, 0), links_before);
     assert!(expose_elements(&lab, 0).is_empty());
+
+    // The network leaving the host takes its exposure along.
+    expose(&lab, 0, &[NET]);
+    lab.weft_ok(0, &["network", "rm", "-f", NET]);
+    wait_for(&lab, 10, "lab to leave h1", || {
+        !lab.weft(0, &["network", "inspect", NET]).status.success()
+    });
+    assert!(expose_links(&lab, 0).is_empty(), "{:?}", links(&lab, 0));
+    assert!(lab.status(0).exposed.is_empty());
+    assert!(expose_elements(&lab, 0).is_empty(), "{}", table(&lab, 0));
 }

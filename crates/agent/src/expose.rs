@@ -161,6 +161,34 @@ fn rp_filter_warning() -> Option<String> {
     })
 }
 
+/// The exposed address's link as the kernel has it now (`network
+/// inspect`; `status` lists it when missing). Shared kind only.
+pub(crate) fn programmed(
+    nl: &mut Netlink,
+    net: &Network,
+    exposed: Option<Ipv4Addr>,
+) -> Option<weft_model::api::ProgrammedView> {
+    let ip = exposed.filter(|_| net.overlay().is_some_and(|o| o.is_shared()))?;
+    let name = expose_link(&net.id);
+    let addresses = nl.ipv4_addresses().unwrap_or_default();
+    let has = |index: u32| addresses.iter().any(|(i, n)| *i == index && n.addr() == ip);
+    let found = nl.link_by_name(&name);
+    let detail = match found {
+        Ok(Some(l)) if !has(l.index) => format!("WITHOUT {ip}/32"),
+        Ok(Some(l)) if l.up => format!("up, {ip}/32, `weft expose` address"),
+        Ok(Some(_)) => format!("down, {ip}/32"),
+        Ok(None) => "missing".into(),
+        Err(e) => format!("cannot read: {e}"),
+    };
+    Some(weft_model::api::ProgrammedView {
+        what: "exposed address".into(),
+        present: detail.starts_with("up") || detail.starts_with("down"),
+        name: name.clone(),
+        detail,
+        check: format!("ip -d addr show {name}"),
+    })
+}
+
 impl Host {
     /// `weft expose NAME [--ip ADDR]`. Validates everything first; a shared
     /// network's address comes from this host's share like a sandbox's

@@ -96,6 +96,11 @@ impl Host {
         let mut v = snap.network_view(net);
         let mut nl = weft_kernel::Netlink::open()?;
         v.programmed = driver::for_network(net).programmed(&mut nl, net);
+        v.programmed.extend(crate::expose::programmed(
+            &mut nl,
+            net,
+            snap.exposed.get(name).copied(),
+        ));
         Ok(v)
     }
 

@@ -534,7 +534,13 @@ impl Host {
         match weft_kernel::Netlink::open() {
             Ok(mut nl) => {
                 for net in snap.networks.values() {
-                    for p in crate::driver::for_network(net).programmed(&mut nl, net) {
+                    let exposed = snap.exposed.get(&net.name).copied();
+                    let mine = crate::expose::programmed(&mut nl, net, exposed);
+                    for p in crate::driver::for_network(net)
+                        .programmed(&mut nl, net)
+                        .into_iter()
+                        .chain(mine)
+                    {
                         if !p.present {
                             missing.push((net.name.clone(), p));
                         }

@@ -71,6 +71,7 @@ impl EndpointRecord {
     pub fn holder(&self) -> String {
         match &self.sandbox {
             Some(s) => format!("sandbox {s} on host {}", self.node),
+            None if self.exposed => format!("host {} (its `weft expose` address)", self.node),
             None => format!("host {} (being attached)", self.node),
         }
     }
