@@ -25,7 +25,6 @@ use std::os::fd::AsRawFd;
 use tracing::{info, warn};
 use weft_kernel::{sysctl, Netlink};
 use weft_model::api::{ExposeRequest, ExposedView};
-use weft_model::nft::ExposeRule;
 use weft_model::overlay::{expose_bridge_port, expose_link};
 use weft_model::sandbox::mac_for;
 use weft_model::{keys, Network};
@@ -84,16 +83,6 @@ fn view(net: &Network, kind: Kind, ip: Ipv4Addr) -> ExposedView {
         default: kind == Kind::Bridge,
         kind: kind.name().into(),
     }
-}
-
-/// The part of the nft table an exposed network needs.
-pub(crate) fn rule(net: &Network, ip: Ipv4Addr) -> Option<ExposeRule> {
-    let o = net.overlay()?;
-    Some(ExposeRule {
-        range: o.range,
-        address: ip,
-        gateway: o.is_shared().then_some(net.gateway),
-    })
 }
 
 /// Makes (or puts right) the veth pair that carries `ip` on a shared

@@ -317,7 +317,16 @@ impl Inner {
         let exposed = self
             .networks
             .values()
-            .filter_map(|n| crate::expose::rule(&n.net, n.exposed?))
+            .filter_map(|n| {
+                // `weft expose` (expose.rs): on a shared network the host's
+                // own source (the gateway) is translated too.
+                let o = n.net.overlay()?;
+                Some(weft_model::nft::ExposeRule {
+                    range: o.range,
+                    address: n.exposed?,
+                    gateway: o.is_shared().then_some(n.net.gateway),
+                })
+            })
             .collect();
         let sandboxes = &self.sandboxes;
         self.firewall.apply_all(
