@@ -58,6 +58,8 @@ pub(crate) fn router(app: App) -> Router {
             get(get_network).delete(remove_network),
         )
         .route("/v1/networks/{name}/connect", post(connect))
+        .route("/v1/networks/{name}/expose", post(expose))
+        .route("/v1/networks/{name}/hide", post(hide))
         .route("/v1/networks/{name}/disconnect", post(disconnect))
         .route("/v1/cni/add", post(cni_add))
         .route("/v1/cni/del", post(cni_del))
@@ -85,15 +87,60 @@ async fn get_network(
     State(app): State<App>,
     Path(name): Path<String>,
 ) -> Reply<weft_model::api::NetworkView> {
-    let blocks = app
-        .cluster
-        .as_ref()
-        .and_then(|c| c.status().networks.into_iter().find(|n| n.name == name))
-        .map(|n| n.blocks)
+    let status = app.cluster.as_ref().map(|c| c.status());
+    let node = status.as_ref().map(|s| s.node.clone());
+    let (blocks, mut exposed) = status
+        .and_then(|s| s.networks.into_iter().find(|n| n.name == name))
+        .map(|n| (n.blocks, n.exposed))
         .unwrap_or_default();
+    let here = app.host.snapshot();
     let mut v = blocking(move || app.host.network(&name)).await?;
     v.0.blocks = blocks;
+    // This host from its own state; the others from their records.
+    let mine = here
+        .exposed
+        .get(&v.0.name)
+        .copied()
+        .or_else(|| (v.0.overlay.is_none() && !v.0.bridge.is_empty()).then_some(v.0.gateway));
+    if let Some(ip) = mine {
+        exposed.push(weft_model::api::ExposedHost {
+            node: node.unwrap_or_else(crate::expose::hostname),
+            ip,
+        });
+    }
+    exposed.sort();
+    v.0.exposed = exposed;
     Ok(v)
+}
+
+async fn expose(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    Json(req): Json<weft_model::api::ExposeRequest>,
+) -> Reply<weft_model::api::ExposedView> {
+    let n = name.clone();
+    with_room(&app, None, move |app| {
+        let (name, req) = (name.clone(), req.clone());
+        move || app.host.expose(&name, &req)
+    })
+    .await
+    // The cluster's claim speaks of a sandbox's `--net`.
+    .map_err(|e| match e {
+        AgentError::Conflict(m) => AgentError::Conflict(m.replacen(
+            &format!("--net {n}: "),
+            &format!("weft expose {n} --ip: "),
+            1,
+        )),
+        e => e,
+    })
+    .map(Json)
+}
+
+async fn hide(
+    State(app): State<App>,
+    Path(name): Path<String>,
+) -> Reply<weft_model::api::ExposedView> {
+    blocking(move || app.host.hide(&name)).await
 }
 
 fn no_cluster() -> AgentError {

@@ -20,7 +20,7 @@ use std::net::Ipv4Addr;
 use tracing::{info, warn};
 use weft_kernel::connect_redirect::ConnectRedirect;
 use weft_kernel::port_hold::{self, HoldError, PortHold};
-use weft_model::nft::{self, FirewallSpec, IsolationRule, NetworkRule, PortRule};
+use weft_model::nft::{self, ExposeRule, FirewallSpec, IsolationRule, NetworkRule, PortRule};
 use weft_model::ports::Protocol;
 use weft_model::Published;
 
@@ -115,10 +115,12 @@ impl Firewall {
         networks: Vec<NetworkRule>,
         isolation: Vec<IsolationRule>,
         ports: impl Iterator<Item = &'a Published> + Clone,
+        exposed: Vec<ExposeRule>,
     ) -> Result<()> {
         let spec = FirewallSpec {
             networks,
             isolation,
+            exposed,
             ports: ports
                 .clone()
                 .map(|p| PortRule {

@@ -30,6 +30,11 @@ pub(crate) struct NetworkState {
     /// A shared network: what of its subnet this host may hand out (kept
     /// current by the cluster); None for every other network.
     pub share: Option<weft_model::blocks::HostShare>,
+    /// `weft expose`: this host's address on the network (expose.rs).
+    pub exposed: Option<Ipv4Addr>,
+    /// Addresses other hosts expose on this network (their records): open
+    /// to every isolated sub-range, as this host's own.
+    pub remote_exposed: std::collections::BTreeSet<Ipv4Addr>,
 }
 
 impl NetworkState {
@@ -43,6 +48,8 @@ impl NetworkState {
             pool,
             driver,
             share,
+            exposed: None,
+            remote_exposed: Default::default(),
         }
     }
 
@@ -199,6 +206,8 @@ pub(crate) struct Inner {
 pub(crate) struct Snapshot {
     pub networks: BTreeMap<String, Network>,
     pub sandboxes: BTreeMap<String, Arc<Sandbox>>,
+    /// Networks this host exposes (`weft expose`), with its address.
+    pub exposed: BTreeMap<String, Ipv4Addr>,
     pub resolv_dir: std::path::PathBuf,
     pub logs_dir: std::path::PathBuf,
 }
@@ -315,6 +324,11 @@ impl Inner {
                 .map(|(k, n)| (k.clone(), n.net.clone()))
                 .collect(),
             sandboxes: self.sandboxes.clone(),
+            exposed: self
+                .networks
+                .iter()
+                .filter_map(|(k, n)| Some((k.clone(), n.exposed?)))
+                .collect(),
             resolv_dir: self.cfg.resolv_dir(),
             logs_dir: self.cfg.logs_dir(),
         }
@@ -361,12 +375,27 @@ impl Inner {
             .values()
             .filter_map(|n| n.driver.firewall(&n.net))
             .collect();
+        let exposed = self
+            .networks
+            .values()
+            .filter_map(|n| {
+                // `weft expose` (expose.rs): on a shared network the host's
+                // own source (the gateway) is translated too.
+                let o = n.net.overlay()?;
+                Some(weft_model::nft::ExposeRule {
+                    range: o.range,
+                    address: n.exposed?,
+                    gateway: o.is_shared().then_some(n.net.gateway),
+                })
+            })
+            .collect();
         let isolation = self.isolation_rules();
         let sandboxes = &self.sandboxes;
         self.firewall.apply_all(
             rules,
             isolation,
             sandboxes.values().flat_map(|s| s.ports.iter()),
+            exposed,
         )
     }
 
@@ -395,7 +424,10 @@ impl Inner {
             .map(|n| weft_model::nft::IsolationRule {
                 range: n.net.overlay().map_or(n.net.subnet, |o| o.range),
                 subranges: n.net.subranges.clone(),
-                open: vec![n.net.gateway],
+                open: std::iter::once(n.net.gateway)
+                    .chain(n.exposed)
+                    .chain(n.remote_exposed.iter().copied())
+                    .collect(),
                 ports: self
                     .sandboxes
                     .values()

@@ -14,6 +14,7 @@ mod docker;
 mod driver;
 mod error;
 mod explain;
+mod expose;
 mod firewall;
 mod host;
 mod ids;

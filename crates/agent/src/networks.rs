@@ -61,6 +61,7 @@ impl Snapshot {
             programmed: Vec::new(),
             blocks: Vec::new(),
             subranges: net.subranges.clone(),
+            exposed: Vec::new(),
         }
     }
 
@@ -96,6 +97,11 @@ impl Host {
         let mut v = snap.network_view(net);
         let mut nl = weft_kernel::Netlink::open()?;
         v.programmed = driver::for_network(net).programmed(&mut nl, net);
+        v.programmed.extend(crate::expose::programmed(
+            &mut nl,
+            net,
+            snap.exposed.get(name).copied(),
+        ));
         Ok(v)
     }
 
@@ -332,7 +338,7 @@ impl crate::host::Inner {
             return Err(not_found(name));
         };
         self.dns.stop(name);
-        let mut errors = Vec::new();
+        let mut errors = self.drop_exposure(&state.net, state.exposed);
         if let Err(e) = state.driver.teardown(&mut self.nl, &state.net) {
             errors.push(e);
         }

@@ -230,6 +230,25 @@ impl Host {
         dns.set_remote(network, entries);
     }
 
+    /// The addresses other hosts expose on `network`; an isolated
+    /// network's table opens its sub-ranges to them.
+    pub(crate) fn set_remote_exposed(&self, network: &str, exposed: BTreeSet<Ipv4Addr>) {
+        let mut g = self.lock_quiet();
+        let inner = &mut *g;
+        let Some(n) = inner.networks.get_mut(network) else {
+            return;
+        };
+        if n.remote_exposed == exposed {
+            return;
+        }
+        n.remote_exposed = exposed;
+        if !n.net.subranges.is_empty() {
+            if let Err(e) = inner.apply_firewall() {
+                warn!(network, error = %e, "could not open the sub-ranges to another host's exposed address");
+            }
+        }
+    }
+
     /// Whether `network` has room for a sandbox (placed `within` a
     /// sub-range or outside all) without asking the cluster.
     pub(crate) fn has_room(&self, network: &str, within: Option<Ipv4Net>) -> bool {
@@ -262,10 +281,29 @@ impl Host {
                         public_ip: me.public_ip,
                         sandbox: Some(sb.name.clone()),
                         names,
+                        exposed: false,
                         signed: None,
                     },
                 );
             }
+        }
+        // `weft expose`: other hosts program it as a sandbox's address, so
+        // replies to it cross to this host (shared kind).
+        if let Some(ip) = snap.exposed.get(network).copied() {
+            out.insert(
+                ip,
+                EndpointRecord {
+                    ip,
+                    mac: format_mac(&mac_for(ip)),
+                    host_id: me.host_id.clone(),
+                    node: me.node.clone(),
+                    public_ip: me.public_ip,
+                    sandbox: None,
+                    names: Vec::new(),
+                    exposed: true,
+                    signed: None,
+                },
+            );
         }
         let borrowed: Vec<Ipv4Addr> = {
             let g = self.lock_quiet();
@@ -284,6 +322,7 @@ impl Host {
                 public_ip: me.public_ip,
                 sandbox: None,
                 names: Vec::new(),
+                exposed: false,
                 signed: None,
             });
         }

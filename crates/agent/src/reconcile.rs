@@ -191,6 +191,8 @@ fn load(cfg: AgentConfig) -> Result<Inner> {
     for sb in sandboxes {
         adopt(&mut inner, sb, &links);
     }
+    // After the sandboxes: an exposed address is never one of theirs.
+    inner.adopt_exposures()?;
     collect_garbage(&mut inner)?;
     for sb in inner.sandboxes.values() {
         inner.dns.add(sb);
@@ -299,11 +301,12 @@ fn collect_garbage(inner: &mut Inner) -> Result<()> {
     // Host ends of endpoints, and what each network's driver owns (bridges,
     // host-access interfaces, VXLAN devices that keep traffic flowing
     // through an agent restart).
-    let owned_by_networks: Vec<String> = inner
+    let mut owned_by_networks: Vec<String> = inner
         .networks
         .values()
         .flat_map(|n| n.driver.owned_links(&n.net))
         .collect();
+    owned_by_networks.extend(inner.exposure_links());
     let wanted: HashSet<&str> = inner
         .sandboxes
         .values()
@@ -316,6 +319,7 @@ fn collect_garbage(inner: &mut Inner) -> Result<()> {
             || name.starts_with(BRIDGE_PREFIX)
             || name.starts_with(SHIM_PREFIX)
             || name.starts_with(weft_model::overlay::VXLAN_PREFIX)
+            || name.starts_with(weft_model::overlay::EXPOSE_PREFIX)
     };
     let stale: Vec<String> = inner
         .nl

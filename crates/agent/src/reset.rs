@@ -106,6 +106,8 @@ pub fn reset(cfg: &AgentConfig, keep_data: bool) -> Result<ResetReport> {
             for dev in [
                 weft_model::overlay::vxlan_device(&net.id),
                 crate::backend::tun_device(&net.id),
+                // `weft expose`'s pair (deleting one end deletes both).
+                weft_model::overlay::expose_link(&net.id),
             ] {
                 report.step(format!("link {dev}"), delete_link(&mut nl, &dev));
             }

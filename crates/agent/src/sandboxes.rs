@@ -535,7 +535,13 @@ impl Host {
         match weft_kernel::Netlink::open() {
             Ok(mut nl) => {
                 for net in snap.networks.values() {
-                    for p in crate::driver::for_network(net).programmed(&mut nl, net) {
+                    let exposed = snap.exposed.get(&net.name).copied();
+                    let mine = crate::expose::programmed(&mut nl, net, exposed);
+                    for p in crate::driver::for_network(net)
+                        .programmed(&mut nl, net)
+                        .into_iter()
+                        .chain(mine)
+                    {
                         if !p.present {
                             missing.push((net.name.clone(), p));
                         }
@@ -585,6 +591,25 @@ impl Host {
             started_unix: self.started_unix,
             netns_pool: self.pool.fill(),
             missing,
+            exposed: snap
+                .exposed
+                .iter()
+                .filter_map(|(name, ip)| {
+                    let n = snap.networks.get(name)?;
+                    Some(weft_model::api::ExposedView {
+                        network: name.clone(),
+                        ip: *ip,
+                        prefix_len: n.subnet.prefix_len(),
+                        default: false,
+                        kind: if n.overlay().is_some_and(|o| o.is_shared()) {
+                            "shared"
+                        } else {
+                            "per-host"
+                        }
+                        .into(),
+                    })
+                })
+                .collect(),
             cluster: None,
             docker: None,
         }

@@ -102,6 +102,26 @@ with the weft binary (or a link to it) in the runtime's CNI plugin path."
     /// Create, list, inspect and remove networks; connect and disconnect sandboxes
     #[command(subcommand)]
     Network(network_cmds::NetworkCommand),
+    /// Give this host an address on a network: it then reaches the network's
+    /// sandboxes on every host by their own addresses (they see that address
+    /// as the source), and machines that route the network's subnet via this
+    /// host reach them too (weave's `expose`)
+    #[command(after_help = "Examples:\n  \
+weft expose weave                   # weave's `weave expose`: an address from the network's pool\n  \
+weft expose weave --ip 10.32.0.6    # this address (inside the subnet, free on every host)\n  \
+ip route add 10.32.0.0/12 via HOST  # then, on a machine without weft: through this host\n\n\
+A network with one subnet across hosts gets an address of its own on this host (on a small\n\
+veth pair `wex-ID` beside its bridge); a network with a subnet per host uses this host's\n\
+gateway on it; a local bridge network is exposed by default (the host has its gateway).\n\
+`weft hide NET` takes it back. It survives an agent restart.")]
+    Expose(network_cmds::ExposeArgs),
+    /// Take back what `weft expose` gave this host on a network (its
+    /// address returns to the pool)
+    #[command(after_help = "Example:\n  weft hide weave   # weave's `weave hide`")]
+    Hide {
+        /// Network name
+        network: String,
+    },
     /// The agent's view: networks, sandboxes, and in a cluster the etcd
     /// health, this host's leases, its peers and what is programmed for each
     #[command(after_help = "Examples:\n  weft status\n  weft --format json status")]
@@ -330,6 +350,8 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Cni => Ok(cni::run()),
         Command::Port { sandbox } => sandbox_cmds::port(&ctx, &sandbox),
         Command::Network(n) => network_cmds::dispatch(&ctx, n),
+        Command::Expose(a) => network_cmds::expose(&ctx, a),
+        Command::Hide { network } => network_cmds::hide(&ctx, &network),
         Command::Status => status_cmd::status(&ctx),
         Command::Explain(a) => explain_cmd::explain(&ctx, a),
         Command::Topology(a) => explain_cmd::topology(&ctx, a),

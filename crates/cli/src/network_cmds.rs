@@ -74,6 +74,56 @@ Filters: name=PART (a part of the name), id=PREFIX, driver=bridge|macvlan|overla
 }
 
 #[derive(Args)]
+pub struct ExposeArgs {
+    /// The address this host takes on the network (default: one of the
+    /// network's pool; a network with a subnet per host: its gateway here)
+    #[arg(long)]
+    ip: Option<Ipv4Addr>,
+    /// Network name
+    network: String,
+}
+
+/// `weft expose NET [--ip ADDR]`.
+pub fn expose(ctx: &Context, a: ExposeArgs) -> Result<i32, Failure> {
+    let v: weft_model::api::ExposedView = ctx.client.post(
+        &format!("/v1/networks/{}/expose", a.network),
+        &weft_model::api::ExposeRequest { ip: a.ip },
+    )?;
+    emit(ctx.format, &v, || {
+        if v.default {
+            format!(
+                "{} is a local bridge network, exposed by default: this host has its gateway {}/{}",
+                v.network, v.ip, v.prefix_len
+            )
+        } else {
+            format!(
+                "exposed {} on this host as {}/{}",
+                v.network, v.ip, v.prefix_len
+            )
+        }
+    });
+    Ok(0)
+}
+
+/// `weft hide NET`.
+pub fn hide(ctx: &Context, network: &str) -> Result<i32, Failure> {
+    let v: weft_model::api::ExposedView = ctx
+        .client
+        .post_empty(&format!("/v1/networks/{network}/hide"))?;
+    emit(ctx.format, &v, || {
+        if v.kind == "shared" {
+            format!("{} hidden: {} is free again", v.network, v.ip)
+        } else {
+            format!(
+                "{} hidden: its gateway {} on this host no longer lets routed machines in",
+                v.network, v.ip
+            )
+        }
+    });
+    Ok(0)
+}
+
+#[derive(Args)]
 pub struct LsArgs {
     /// Print short ids only, one per line
     #[arg(short, long)]
@@ -385,6 +435,16 @@ pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
                                     .join(", ")
                             )
                         };
+                        let exposed = if n.exposed.is_empty() {
+                            String::new()
+                        } else {
+                            let rows: Vec<Vec<String>> = n
+                                .exposed
+                                .iter()
+                                .map(|e| vec![e.node.clone(), e.ip.to_string()])
+                                .collect();
+                            format!("\nexposed on:\n{}", indent(&table(&["HOST", "ADDRESS"], &rows)))
+                        };
                         format!(
                             "name:      {}\nid:        {}\ndriver:    {}\n{overlay}subnet:    {}\ngateway:   {}\nip range:  {}\nbridge:    {}\nmtu:       {}\ninternal:  {}\noptions:   {}\nlabels:    {}\nendpoints:\n{}",
                             n.name,
@@ -401,6 +461,7 @@ pub fn dispatch(ctx: &Context, cmd: NetworkCommand) -> Result<i32, Failure> {
                             indent(&table(&["SANDBOX", "ID", "IFACE", "ADDRESS", "HOST VETH", "ALIASES"], &rows))
                         ) + &blocks
                             + &subranges
+                            + &exposed
                     })
                     .collect::<Vec<_>>()
                     .join("\n\n")

@@ -120,6 +120,15 @@ fn render(v: &StatusView) -> String {
     out.push('\n');
     out.push_str(&table(&["NETWORK", "DRIVER", "SUBNET", "SANDBOXES"], &rows));
     out.push_str("\n\n");
+    for e in &v.exposed {
+        out.push_str(&format!(
+            "exposed: {} on this host as {}/{} ({} kind; `weft hide {}` takes it back)\n",
+            e.network, e.ip, e.prefix_len, e.kind, e.network
+        ));
+    }
+    if !v.exposed.is_empty() {
+        out.push('\n');
+    }
     if let Some(d) = &v.docker {
         out.push_str(&docker_lines(d));
     }

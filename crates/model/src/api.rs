@@ -158,6 +158,38 @@ pub struct NetworkView {
     /// Isolated sub-ranges in use (`--net NAME:subnet=CIDR`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subranges: Vec<Ipv4Net>,
+    /// Hosts that expose the network (`weft expose`), this one included
+    /// (`network inspect` fills it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposed: Vec<ExposedHost>,
+}
+
+/// `POST /v1/networks/{name}/expose`: the address to take, else one of
+/// the network's pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExposeRequest {
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// This host's address on a network it exposes (`weft expose`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExposedView {
+    pub network: String,
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    /// Exposed without asking: a local bridge network (the host has its
+    /// gateway), which cannot be hidden.
+    pub default: bool,
+    /// `shared`, `per-host` or `bridge`.
+    pub kind: String,
+}
+
+/// One host that exposes a network, and its address there.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ExposedHost {
+    pub node: String,
+    pub ip: Ipv4Addr,
 }
 
 /// One kernel object a driver made for a network, as the kernel has it now.
@@ -203,6 +235,9 @@ pub struct StatusView {
     /// (deleted behind weft's back): network, and what is missing.
     #[serde(default)]
     pub missing: Vec<(String, ProgrammedView)>,
+    /// Networks this host exposes with `weft expose`.
+    #[serde(default)]
+    pub exposed: Vec<ExposedView>,
     /// Absent on a single-host agent.
     pub cluster: Option<ClusterView>,
     /// Absent without `--docker-plugin`.
@@ -292,6 +327,9 @@ pub struct OverlayStatus {
     /// How many sandboxes the network has on other hosts.
     #[serde(default)]
     pub remote_endpoints: usize,
+    /// Other hosts that expose the network (their endpoint records).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposed: Vec<ExposedHost>,
 }
 
 /// One IPAM block of a shared network.

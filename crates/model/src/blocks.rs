@@ -39,6 +39,12 @@ pub struct EndpointRecord {
     /// The sandbox's name and aliases on this network.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub names: Vec<String>,
+    /// The host's own address on the network (`weft expose`), not a
+    /// sandbox's: other hosts program it as a sandbox's, so replies to it
+    /// come back to the exposing host. Left out when false, so records
+    /// (and their signatures) read as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exposed: bool,
     /// The host's signature over the rest, as a lease's (None without a
     /// client certificate): with TLS, a record its node did not sign is
     /// never programmed, so no etcd member can pull a sandbox's traffic
@@ -65,6 +71,7 @@ impl EndpointRecord {
     pub fn holder(&self) -> String {
         match &self.sandbox {
             Some(s) => format!("sandbox {s} on host {}", self.node),
+            None if self.exposed => format!("host {} (its `weft expose` address)", self.node),
             None => format!("host {} (being attached)", self.node),
         }
     }

@@ -5,9 +5,16 @@
 pub const NETWORKS: &str = "networks/";
 pub const SANDBOXES: &str = "sandboxes/";
 pub const ADDRESSES: &str = "addresses/";
+/// `weft expose`: the address this host has on a network (data dir, so it
+/// survives a restart of the agent).
+pub const EXPOSED: &str = "exposed/";
 
 pub fn network(name: &str) -> String {
     format!("{NETWORKS}{name}")
+}
+
+pub fn exposed(network: &str) -> String {
+    format!("{EXPOSED}{network}")
 }
 
 pub fn sandbox(id: &str) -> String {

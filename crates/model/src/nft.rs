@@ -48,12 +48,28 @@ pub struct IsolationRule {
     pub ports: Vec<(String, Ipv4Addr)>,
 }
 
+/// A network this host exposes (`weft expose`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExposeRule {
+    /// The network's range across hosts (a local network: its subnet).
+    pub range: Ipv4Net,
+    /// The host's address on it: the source of what the host (shared
+    /// kind) and machines routed through this host send into the range,
+    /// so the replies come back here.
+    pub address: Ipv4Addr,
+    /// Shared kind: the gateway, the source the host's own packets leave
+    /// the bridge with. Every host has it, so a remote sandbox's reply to
+    /// it would stay on that host: such packets get `address` instead.
+    pub gateway: Option<Ipv4Addr>,
+}
+
 /// What the table must express.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FirewallSpec {
     pub networks: Vec<NetworkRule>,
     pub ports: Vec<PortRule>,
     pub isolation: Vec<IsolationRule>,
+    pub exposed: Vec<ExposeRule>,
 }
 
 /// The bridge-family table: sub-range isolation between ports of one
@@ -89,6 +105,8 @@ const RULES: &str = r#"	chain prerouting {
 		type nat hook postrouting priority srcnat; policy accept;
 		ct status dnat ip saddr 127.0.0.0/8 oifname @bridges masquerade
 		ct status dnat iifname . oifname @same_bridge masquerade
+		ip saddr . ip daddr @expose_self snat ip to ip daddr map @expose_snat
+		iifname != @bridges ip saddr != @overlay_nets ct status ! dnat snat ip to ip daddr map @expose_snat
 		ip saddr . ip daddr @overlay_same accept
 		ip saddr @masq_nets oifname != @bridges masquerade
 	}
@@ -269,6 +287,16 @@ pub fn render(spec: &FirewallSpec) -> String {
     let overlay_nets: Vec<String> = ranges.iter().map(|r| r.to_string()).collect();
     let overlay_same: Vec<String> = ranges.iter().map(|r| format!("{r} . {r}")).collect();
     let elements: Vec<(&str, String)> = spec.ports.iter().flat_map(port_elements).collect();
+    let expose_snat: Vec<String> = spec
+        .exposed
+        .iter()
+        .map(|e| format!("{} : {}", e.range, e.address))
+        .collect();
+    let expose_self: Vec<String> = spec
+        .exposed
+        .iter()
+        .filter_map(|e| Some(format!("{} . {}", e.gateway?, e.range)))
+        .collect();
     let mut out = format!(
         "add table {TABLE_FAMILY} {TABLE_NAME}\ndelete table {TABLE_FAMILY} {TABLE_NAME}\n"
     );
@@ -290,6 +318,19 @@ pub fn render(spec: &FirewallSpec) -> String {
         &mut out,
         "set overlay_same { type ipv4_addr . ipv4_addr; flags interval;",
         &overlay_same,
+    );
+    // `weft expose`: a range's exposed address (a miss: the rule does not
+    // match, so networks not exposed are untouched), and the host's own
+    // source on a shared range.
+    set(
+        &mut out,
+        "map expose_snat { type ipv4_addr : ipv4_addr; flags interval;",
+        &expose_snat,
+    );
+    set(
+        &mut out,
+        "set expose_self { type ipv4_addr . ipv4_addr; flags interval;",
+        &expose_self,
     );
     for (map, decl) in PORT_MAPS {
         let mine: Vec<String> = elements
@@ -372,6 +413,7 @@ mod tests {
                     .iter()
                     .any(|r| l.ends_with(r))
                     || l.contains(" dnat ")
+                    || l.contains(" snat ")
             })
             .count()
     }
@@ -380,8 +422,7 @@ mod tests {
     fn networks_and_ports_are_elements_not_rules() {
         let one = render(&FirewallSpec {
             networks: vec![net("weft0", "10.88.0.0/16", false)],
-            ports: vec![],
-            isolation: vec![],
+            ..Default::default()
         });
         let many = render(&FirewallSpec {
             networks: vec![
@@ -394,10 +435,33 @@ mod tests {
                 port("8000-8010:8000-8010/udp", "10.88.0.3"),
                 port("127.0.0.1:9000:9000", "10.90.0.2"),
             ],
+            exposed: vec![
+                ExposeRule {
+                    range: "10.40.0.0/16".parse().unwrap(),
+                    address: "10.40.0.6".parse().unwrap(),
+                    gateway: Some("10.40.0.1".parse().unwrap()),
+                },
+                ExposeRule {
+                    range: "10.41.0.0/16".parse().unwrap(),
+                    address: "10.41.3.1".parse().unwrap(),
+                    gateway: None,
+                },
+            ],
             isolation: vec![],
         });
         assert_eq!(rule_lines(&one), rule_lines(&many), "{many}");
         assert!(many.contains("\"wbr-1\" . \"wbr-1\""), "{many}");
+        assert!(many.contains("10.40.0.0/16 : 10.40.0.6"), "{many}");
+        assert!(many.contains("10.41.0.0/16 : 10.41.3.1"), "{many}");
+        let own = many
+            .lines()
+            .skip_while(|l| !l.contains("set expose_self"))
+            .nth(1)
+            .unwrap();
+        assert!(
+            own.contains("10.40.0.1 . 10.40.0.0/16") && !own.contains("10.41."),
+            "only shared networks translate the host's own source: {own}"
+        );
         assert!(many.contains("tcp . 8080 : 10.88.0.2 . 80"), "{many}");
         assert!(many.contains("udp . 8000-8010 : 10.88.0.3"), "{many}");
         assert!(
@@ -464,13 +528,13 @@ mod tests {
         );
         let spec = FirewallSpec {
             networks: vec![net("wbr-1", "10.32.0.0/16", false)],
-            ports: vec![],
             isolation: vec![IsolationRule {
                 range: "10.32.0.0/16".parse().unwrap(),
                 subranges: vec!["10.32.2.128/25".parse().unwrap()],
                 open: vec!["10.32.0.1".parse().unwrap()],
                 ports: vec![("wvabc0".into(), "10.32.2.130".parse().unwrap())],
             }],
+            ..Default::default()
         };
         let t = render(&spec);
         let bridge = &t[t.find("table bridge weft {").expect("a bridge table")..];

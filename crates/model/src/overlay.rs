@@ -483,6 +483,26 @@ pub fn pick_host_subnet(
 
 /// Linux's VXLAN devices of overlay networks are `wvx-<id>`, owned by that name.
 pub const VXLAN_PREFIX: &str = "wvx-";
+/// `weft expose` on a shared network: the host's end of a veth pair that
+/// carries the exposed address (`wex-<id>`), and its peer on the bridge
+/// (`wexb<id>`). One prefix owns both.
+pub const EXPOSE_PREFIX: &str = "wex";
+
+/// The host end of the exposed address's veth pair.
+pub fn expose_link(network_id: &str) -> String {
+    format!(
+        "{EXPOSE_PREFIX}-{}",
+        &network_id[..10.min(network_id.len())]
+    )
+}
+
+/// The bridge end of the exposed address's veth pair.
+pub fn expose_bridge_port(network_id: &str) -> String {
+    format!(
+        "{EXPOSE_PREFIX}b{}",
+        &network_id[..10.min(network_id.len())]
+    )
+}
 
 /// The VXLAN device of an overlay network on every host.
 pub fn vxlan_device(network_id: &str) -> String {

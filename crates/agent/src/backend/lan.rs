@@ -281,6 +281,7 @@ mod tests {
             public_ip: public.parse().unwrap(),
             sandbox: Some(format!("s-{ip}")),
             names: vec![],
+            exposed: false,
             signed: None,
         }
     }

@@ -450,6 +450,14 @@ impl Cluster {
                 kind: overlay.kind,
                 blocks: Vec::new(),
                 remote_endpoints: 0,
+                exposed: global
+                    .endpoints_of(&name)
+                    .filter(|r| r.exposed && r.host_id != me.host_id)
+                    .map(|r| weft_model::api::ExposedHost {
+                        node: r.node.clone(),
+                        ip: r.ip,
+                    })
+                    .collect(),
             };
             if self.left.load(Ordering::Relaxed) {
                 view.problem = Some("this host left the cluster (`weft leave`)".into());
@@ -733,6 +741,12 @@ impl Cluster {
             believed.iter().map(|r| (r.ip, r.names.clone())).collect();
         let n = remote.len();
         self.host.set_remote_names(network, remote);
+        let exposed = believed
+            .iter()
+            .filter(|r| r.exposed)
+            .map(|r| r.ip)
+            .collect();
+        self.host.set_remote_exposed(network, exposed);
         n
     }
 

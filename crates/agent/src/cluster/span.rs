@@ -408,6 +408,7 @@ impl Cluster {
             public_ip: me.public_ip,
             sandbox: sandbox.map(str::to_string),
             names: Vec::new(),
+            exposed: false,
             signed: None,
         };
         let record = self.signed(record);
@@ -466,7 +467,7 @@ impl Cluster {
     ) -> (Vec<&'g EndpointRecord>, Vec<String>) {
         let others = global
             .endpoints_of(network)
-            .filter(|r| r.host_id != me && r.sandbox.is_some());
+            .filter(|r| r.host_id != me && (r.sandbox.is_some() || r.exposed));
         let Some(v) = &self.verifier else {
             return (others.collect(), Vec::new());
         };

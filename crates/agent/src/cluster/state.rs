@@ -261,6 +261,7 @@ mod tests {
                 public_ip: "198.51.100.1".parse().unwrap(),
                 sandbox: Some("web".into()),
                 names: vec!["web".into()],
+                exposed: false,
                 signed: None,
             })
             .unwrap()
