@@ -279,6 +279,22 @@ fn sub_ranges_reach_their_own_on_every_host_and_nothing_else() {
         "published port from h2: {}",
         text(&out)
     );
+
+    // `weft expose` reaches every sub-range: h3 exposes the network and
+    // its own namespace then reaches a1 and b1 on h1, and a2 on h2.
+    let shown = lab.weft_ok(2, &["expose", NET]);
+    assert!(shown.contains("exposed"), "{shown}");
+    for (ip, what) in [
+        (a1.ip, "a1 on h1"),
+        (b1.ip, "b1 on h1"),
+        (a2.ip, "a2 on h2"),
+    ] {
+        lab.wait(
+            Duration::from_secs(5),
+            &format!("h3 reaches {what}"),
+            || lab.sh(2, &format!("ping -c1 -W1 {ip}")).status.success(),
+        );
+    }
 }
 
 #[test]
