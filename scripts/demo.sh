@@ -51,6 +51,13 @@ lab h1 -- weft exec a -- socat -T 2 - "TCP:$c:80"
 lab h1 -- weft exec a -- ip neigh show "$c"
 lab h1 -- weft network inspect lab
 
+step "weave's expose: h1 itself reaches c on h3 only once it exposes 'lab' (weft expose / weft hide)"
+if lab h1 -- ping -c 1 -W 1 "$c" >/dev/null; then echo "!! h1 reached c before expose" >&2; exit 1; fi
+echo "h1 -> c ($c) before expose: no reply (the host's source on 'lab' is the gateway, which every host has)"
+lab h1 -- weft expose lab
+lab h1 -- ping -c 1 "$c"
+lab h1 -- weft hide lab
+
 step "weave's isolation on 'lab': sub-ranges (--net lab:subnet=CIDR); a sandbox reaches only its own sub-range, on any host"
 lab h1 -- weft run -d --name s1 --net lab:subnet=10.40.2.128/25 -- sleep infinity >/dev/null
 lab h2 -- weft run -d --name s2 --net lab:subnet=10.40.2.128/25 -- sleep infinity >/dev/null
