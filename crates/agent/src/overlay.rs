@@ -287,23 +287,23 @@ impl Host {
                 );
             }
         }
+        // A record of no sandbox: this host's exposed address, or one
+        // claimed for an attach in progress.
+        let bare = |ip: Ipv4Addr, exposed: bool| EndpointRecord {
+            ip,
+            mac: format_mac(&mac_for(ip)),
+            host_id: me.host_id.clone(),
+            node: me.node.clone(),
+            public_ip: me.public_ip,
+            sandbox: None,
+            names: Vec::new(),
+            exposed,
+            signed: None,
+        };
         // `weft expose`: other hosts program it as a sandbox's address, so
         // replies to it cross to this host (shared kind).
         if let Some(ip) = snap.exposed.get(network).copied() {
-            out.insert(
-                ip,
-                EndpointRecord {
-                    ip,
-                    mac: format_mac(&mac_for(ip)),
-                    host_id: me.host_id.clone(),
-                    node: me.node.clone(),
-                    public_ip: me.public_ip,
-                    sandbox: None,
-                    names: Vec::new(),
-                    exposed: true,
-                    signed: None,
-                },
-            );
+            out.insert(ip, bare(ip, true));
         }
         let borrowed: Vec<Ipv4Addr> = {
             let g = self.lock_quiet();
@@ -314,17 +314,7 @@ impl Host {
                 .unwrap_or_default()
         };
         for ip in borrowed {
-            out.entry(ip).or_insert_with(|| EndpointRecord {
-                ip,
-                mac: format_mac(&mac_for(ip)),
-                host_id: me.host_id.clone(),
-                node: me.node.clone(),
-                public_ip: me.public_ip,
-                sandbox: None,
-                names: Vec::new(),
-                exposed: false,
-                signed: None,
-            });
+            out.entry(ip).or_insert_with(|| bare(ip, false));
         }
         out.into_values().collect()
     }
