@@ -580,3 +580,20 @@ fn bad_exposes_are_refused_each_with_a_clear_error_and_nothing_is_made() {
     assert!(lab.status(0).exposed.is_empty());
     assert!(expose_elements(&lab, 0).is_empty(), "{}", table(&lab, 0));
 }
+
+// ---- reset ---------------------------------------------------------------------
+
+#[test]
+fn reset_removes_the_exposed_addresss_link() {
+    let mut lab = TestLab::up_shared(1, 60);
+    expose(&lab, 0, &[NET]);
+    assert_eq!(expose_links(&lab, 0).len(), 2);
+    lab.stop_agent(0, libc::SIGTERM).unwrap();
+    // Stopping the agent leaves it (traffic keeps flowing).
+    assert_eq!(expose_links(&lab, 0).len(), 2);
+    let data = lab.data_dir(0).display().to_string();
+    let out = lab.weft(0, &["reset", "-f", "--data-dir", &data]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(stdout(&out).contains("link wex-"), "{}", text(&out));
+    assert!(expose_links(&lab, 0).is_empty(), "{:?}", links(&lab, 0));
+}
