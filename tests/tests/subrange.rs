@@ -423,4 +423,42 @@ fn bad_sub_ranges_are_refused_and_leave_nothing() {
         ps_before,
         "a sandbox was left"
     );
+
+    // flannel's kind has a subnet per host: a sub-range would be one host's.
+    lab.weft_ok(
+        0,
+        &[
+            "network",
+            "create",
+            "-d",
+            "overlay",
+            "--subnet",
+            "10.60.0.0/16",
+            "--host-subnet-len",
+            "24",
+            "fl",
+        ],
+    );
+    lab.wait(Duration::from_secs(10), "fl on h1", || {
+        lab.lab.joined(0, "fl")
+    });
+    let out = lab.weft(
+        0,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "bad",
+            "--net",
+            "fl:subnet=10.60.0.0/25",
+            "--",
+            "sleep",
+            "1d",
+        ],
+    );
+    assert!(
+        !out.status.success() && text(&out).contains("a subnet per host"),
+        "{}",
+        text(&out)
+    );
 }
