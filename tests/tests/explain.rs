@@ -548,6 +548,15 @@ fn explain_follows_a_shared_subnet_across_hosts() {
     lab.sandbox(0, "a");
     let b = lab.sandbox(1, "b");
     let b_s = b.to_string();
+    // explain names the far host from h1's cluster view, which a pass
+    // writes just after it programs the kernel: wait for the view.
+    lab.wait(Duration::from_secs(10), "h1 to list h2 as a peer", || {
+        lab.status(0).cluster.is_some_and(|c| {
+            c.networks
+                .iter()
+                .any(|n| n.peers.iter().any(|p| p.node == "h2"))
+        })
+    });
     let e = explain_in_lab(&lab, 0, &["a", &b_s]);
     delivered(&e, "on host h2");
     let h2 = lab.hosts[1].ip.to_string();
