@@ -350,6 +350,17 @@ fn sub_ranges_on_a_local_bridge_network() {
         &format!("ping -c1 -W1 {} && ping -c1 -W1 {}", a.ip, b.ip),
     );
     assert!(out.status.success(), "host -> sub-ranges: {}", text(&out));
+    // Attach and remove change only the elements of the sandbox's port:
+    // after `rm` its address is gone from the table, a new sandbox's is
+    // in it and reaches its sub-range at once.
+    lab.weft_ok(0, &["rm", "-f", "la2"]);
+    let after = table(&lab);
+    assert!(!after.contains(&format!(" . {}", a2.ip)), "{after}");
+    assert!(after.contains(&format!(" . {}", a.ip)), "{after}");
+    let a3 = server(&lab, 0, "la3", "loc:subnet=10.77.0.64/26", &[]);
+    assert!(table(&lab).contains(&format!(" . {}", a3.ip)));
+    assert!(lab.ping(0, "la", a3.ip), "la -> la3");
+    assert!(!lab.ping(0, "la3", b.ip), "la3 -> lb");
 }
 
 /// The network's record in etcd, as JSON.

@@ -98,6 +98,7 @@ enum Undo {
     RemoveFile(PathBuf),
     DeleteRecord(String),
     PutRecord(Box<Sandbox>),
+    Unguard(Vec<(String, Ipv4Addr)>),
 }
 
 /// The rollback guard: runs the undos in reverse unless `commit`ted.
@@ -151,6 +152,7 @@ impl Drop for Rollback<'_> {
                     .runtime
                     .put_json(&keys::sandbox(&sb.id), &*sb)
                     .map_err(Into::into),
+                Undo::Unguard(ports) => inner.unguard(&ports),
             };
             if let Err(e) = r {
                 warn!(what = %self.what, error = %e, "rollback left something behind");
@@ -547,6 +549,15 @@ fn attach_untimed(inner: &mut Inner, a: Attach) -> Result<Arc<Sandbox>> {
         rb.undo.push(Undo::RemoveFile(file));
     }
 
+    // Ports new to the firewall: a reattach keeps the old ones guarded.
+    let had: Vec<&Endpoint> = old.iter().flat_map(|o| o.attachment.endpoints()).collect();
+    let guard = rb.inner.guarded_ports(
+        sandbox
+            .attachment
+            .endpoints()
+            .iter()
+            .filter(|e| !had.contains(e)),
+    );
     let key = keys::sandbox(&sandbox.id);
     match old {
         Some(old) => {
@@ -560,13 +571,9 @@ fn attach_untimed(inner: &mut Inner, a: Attach) -> Result<Arc<Sandbox>> {
     }
     // A port of a network carved into sub-ranges is guarded (its one
     // source address, its sub-range) before the sandbox's process runs.
-    if sandbox
-        .attachment
-        .endpoints()
-        .iter()
-        .any(|e| rb.inner.isolated(&e.network))
-    {
-        rb.inner.apply_firewall_with(&sandbox)?;
+    if !guard.is_empty() {
+        rb.inner.firewall.guard(&guard)?;
+        rb.undo.push(Undo::Unguard(guard));
     }
     rb.commit();
     Ok(inner.register(sandbox))
@@ -726,16 +733,10 @@ fn remove_untimed(inner: &mut Inner, sb: &Sandbox, links: Links) -> Result<()> {
     }
     inner.runtime.delete(&keys::sandbox(&sb.id))?;
     let _ = std::fs::remove_file(inner.cfg.resolv_dir().join(format!("{}.conf", sb.id)));
+    let guarded = inner.guarded_ports(sb.attachment.endpoints());
     inner.unregister(&sb.id);
-    if sb
-        .attachment
-        .endpoints()
-        .iter()
-        .any(|e| inner.isolated(&e.network))
-    {
-        if let Err(e) = inner.apply_firewall() {
-            warn!(sandbox = %sb.name, error = %e, "the firewall still guards the removed sandbox's ports until its next rewrite");
-        }
+    if let Err(e) = inner.unguard(&guarded) {
+        warn!(sandbox = %sb.name, error = %e, "the firewall still guards the removed sandbox's ports until its next rewrite");
     }
     Ok(())
 }

@@ -154,6 +154,22 @@ impl Firewall {
         Ok(())
     }
 
+    /// Guards bridge ports of networks with sub-ranges (their table
+    /// exists: declaring a sub-range rewrote the whole table).
+    pub(crate) fn guard(&mut self, ports: &[(String, Ipv4Addr)]) -> Result<()> {
+        if ports.is_empty() {
+            return Ok(());
+        }
+        Ok(weft_kernel::nft::apply(&nft::render_add_guards(ports))?)
+    }
+
+    pub(crate) fn unguard(&mut self, ports: &[(String, Ipv4Addr)]) -> Result<()> {
+        if ports.is_empty() {
+            return Ok(());
+        }
+        Ok(weft_kernel::nft::apply(&nft::render_delete_guards(ports))?)
+    }
+
     pub(crate) fn add_ports(&mut self, published: &[Published]) -> Result<()> {
         if !published.is_empty() {
             // Held first: a port in use is refused before any rule exists

@@ -75,7 +75,7 @@ impl NetworkState {
                 let (pool, net) = (&self.pool, &self.net);
                 let ip = share
                     .pick(net.subnet, net.gateway, |ip| {
-                        pool.check_free(*ip).is_err() || !placed(net, *ip, within)
+                        pool.check_free(*ip).is_err() || !net.places(*ip, within)
                     })
                     .ok_or_else(|| AgentError::NoRoom {
                         network: self.net.name.clone(),
@@ -92,7 +92,7 @@ impl NetworkState {
                     .find(|ip| {
                         *ip != net.gateway
                             && *ip != net.subnet.broadcast()
-                            && placed(net, *ip, within)
+                            && net.places(*ip, within)
                             && self.pool.check_free(*ip).is_ok()
                     })
                     .ok_or_else(|| {
@@ -116,7 +116,7 @@ impl NetworkState {
         ip: Ipv4Addr,
         within: Option<ipnet::Ipv4Net>,
     ) -> Result<()> {
-        if placed(&self.net, ip, within) {
+        if self.net.places(ip, within) {
             return Ok(());
         }
         let name = &self.net.name;
@@ -155,7 +155,7 @@ impl NetworkState {
     /// or outside all) gets an address without asking the cluster.
     pub(crate) fn has_room(&self, within: Option<ipnet::Ipv4Net>) -> bool {
         let net = &self.net;
-        let free = |ip: &Ipv4Addr| self.pool.check_free(*ip).is_ok() && placed(net, *ip, within);
+        let free = |ip: &Ipv4Addr| self.pool.check_free(*ip).is_ok() && net.places(*ip, within);
         self.share.as_ref().is_none_or(|s| {
             s.free(net.subnet, net.gateway, |ip| !free(ip)) > 0 || s.borrowed.iter().any(free)
         })
@@ -167,16 +167,6 @@ impl NetworkState {
         if let Some(s) = &mut self.share {
             s.borrowed.remove(&ip);
         }
-    }
-}
-
-/// Whether `ip` belongs where an endpoint is placed: in the sub-range
-/// `within`, or (None) in no sub-range of the network.
-fn placed(net: &Network, ip: Ipv4Addr, within: Option<ipnet::Ipv4Net>) -> bool {
-    match within {
-        // Not the sub-range's own network or broadcast address.
-        Some(s) => s.contains(&ip) && ip != s.network() && ip != s.broadcast(),
-        None => net.subrange_of(ip).is_none(),
     }
 }
 
@@ -399,22 +389,6 @@ impl Inner {
         )
     }
 
-    /// The whole table as if `sb` were registered already (an attach
-    /// guards its ports before it commits).
-    pub(crate) fn apply_firewall_with(&mut self, sb: &Sandbox) -> Result<()> {
-        let old = self.sandboxes.insert(sb.id.clone(), Arc::new(sb.clone()));
-        let r = self.apply_firewall();
-        match old {
-            Some(o) => {
-                self.sandboxes.insert(sb.id.clone(), o);
-            }
-            None => {
-                self.sandboxes.remove(&sb.id);
-            }
-        }
-        r
-    }
-
     /// Networks carved into sub-ranges, with this host's ports on each
     /// (a port's set changes with each attach and detach there).
     fn isolation_rules(&self) -> Vec<weft_model::nft::IsolationRule> {
@@ -439,12 +413,34 @@ impl Inner {
             .collect()
     }
 
-    /// Whether `network` is carved into sub-ranges (its attaches and
-    /// detaches then change the firewall's guarded ports).
-    pub(crate) fn isolated(&self, network: &str) -> bool {
-        self.networks
-            .get(network)
-            .is_some_and(|n| !n.net.subranges.is_empty())
+    /// The bridge ports of `eps` that the firewall guards (those on
+    /// networks carved into sub-ranges), as (host-side port, address).
+    pub(crate) fn guarded_ports<'a>(
+        &self,
+        eps: impl IntoIterator<Item = &'a weft_model::sandbox::Endpoint>,
+    ) -> Vec<(String, Ipv4Addr)> {
+        eps.into_iter()
+            .filter(|e| {
+                self.networks
+                    .get(&e.network)
+                    .is_some_and(|n| !n.net.subranges.is_empty() && n.net.bridge().is_some())
+            })
+            .filter_map(|e| e.host_ifname().map(|h| (h.to_string(), e.ip)))
+            .collect()
+    }
+
+    /// Stops guarding the ports of endpoints that are gone; if the
+    /// elements cannot be deleted one by one, the whole table is
+    /// rewritten from what is registered.
+    pub(crate) fn unguard(&mut self, ports: &[(String, Ipv4Addr)]) -> Result<()> {
+        if ports.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.firewall.unguard(ports) {
+            tracing::warn!(error = %e, "cannot stop guarding the ports one by one; rewriting the table");
+            return self.apply_firewall();
+        }
+        Ok(())
     }
 }
 

@@ -281,8 +281,9 @@ impl Host {
                 .runtime
                 .put_json(&keys::sandbox(&updated.id), &updated)?;
             inner.register(updated);
-            if inner.isolated(network) {
-                if let Err(e) = inner.apply_firewall() {
+            let guarded = inner.guarded_ports([&ep]);
+            if !guarded.is_empty() {
+                if let Err(e) = inner.unguard(&guarded) {
                     warn!(sandbox = %sb.name, error = %e, "the firewall still guards the disconnected port until its next rewrite");
                 }
             }

@@ -743,6 +743,16 @@ pub enum SubrangeError {
 pub const SUBRANGE_MAX_PREFIX: u8 = 29;
 
 impl Network {
+    /// Whether `ip` may be given to an endpoint placed in the sub-range
+    /// `within` (never its own network or broadcast address), or (None)
+    /// in no sub-range of the network.
+    pub fn places(&self, ip: Ipv4Addr, within: Option<Ipv4Net>) -> bool {
+        match within {
+            Some(s) => s.contains(&ip) && ip != s.network() && ip != s.broadcast(),
+            None => self.subrange_of(ip).is_none(),
+        }
+    }
+
     /// The declared sub-range `ip` is in, if any.
     pub fn subrange_of(&self, ip: Ipv4Addr) -> Option<Ipv4Net> {
         self.subranges.iter().copied().find(|s| s.contains(&ip))

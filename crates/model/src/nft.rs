@@ -377,6 +377,29 @@ pub fn render_delete_ports(ports: &[PortRule]) -> String {
         .collect()
 }
 
+/// Guards ports of networks with sub-ranges (port . its one source
+/// address): two elements each, whatever the number of ports.
+pub fn render_add_guards(ports: &[(String, Ipv4Addr)]) -> String {
+    guard_elements(ports, "add")
+}
+
+/// Stops guarding ports (a sandbox left such a network).
+pub fn render_delete_guards(ports: &[(String, Ipv4Addr)]) -> String {
+    guard_elements(ports, "delete")
+}
+
+fn guard_elements(ports: &[(String, Ipv4Addr)], verb: &str) -> String {
+    ports
+        .iter()
+        .map(|(port, ip)| {
+            format!(
+                "{verb} element {BRIDGE_FAMILY} {TABLE_NAME} guarded {{ \"{port}\" }}\n\
+                 {verb} element {BRIDGE_FAMILY} {TABLE_NAME} port_ip {{ \"{port}\" . {ip} }}\n"
+            )
+        })
+        .collect()
+}
+
 /// Removes the tables, tolerating their absence.
 pub fn render_delete() -> String {
     format!(
@@ -558,5 +581,12 @@ mod tests {
             assert!(bridge.contains(&format!("{r} drop")), "{bridge}");
         }
         assert!(render_delete().contains("delete table bridge weft"));
+        let port = [("wvabc0".to_string(), "10.32.2.130".parse().unwrap())];
+        assert_eq!(
+            render_add_guards(&port),
+            "add element bridge weft guarded { \"wvabc0\" }\n\
+             add element bridge weft port_ip { \"wvabc0\" . 10.32.2.130 }\n"
+        );
+        assert!(render_delete_guards(&port).starts_with("delete element bridge weft guarded"));
     }
 }

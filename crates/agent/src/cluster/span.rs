@@ -207,12 +207,7 @@ impl Cluster {
         // A block with no address where the endpoint is placed (in its
         // sub-range, or outside all) is of no use to it.
         let useless: BTreeSet<Ipv4Net> = blocks_of(o.range, o.host_subnet_len)
-            .filter(|b| {
-                !usable(*b, o.range, net.gateway).any(|ip| match within {
-                    Some(s) => s.contains(&ip),
-                    None => net.subrange_of(ip).is_none(),
-                })
-            })
+            .filter(|b| !usable(*b, o.range, net.gateway).any(|ip| net.places(ip, within)))
             .collect();
         for attempt in 0..16u64 {
             let skip: BTreeSet<Ipv4Net> = taken.union(&useless).copied().collect();
@@ -308,13 +303,11 @@ impl Cluster {
                     .into_iter()
                     .rev()
             });
-        let placed = |ip: &Ipv4Addr| match within {
-            Some(s) => s.contains(ip),
-            None => net.subrange_of(*ip).is_none(),
-        };
         let mut candidates: Vec<Ipv4Addr> = own
             .chain(others)
-            .filter(|ip| placed(ip) && !taken.contains(ip) && !self.host.in_use(network, *ip))
+            .filter(|ip| {
+                net.places(*ip, within) && !taken.contains(ip) && !self.host.in_use(network, *ip)
+            })
             .collect();
         candidates.truncate(64);
         for ip in candidates {
