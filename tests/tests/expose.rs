@@ -436,6 +436,61 @@ fn per_host_expose_lets_an_outside_machine_reach_sandboxes_on_two_hosts() {
     );
 }
 
+/// etcdctl as the lab's administrator; its stdout.
+fn etcdctl(lab: &TestLab, args: &[&str]) -> String {
+    let out = lab
+        .lab
+        .etcdctl(0, weft_lab::ADMIN, args)
+        .unwrap()
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "etcdctl {args:?}: {}", text(&out));
+    stdout(&out)
+}
+
+/// A per-host network rebuilt on a new subnet (this host's old one was
+/// taken while its agent was down) stays exposed, on its new gateway.
+#[test]
+fn a_per_host_network_rebuilt_on_a_new_subnet_stays_exposed() {
+    let mut lab = TestLab::up(2, None, 60);
+    let old = lab.subnet(0);
+    let v = expose(&lab, 0, &[NET]);
+    assert_eq!(v.ip, lab.network(0, NET).gateway);
+    lab.stop_agent(0, libc::SIGKILL).unwrap();
+    // Someone else holds h1's subnet now.
+    let key = format!(
+        "/weft/leases/{NET}/{}",
+        weft_model::overlay::subnet_key(&old)
+    );
+    let mut lease: serde_json::Value =
+        serde_json::from_str(etcdctl(&lab, &["get", "--print-value-only", &key]).trim())
+            .expect("h1's lease");
+    lease["host_id"] = "squatter".into();
+    lease["node"] = "squatter".into();
+    lease["public_ip"] = "198.51.100.99".into();
+    lease["signed"] = serde_json::Value::Null;
+    etcdctl(&lab, &["put", &key, &lease.to_string()]);
+    lab.start_agent(0).unwrap();
+    let mut new = old;
+    lab.wait(
+        Duration::from_secs(20),
+        "h1 to lease another subnet",
+        || {
+            new = lab.subnet(0);
+            new != old
+        },
+    );
+    let gw = lab.network(0, NET).gateway;
+    assert!(new.contains(&gw));
+    lab.wait(
+        Duration::from_secs(10),
+        "h1 exposed on its new gateway",
+        || lab.status(0).exposed.iter().any(|x| x.ip == gw) && !expose_elements(&lab, 0).is_empty(),
+    );
+    let hidden = lab.weft_ok(0, &["hide", NET]);
+    assert!(hidden.contains(&format!("{NET} hidden")), "{hidden}");
+}
+
 // ---- local networks --------------------------------------------------------
 
 #[test]

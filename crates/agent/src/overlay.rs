@@ -62,11 +62,18 @@ impl Host {
             });
         };
         let have = self.snapshot().networks.get(&local.name).cloned();
+        // An exposed network stays exposed through a rebuild, on its new gateway.
+        let mut expose_again = false;
         match have {
             Some(h) if h == local => return Ok(()),
             Some(h) if h.subnet != local.subnet => {
                 warn!(network = %local.name, old = %h.subnet, new = %local.subnet,
                     "this host's subnet changed; rebuilding the network");
+                expose_again = self
+                    .lock_quiet()
+                    .networks
+                    .get(&local.name)
+                    .is_some_and(|n| n.exposed.is_some());
                 self.drop_overlay(&local.name)?;
             }
             _ => {}
@@ -106,6 +113,12 @@ impl Host {
         }
         if !existed {
             info!(network = %local.name, subnet = %local.subnet, "overlay network ready on this host");
+        }
+        drop(g);
+        if expose_again {
+            if let Err(e) = self.expose(&local.name, &Default::default()) {
+                warn!(network = %local.name, error = %e, "the rebuilt network is no longer exposed: `weft expose` it again");
+            }
         }
         Ok(())
     }
