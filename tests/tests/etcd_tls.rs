@@ -334,11 +334,17 @@ fn an_endpoint_record_forged_with_a_hosts_own_credentials_is_refused() {
     let b = lab.sandbox(1, "b");
     lab.sandbox(2, "c");
     let key = format!("/weft/endpoints/lab/{b}");
-    let get = lab
-        .etcdctl(0, "h1", &["get", "--print-value-only", key.as_str()])
-        .unwrap()
-        .output()
-        .unwrap();
+    let read = || {
+        lab.etcdctl(0, "h1", &["get", "--print-value-only", key.as_str()])
+            .unwrap()
+            .output()
+            .unwrap()
+    };
+    // h2 publishes the record of an address it picked after `run` returns.
+    lab.wait(Duration::from_secs(10), "h2 to publish b's record", || {
+        !read().stdout.is_empty()
+    });
+    let get = read();
     let mut rec: weft_model::blocks::EndpointRecord =
         serde_json::from_slice(&get.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&get)));
     assert!(rec.signed.is_some(), "h2 signs its records: {rec:?}");

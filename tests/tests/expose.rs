@@ -602,7 +602,12 @@ fn bad_exposes_are_refused_each_with_a_clear_error_and_nothing_is_made() {
     );
     assert_eq!(links(&lab, 0), links_exposed);
     assert_eq!(expose_links(&lab, 0).len(), 2);
-    // And a sandbox of another host cannot take the exposed address.
+    // And a sandbox of another host cannot take the exposed address
+    // (once its record is in etcd: h1 publishes it after `expose` returns).
+    let suffix = format!("/{e}");
+    wait_for(&lab, 10, "h1 to publish the exposed address", || {
+        endpoint_records(&lab).iter().any(|k| k.ends_with(&suffix))
+    });
     let taken = lab.weft(
         1,
         &[

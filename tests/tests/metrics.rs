@@ -76,6 +76,10 @@ fn prometheus_scrapes_an_agent_and_sees_counters_rise_after_traffic() {
     lab.stop_agent(0, libc::SIGTERM).unwrap();
     lab.start_agent(0).unwrap();
     lab.sandbox(0, "a");
+    // The peer gauge comes from the view the restarted agent's first pass writes.
+    lab.wait(Duration::from_secs(10), "h1 to program h2 again", || {
+        lab.lab.programmed_peers(0, "lab") == Some(1)
+    });
     let h1 = SocketAddr::from((lab.hosts[0].ip, METRICS_PORT));
     let monitor = weft_kernel::Netns::open(&lab.dir.join("netns/etcd")).unwrap();
 

@@ -1356,8 +1356,8 @@ fn inspect_shows_each_hosts_blocks_and_how_full_they_are() {
     lab.sandbox(0, "a2");
     lab.wait(
         Duration::from_secs(3),
-        "2 used on h1, as h2 sees it",
-        || used_of(1, "h1") == 2,
+        "2 used on h1, as h2 and h3 see it",
+        || used_of(1, "h1") == 2 && used_of(2, "h1") == 2,
     );
     let v = inspect(&lab, 2, NET);
     let b = v

@@ -385,6 +385,14 @@ fn bad_sub_ranges_are_refused_and_leave_nothing() {
     server(&lab, 0, "a1", &format!("{NET}:subnet={S1}"), &[]);
     let rest = server(&lab, 1, "r2", NET, &["--ip", "10.40.9.20"]);
     assert_eq!(rest.ip, "10.40.9.20".parse::<Ipv4Addr>().unwrap());
+    // h1 learns of r2's address (it refuses a sub-range holding it) by a pass.
+    lab.wait(Duration::from_secs(10), "h1 to know r2's record", || {
+        lab.status(0).cluster.is_some_and(|c| {
+            c.networks
+                .iter()
+                .any(|n| n.name == NET && n.remote_endpoints == 1)
+        })
+    });
     let before = record(&lab);
     let links = |i| stdout(&lab.sh(i, "ip -o link show | wc -l"));
     let links_before = (links(0), links(1));
