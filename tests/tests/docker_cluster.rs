@@ -218,10 +218,16 @@ fn a_global_network_is_usable_by_the_dockerd_of_every_host() {
         kept.starts_with("weft 10.45.0.0/24") && !kept.ends_with(" 1"),
         "{kept}"
     );
-    let st = lab.status(0);
-    let made = st.docker.expect("h1 has a Docker plugin");
-    assert!(made.reachable, "{made:?}");
-    assert_eq!(made.networks, vec!["dov".to_string(), "dtaken".into()]);
+    // The plugin's status is written after its pass names the networks.
+    lab.wait(
+        Duration::from_secs(10),
+        "h1's plugin to list dov and dtaken",
+        || {
+            lab.status(0).docker.is_some_and(|d| {
+                d.reachable && d.networks == vec!["dov".to_string(), "dtaken".into()]
+            })
+        },
+    );
 
     // The network leaves the cluster: it leaves both dockerds, and h2's own
     // dtaken stays.

@@ -362,6 +362,18 @@ fn a_remote_sandbox_is_one_hop_away_with_its_own_mac() {
         &["--mac-address", "02:42:c0:ff:ee:07"],
         &["sleep", "1d"],
     ));
+    // h1 programs b's entries in a pass after h2 publishes them.
+    lab.wait(
+        Duration::from_secs(10),
+        "h1 to program h2's sandbox",
+        || {
+            lab.status(0).cluster.is_some_and(|c| {
+                c.networks
+                    .iter()
+                    .any(|n| n.peers.iter().any(|p| p.node == "h2"))
+            })
+        },
+    );
     let ping = lab.exec(0, "a", &format!("ping -c 3 -i 0.2 {b}"));
     assert!(ping.status.success(), "{}", text(&ping));
     let replies: Vec<&str> = std::str::from_utf8(&ping.stdout)
