@@ -163,6 +163,20 @@ impl TestLab {
             .success()
     }
 
+    /// Whether `from` reaches `to` within 5 s: one ping a try, for a
+    /// path that another host's agent programs by its next pass.
+    pub fn reaches(&self, i: usize, from: &str, to: Ipv4Addr) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if self.ping(i, from, to) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+
     /// `weft status` as host `i`: its view whether healthy (exit 0) or
     /// not (exit 1, what the cluster tests wait through).
     pub fn status(&self, i: usize) -> StatusView {

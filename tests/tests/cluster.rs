@@ -243,7 +243,7 @@ fn an_agent_killed_and_restarted_keeps_its_subnet_and_traffic_flows_through() {
     let before = lab.subnet(0);
     let _a = lab.sandbox(0, "a");
     let b = lab.sandbox(1, "b");
-    assert!(lab.ping(0, "a", b));
+    assert!(lab.reaches(0, "a", b));
     // 400 pings at 10 ms across the restart of h1's agent.
     let pinger = lab
         .lab
@@ -279,7 +279,7 @@ fn an_agent_killed_and_restarted_keeps_its_subnet_and_traffic_flows_through() {
         text(&out)
     );
     assert_eq!(lab.subnet(0), before, "same subnet after the restart");
-    assert!(lab.ping(1, "b", lab_ip(&lab, 0, "a")));
+    assert!(lab.reaches(1, "b", lab_ip(&lab, 0, "a")));
 }
 
 fn lab_ip(lab: &TestLab, i: usize, name: &str) -> std::net::Ipv4Addr {
@@ -315,7 +315,7 @@ fn traffic_and_new_sandboxes_survive_an_etcd_outage_and_a_host_joins_after() {
     // A new sandbox on the subnet h1 already holds.
     let c = lab.sandbox(0, "c");
     assert!(lab.subnet(0).contains(&c));
-    assert!(lab.ping(0, "c", b), "the new sandbox reaches h2");
+    assert!(lab.reaches(0, "c", b), "the new sandbox reaches h2");
     println!(
         "etcd down 30 s: {checks} pings across hosts all answered; a sandbox started meanwhile"
     );
@@ -329,7 +329,7 @@ fn traffic_and_new_sandboxes_survive_an_etcd_outage_and_a_host_joins_after() {
         (0..2).all(|i| lab.routes(i).iter().any(|(d, _)| *d == s3))
     });
     lab.sandbox(h3, "d");
-    assert!(lab.ping(h3, "d", b));
+    assert!(lab.reaches(h3, "d", b));
 }
 
 #[test]
@@ -357,7 +357,7 @@ fn overlay_networks_are_isolated_from_each_other_and_validated() {
     let a = lab.sandbox(0, "a");
     let b = lab.sandbox(1, "b");
     let x = lab.sandbox_on(1, "x", "other");
-    assert!(lab.ping(0, "a", b));
+    assert!(lab.reaches(0, "a", b));
     assert!(!lab.ping(0, "a", x), "lab -> other across hosts is dropped");
     assert!(!lab.ping(1, "x", a), "other -> lab across hosts is dropped");
     let tcp = lab.exec(

@@ -373,7 +373,7 @@ fn explain_matches_real_packets_across_hosts() {
         "{}",
         e.render_text()
     );
-    assert!(lab.ping(0, "a", b));
+    assert!(lab.reaches(0, "a", b));
 
     // 11. h1's host itself to b on h2.
     let e = explain_in_lab(&lab, 0, &["host", &b_s]);
@@ -566,7 +566,7 @@ fn explain_follows_a_shared_subnet_across_hosts() {
     has_hop(&e, |x| {
         x.what.contains("FDB of wvx-") && x.what.contains(&h2)
     });
-    assert!(lab.ping(0, "a", b));
+    assert!(lab.reaches(0, "a", b));
     // The whole way: on h2 the frame comes out of the VXLAN device onto the bridge.
     let e = lab_explain(&lab, "h1", "a", "b");
     delivered(&e, "sandbox b");

@@ -155,8 +155,8 @@ fn sub_ranges_reach_their_own_on_every_host_and_nothing_else() {
     }
 
     // The same sub-range across hosts: ICMP, TCP, UDP both ways, real addresses.
-    assert!(lab.ping(0, "a1", a2.ip), "a1 -> a2");
-    assert!(lab.ping(1, "a2", a1.ip), "a2 -> a1");
+    assert!(lab.reaches(0, "a1", a2.ip), "a1 -> a2");
+    assert!(lab.reaches(1, "a2", a1.ip), "a2 -> a1");
     assert_eq!(
         tcp(&lab, 0, "a1", a2.ip, Duration::from_secs(5)),
         format!("tcp {}", a1.ip)
@@ -343,7 +343,7 @@ fn sub_ranges_on_a_local_bridge_network() {
     lab.start_agent(0).unwrap();
     assert_eq!(table(&lab), before, "the bridge table after a restart");
     assert!(!lab.ping(0, "la", b.ip), "la -> lb after a restart");
-    assert!(lab.ping(0, "la", a2.ip), "la -> la2 after a restart");
+    assert!(lab.reaches(0, "la", a2.ip), "la -> la2 after a restart");
     // The host itself reaches every sub-range (a local bridge network is exposed).
     let out = lab.sh(
         0,
@@ -359,7 +359,7 @@ fn sub_ranges_on_a_local_bridge_network() {
     assert!(after.contains(&format!(" . {}", a.ip)), "{after}");
     let a3 = server(&lab, 0, "la3", "loc:subnet=10.77.0.64/26", &[]);
     assert!(table(&lab).contains(&format!(" . {}", a3.ip)));
-    assert!(lab.ping(0, "la", a3.ip), "la -> la3");
+    assert!(lab.reaches(0, "la", a3.ip), "la -> la3");
     assert!(!lab.ping(0, "la3", b.ip), "la3 -> lb");
 }
 

@@ -216,7 +216,7 @@ fn secure_backend_drops_and_counts_modified_and_replayed_datagrams() {
     let lab = TestLab::up(3, Some("secure"), 60);
     lab.sandbox(0, "a");
     let b = lab.sandbox(1, "b");
-    assert!(lab.ping(0, "a", b));
+    assert!(lab.reaches(0, "a", b));
     let port = lab.network(0, NET).overlay.expect("an overlay").port;
     let (h1, h2) = (lab.hosts[0].ip, lab.hosts[1].ip);
     // Data messages from h2 to h1 (b answering a's pings).
@@ -304,7 +304,7 @@ fn secure_backend_drops_and_counts_modified_and_replayed_datagrams() {
         human.contains("replayed=") && human.contains("bad_auth="),
         "{human}"
     );
-    assert!(lab.ping(0, "a", b), "traffic goes on");
+    assert!(lab.reaches(0, "a", b), "traffic goes on");
 }
 
 #[test]

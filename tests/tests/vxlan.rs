@@ -114,8 +114,8 @@ fn two_vxlan_networks_have_their_own_vni_and_cannot_reach_each_other() {
     let b = lab.sandbox(1, "b");
     let x = lab.sandbox_on(1, "x", "blue");
     lab.sandbox_on(0, "y", "blue");
-    assert!(lab.ping(0, "a", b));
-    assert!(lab.ping(0, "y", x), "blue works across hosts");
+    assert!(lab.reaches(0, "a", b));
+    assert!(lab.reaches(0, "y", x), "blue works across hosts");
     assert!(!lab.ping(0, "a", x), "lab -> blue is dropped");
     assert!(!lab.ping(1, "x", a), "blue -> lab is dropped");
     let tcp = lab.exec(
@@ -131,7 +131,7 @@ fn a_deleted_device_or_fdb_entry_heals_within_5_seconds() {
     let lab = TestLab::up(3, Some("vxlan"), 60);
     let _a = lab.sandbox(0, "a");
     let b = lab.sandbox(1, "b");
-    assert!(lab.ping(0, "a", b));
+    assert!(lab.reaches(0, "a", b));
     let dev = device(&lab, 0);
 
     let out = lab.sh(0, &format!("ip link del {dev}"));
@@ -164,7 +164,7 @@ fn a_deleted_device_or_fdb_entry_heals_within_5_seconds() {
             .contains(&format!("{mac} dst {dst}"))
     });
     println!("FDB entry deleted by hand: back after {took:?}");
-    assert!(lab.ping(0, "a", b));
+    assert!(lab.reaches(0, "a", b));
 }
 
 #[test]
