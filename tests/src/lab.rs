@@ -163,6 +163,18 @@ impl TestLab {
             .success()
     }
 
+    /// etcdctl as the lab's administrator (it must succeed); its stdout.
+    pub fn etcdctl_admin(&self, args: &[&str]) -> String {
+        let out = self
+            .lab
+            .etcdctl(0, weft_lab::ADMIN, args)
+            .expect("etcdctl")
+            .output()
+            .expect("run etcdctl");
+        assert!(out.status.success(), "etcdctl {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Whether `from` reaches `to` within 5 s: one ping a try, for a
     /// path that another host's agent programs by its next pass.
     pub fn reaches(&self, i: usize, from: &str, to: Ipv4Addr) -> bool {

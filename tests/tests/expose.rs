@@ -102,18 +102,8 @@ fn expose_elements(lab: &TestLab, i: usize) -> String {
 
 /// Every key and value under /weft/endpoints/NET/ in etcd.
 fn endpoint_records(lab: &TestLab) -> Vec<String> {
-    let out = lab
-        .lab
-        .etcdctl(
-            0,
-            weft_lab::ADMIN,
-            &["get", "--prefix", &format!("/weft/endpoints/{NET}/")],
-        )
-        .unwrap()
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "etcdctl: {}", text(&out));
-    let mut v: Vec<String> = stdout(&out).lines().map(String::from).collect();
+    let out = lab.etcdctl_admin(&["get", "--prefix", &format!("/weft/endpoints/{NET}/")]);
+    let mut v: Vec<String> = out.lines().map(String::from).collect();
     v.sort();
     v
 }
@@ -436,18 +426,6 @@ fn per_host_expose_lets_an_outside_machine_reach_sandboxes_on_two_hosts() {
     );
 }
 
-/// etcdctl as the lab's administrator; its stdout.
-fn etcdctl(lab: &TestLab, args: &[&str]) -> String {
-    let out = lab
-        .lab
-        .etcdctl(0, weft_lab::ADMIN, args)
-        .unwrap()
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "etcdctl {args:?}: {}", text(&out));
-    stdout(&out)
-}
-
 /// A per-host network rebuilt on a new subnet (this host's old one was
 /// taken while its agent was down) stays exposed, on its new gateway.
 #[test]
@@ -462,14 +440,16 @@ fn a_per_host_network_rebuilt_on_a_new_subnet_stays_exposed() {
         "/weft/leases/{NET}/{}",
         weft_model::overlay::subnet_key(&old)
     );
-    let mut lease: serde_json::Value =
-        serde_json::from_str(etcdctl(&lab, &["get", "--print-value-only", &key]).trim())
-            .expect("h1's lease");
+    let mut lease: serde_json::Value = serde_json::from_str(
+        lab.etcdctl_admin(&["get", "--print-value-only", &key])
+            .trim(),
+    )
+    .expect("h1's lease");
     lease["host_id"] = "squatter".into();
     lease["node"] = "squatter".into();
     lease["public_ip"] = "198.51.100.99".into();
     lease["signed"] = serde_json::Value::Null;
-    etcdctl(&lab, &["put", &key, &lease.to_string()]);
+    lab.etcdctl_admin(&["put", &key, &lease.to_string()]);
     lab.start_agent(0).unwrap();
     let mut new = old;
     lab.wait(

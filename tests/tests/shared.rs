@@ -169,18 +169,7 @@ fn entries(lab: &TestLab, i: usize, dev: &str, ip: Ipv4Addr, mac: &str) -> (bool
 /// Every key under `/weft/PREFIX` with its value as JSON (blocks and
 /// endpoint records are JSON), read with etcdctl from h1 as the lab's admin.
 fn etcd(lab: &TestLab, prefix: &str) -> Vec<(String, serde_json::Value)> {
-    let out = lab
-        .lab
-        .etcdctl(
-            0,
-            weft_lab::ADMIN,
-            &["get", "--prefix", &format!("/weft/{prefix}")],
-        )
-        .unwrap()
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "etcdctl: {}", text(&out));
-    let s = stdout(&out);
+    let s = lab.etcdctl_admin(&["get", "--prefix", &format!("/weft/{prefix}")]);
     let lines: Vec<&str> = s.lines().collect();
     lines
         .chunks(2)

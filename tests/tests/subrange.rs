@@ -365,18 +365,8 @@ fn sub_ranges_on_a_local_bridge_network() {
 
 /// The network's record in etcd, as JSON.
 fn record(lab: &TestLab) -> serde_json::Value {
-    let out = lab
-        .lab
-        .etcdctl(
-            0,
-            weft_lab::ADMIN,
-            &["get", "--print-value-only", "/weft/networks/lab"],
-        )
-        .unwrap()
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "etcdctl: {}", text(&out));
-    serde_json::from_slice(&out.stdout).expect("the network's record")
+    let out = lab.etcdctl_admin(&["get", "--print-value-only", "/weft/networks/lab"]);
+    serde_json::from_str(&out).expect("the network's record")
 }
 
 #[test]

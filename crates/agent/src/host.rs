@@ -38,6 +38,12 @@ pub(crate) struct NetworkState {
 }
 
 impl NetworkState {
+    /// Whether the firewall guards this network's ports: it is carved into
+    /// sub-ranges and its sandboxes are ports of a bridge.
+    fn guards_ports(&self) -> bool {
+        !self.net.subranges.is_empty() && self.net.bridge().is_some()
+    }
+
     pub(crate) fn new(net: Network, pool: AddressPool, driver: Box<dyn NetworkDriver>) -> Self {
         let share = net
             .overlay()
@@ -394,7 +400,7 @@ impl Inner {
     fn isolation_rules(&self) -> Vec<weft_model::nft::IsolationRule> {
         self.networks
             .values()
-            .filter(|n| !n.net.subranges.is_empty() && n.net.bridge().is_some())
+            .filter(|n| n.guards_ports())
             .map(|n| weft_model::nft::IsolationRule {
                 range: n.net.overlay().map_or(n.net.subnet, |o| o.range),
                 subranges: n.net.subranges.clone(),
@@ -402,13 +408,12 @@ impl Inner {
                     .chain(n.exposed)
                     .chain(n.remote_exposed.iter().copied())
                     .collect(),
-                ports: self
-                    .sandboxes
-                    .values()
-                    .flat_map(|s| s.attachment.endpoints())
-                    .filter(|e| e.network == n.net.name)
-                    .filter_map(|e| e.host_ifname().map(|h| (h.to_string(), e.ip)))
-                    .collect(),
+                ports: self.guarded_ports(
+                    self.sandboxes
+                        .values()
+                        .flat_map(|s| s.attachment.endpoints())
+                        .filter(|e| e.network == n.net.name),
+                ),
             })
             .collect()
     }
@@ -423,7 +428,7 @@ impl Inner {
             .filter(|e| {
                 self.networks
                     .get(&e.network)
-                    .is_some_and(|n| !n.net.subranges.is_empty() && n.net.bridge().is_some())
+                    .is_some_and(|n| n.guards_ports())
             })
             .filter_map(|e| e.host_ifname().map(|h| (h.to_string(), e.ip)))
             .collect()
@@ -433,9 +438,6 @@ impl Inner {
     /// elements cannot be deleted one by one, the whole table is
     /// rewritten from what is registered.
     pub(crate) fn unguard(&mut self, ports: &[(String, Ipv4Addr)]) -> Result<()> {
-        if ports.is_empty() {
-            return Ok(());
-        }
         if let Err(e) = self.firewall.unguard(ports) {
             tracing::warn!(error = %e, "cannot stop guarding the ports one by one; rewriting the table");
             return self.apply_firewall();

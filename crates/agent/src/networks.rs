@@ -282,10 +282,8 @@ impl Host {
                 .put_json(&keys::sandbox(&updated.id), &updated)?;
             inner.register(updated);
             let guarded = inner.guarded_ports([&ep]);
-            if !guarded.is_empty() {
-                if let Err(e) = inner.unguard(&guarded) {
-                    warn!(sandbox = %sb.name, error = %e, "the firewall still guards the disconnected port until its next rewrite");
-                }
+            if let Err(e) = inner.unguard(&guarded) {
+                warn!(sandbox = %sb.name, error = %e, "the firewall still guards the disconnected port until its next rewrite");
             }
             info!(sandbox = %sb.name, network, "disconnected");
             sb.id.clone()
